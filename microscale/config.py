@@ -1,0 +1,207 @@
+"""Engine configuration: the model's shape (from config.json) and the engine's knobs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """Map a user dtype ("auto", "bfloat16", torch.float32, ...) to a torch dtype.
+
+    "auto" keeps the checkpoint's dtype, except float16 on CPU, which torch computes slowly: bfloat16 instead.
+    """
+    if isinstance(dtype, torch.dtype):
+        chosen = dtype
+    elif dtype == "auto":
+        chosen = checkpoint_dtype
+        if chosen == torch.float16 and device.type == "cpu":
+            chosen = torch.bfloat16
+    elif dtype in _DTYPES:
+        chosen = _DTYPES[dtype]
+    else:
+        raise ValueError(f"Unknown dtype {dtype!r}; choose one of auto, float32, bfloat16, float16.")
+    if chosen not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"Unsupported dtype {chosen}; choose float32, bfloat16 or float16.")
+    return chosen
+
+
+@dataclass
+class RopeConfig:
+    """RoPE parameters normalised from either transformers-4 (`rope_theta` + `rope_scaling`) or
+    transformers-5 (`rope_parameters`) style config.json."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    params: dict[str, Any] = field(default_factory=dict)
+    partial_rotary_factor: float = 1.0
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> RopeConfig:
+        params = dict(cfg.get("rope_parameters") or {})
+        scaling = cfg.get("rope_scaling") or {}
+        # rope_parameters wins; rope_scaling fills in what it lacks (transformers-4 checkpoints).
+        for key, value in scaling.items():
+            params.setdefault(key, value)
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+        if rope_type in ("llama3", "yarn"):
+            params.setdefault(
+                "original_max_position_embeddings",
+                cfg.get("original_max_position_embeddings", cfg.get("max_position_embeddings")),
+            )
+        if rope_type not in ("default", "linear", "llama3", "yarn"):
+            raise ValueError(f"Unsupported rope type {rope_type!r}: microscale supports default, linear, llama3, yarn.")
+        return cls(theta=float(theta), rope_type=rope_type, params=params, partial_rotary_factor=float(partial))
+
+
+@dataclass
+class ModelConfig:
+    """The architecture facts microscale needs, read from a Hugging Face config.json."""
+
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_proj_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    rope: RopeConfig
+    # Per-layer sliding window (None = full attention).
+    layer_windows: list[int | None]
+    checkpoint_dtype: torch.dtype
+    eos_token_ids: list[int]
+    hf_config: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
+        archs = cfg.get("architectures") or []
+        if not archs:
+            raise ValueError("config.json has no 'architectures' entry; cannot tell which model to build.")
+        arch = archs[0]
+        model_type = cfg.get("model_type", "")
+        heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        n_layers = cfg["num_hidden_layers"]
+        dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+        eos = cfg.get("eos_token_id")
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        return cls(
+            architecture=arch,
+            model_type=model_type,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=n_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            # Qwen2 has q/k/v biases (and none on o_proj) without saying so in config.json.
+            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+            o_proj_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            rope=RopeConfig.from_hf(cfg),
+            layer_windows=_layer_windows(cfg, n_layers),
+            checkpoint_dtype=_DTYPES.get(dtype_name, torch.float32),
+            eos_token_ids=eos_ids,
+            hf_config=cfg,
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+def _layer_windows(cfg: dict[str, Any], n_layers: int) -> list[int | None]:
+    """Which layers use sliding-window attention, and how wide."""
+    window = cfg.get("sliding_window")
+    layer_types = cfg.get("layer_types")
+    if layer_types:
+        return [window if t == "sliding_attention" else None for t in layer_types]
+    if not window:
+        return [None] * n_layers
+    if cfg.get("model_type") in ("qwen2", "qwen3"):
+        # Qwen: sliding window only when enabled, and only on layers from max_window_layers on.
+        if not cfg.get("use_sliding_window", False):
+            return [None] * n_layers
+        first = cfg.get("max_window_layers", n_layers)
+        return [window if i >= first else None for i in range(n_layers)]
+    return [window] * n_layers
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    # CPU budget in GiB (also honoured on GPU when set explicitly).
+    kv_cache_memory: float | None = None
+    # GPU: fraction of free device memory given to the KV cache (LMDeploy's cache_max_entry_count).
+    cache_max_entry_count: float = 0.8
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}.")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be positive GiB, got {self.kv_cache_memory}.")
+        if not 0 < self.cache_max_entry_count <= 1:
+            raise ValueError(f"cache_max_entry_count must be in (0, 1], got {self.cache_max_entry_count}.")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+
+
+@dataclass
+class EngineArgs:
+    """Everything `LLM(...)` and the CLI accept about the engine (vLLM's names)."""
+
+    model: str
+    dtype: str = "auto"
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_memory: float | None = None
+    cache_max_entry_count: float = 0.8
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    load_format: str = "auto"
+    device: str | None = None

@@ -1,0 +1,113 @@
+"""Turns a scheduled step into one flat batch of tensors, runs the model once, and returns the logits of
+the sequences that sample a token this step.
+
+The tensor-parallel seam lives here: a rank runs the same `execute` on its shard of the model, and only
+the sampled ids leave the device.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from microscale.attention.metadata import AttentionMetadata, PrefillChunk
+from microscale.attention.selector import select_attention_backend
+from microscale.config import ModelConfig
+from microscale.engine.scheduler import ScheduledChunk
+from microscale.layers.attention import Attention
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+        self.model = model
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
+        backend = select_attention_backend(device)
+        for layer in self.attention_layers:
+            layer.backend = backend
+        self.kv_cache: torch.Tensor | None = None
+        self.block_size = 0
+
+    def kv_block_bytes(self, block_size: int) -> int:
+        """Bytes one block of `block_size` tokens takes across all layers (keys and values)."""
+        cfg = self.config
+        per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
+        return per_token * block_size * torch.empty((), dtype=self.dtype).element_size()
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        cfg = self.config
+        # Zeroed: unwritten slots are masked out, but 0 * NaN from uninitialised memory would still poison.
+        self.kv_cache = torch.zeros(
+            cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim,
+            dtype=self.dtype, device=self.device,
+        )
+        self.block_size = block_size
+        for i, layer in enumerate(self.attention_layers):
+            layer.kv_cache = self.kv_cache[i]
+
+    def prepare(
+        self, chunks: list[ScheduledChunk]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[ScheduledChunk]]:
+        """Flat inputs (decodes first, then prefill chunks), metadata, the rows whose logits are needed and
+        the chunks they belong to."""
+        bs = self.block_size
+        decodes = [c for c in chunks if c.num_tokens == 1]
+        prefills = [c for c in chunks if c.num_tokens > 1]
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for c in decodes:
+            seq, pos = c.seq, c.seq.num_computed_tokens
+            input_ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+        prefill_chunks = []
+        for c in prefills:
+            seq, start, n = c.seq, c.seq.num_computed_tokens, c.num_tokens
+            prefill_chunks.append(
+                PrefillChunk(
+                    query_start=len(input_ids),
+                    query_len=n,
+                    context_start=start,
+                    block_table=torch.tensor(seq.block_table, dtype=torch.int64, device=self.device),
+                )
+            )
+            input_ids.extend(seq.token_ids[start : start + n])
+            span = range(start, start + n)
+            positions.extend(span)
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in span)
+        max_blocks = max((len(c.seq.block_table) for c in decodes), default=0)
+        tables = [c.seq.block_table + [0] * (max_blocks - len(c.seq.block_table)) for c in decodes]
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots),
+            num_decodes=len(decodes),
+            decode_block_tables=self._tensor(tables).view(len(decodes), max_blocks),
+            decode_context_lens=self._tensor([c.seq.num_computed_tokens + 1 for c in decodes]),
+            prefills=prefill_chunks,
+            block_size=bs,
+        )
+        ordered = decodes + prefills
+        sample_rows, sampling, row = [], [], -1
+        for c in ordered:
+            row += c.num_tokens
+            if c.samples:
+                sample_rows.append(row)
+                sampling.append(c)
+        return self._tensor(input_ids), self._tensor(positions), meta, sample_rows, sampling
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[ScheduledChunk]]:
+        """Run one step; returns the logits of the sampling chunks, and those chunks in the same order."""
+        input_ids, positions, meta, sample_rows, sampling = self.prepare(chunks)
+        hidden = self.model(input_ids, positions, meta)
+        return self.model.compute_logits(hidden[self._tensor(sample_rows)]), sampling
+
+    def _tensor(self, values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)

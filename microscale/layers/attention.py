@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from microscale.attention.metadata import AttentionMetadata
+from microscale.attention.torch_backend import TorchAttentionBackend
+
+
+class Attention(nn.Module):
+    """Writes the new keys/values into this layer's paged KV cache and attends, through a backend."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, window: int | None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.window = window
+        self.backend: TorchAttentionBackend | None = None
+        self.kv_cache: torch.Tensor | None = None  # bound by the model runner once allocated
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.backend.forward(q, k, v, self.kv_cache, meta, self.scale, self.window)

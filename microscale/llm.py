@@ -1,0 +1,94 @@
+"""The offline batch API: LLM(model).generate(prompts, params) and .chat(messages, params)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from microscale.config import EngineArgs
+from microscale.engine.engine import LLMEngine, PromptType
+from microscale.outputs import RequestOutput
+from microscale.sampling_params import SamplingParams
+from microscale.tokenizer import Tokenizer
+
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    """Load a model once, then run batches of prompts through continuous batching.
+
+    Engine knobs are keyword arguments: dtype, max_num_seqs, max_num_batched_tokens, max_model_len,
+    block_size, kv_cache_memory (GiB), cache_max_entry_count, enable_prefix_caching, seed, load_format, device.
+    """
+
+    def __init__(self, model: str, **engine_kwargs: Any) -> None:
+        self.engine = LLMEngine(EngineArgs(model=str(model), **engine_kwargs))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | list[PromptType],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if sampling_params is None:
+            sampling_params = self.engine.default_sampling_params()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"Got {len(prompts)} prompts but {len(sampling_params)} sampling params.")
+        # Tokenize and check every prompt before any starts, so a bad one fails the call cleanly.
+        tokenized = [self.engine.tokenize_prompt(p) for p in prompts]
+        for (_, ids), params in zip(tokenized, sampling_params):
+            self.engine._validate_prompt(ids, params)
+        order = {}
+        for i, ((text, ids), params) in enumerate(zip(tokenized, sampling_params)):
+            request_id = str(next(self._ids))
+            order[request_id] = i
+            prompt = {"prompt_token_ids": ids} if text is None else {"prompt": text, "prompt_token_ids": ids}
+            self.engine.add_request(request_id, prompt, params)
+        return self._run(order, use_tqdm)
+
+    def chat(
+        self,
+        messages: Conversation | list[Conversation],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tokenizer = self.engine.tokenizer
+        prompts = []
+        for conversation in conversations:
+            text = tokenizer.apply_chat_template(conversation, add_generation_prompt, **(chat_template_kwargs or {}))
+            # The template already holds any BOS token it wants.
+            prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def reset_prefix_cache(self) -> None:
+        self.engine.block_manager.reset_prefix_cache()
+
+    def _run(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:
+        results: list[RequestOutput | None] = [None] * len(order)
+        bar = tqdm(total=len(order), desc="Processed prompts", unit="req", disable=not use_tqdm)
+        try:
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished and output.request_id in order:
+                        results[order[output.request_id]] = output
+                        bar.update(1)
+        except BaseException:
+            for request_id in order:
+                self.engine.abort_request(request_id)
+            raise
+        finally:
+            bar.close()
+        return results
