@@ -23,6 +23,7 @@ class CLIError(Exception):
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="local Hugging Face model folder, or a hub id (org/name) when online")
     g = p.add_argument_group("engine")
+    g.add_argument("--tokenizer", default=None, help="tokenizer folder, if not the model's (e.g. with dummy weights)")
     g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
@@ -143,6 +144,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from microscale.engine.engine import LLMEngine
 
     engine = LLMEngine(EngineArgs(model=args.model, **_engine_kwargs(args)))
+    if not engine.tokenizer.chat_template:
+        raise CLIError("this model's tokenizer_config.json has no chat_template; use `microscale generate`")
     params = engine.default_sampling_params(**_sampling_overrides(args))
     messages = [{"role": "system", "content": args.system}] if args.system else []
     turn = 0

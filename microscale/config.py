@@ -53,19 +53,17 @@ class RopeConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> RopeConfig:
-        params = dict(cfg.get("rope_parameters") or {})
-        scaling = cfg.get("rope_scaling") or {}
-        # rope_parameters wins; rope_scaling fills in what it lacks (transformers-4 checkpoints).
-        for key, value in scaling.items():
-            params.setdefault(key, value)
+        # As in transformers 5: a rope_scaling entry (transformers-4 style) replaces rope_parameters whole,
+        # e.g. when one is added by hand to a config.json that transformers 5 wrote.
+        params = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
         rope_type = params.get("rope_type", params.get("type", "default"))
         theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
         partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
         if rope_type in ("llama3", "yarn"):
-            params.setdefault(
-                "original_max_position_embeddings",
-                cfg.get("original_max_position_embeddings", cfg.get("max_position_embeddings")),
-            )
+            # A top-level original_max_position_embeddings wins over the one in the dict, as in transformers.
+            if cfg.get("original_max_position_embeddings") is not None:
+                params["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+            params.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
         if rope_type not in ("default", "linear", "llama3", "yarn"):
             raise ValueError(f"Unsupported rope type {rope_type!r}: microscale supports default, linear, llama3, yarn.")
         return cls(theta=float(theta), rope_type=rope_type, params=params, partial_rotary_factor=float(partial))
@@ -194,6 +192,8 @@ class EngineArgs:
     """Everything `LLM(...)` and the CLI accept about the engine (vLLM's names)."""
 
     model: str
+    # A separate tokenizer folder (e.g. for a config-only folder run with load_format="dummy").
+    tokenizer: str | None = None
     dtype: str = "auto"
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
@@ -205,3 +205,7 @@ class EngineArgs:
     seed: int = 0
     load_format: str = "auto"
     device: str | None = None
+
+    def __post_init__(self) -> None:
+        # Fail early, naming the knob, on cache settings the engine cannot use (block_size=0 would divide by 0).
+        CacheConfig(self.block_size, self.kv_cache_memory, self.cache_max_entry_count, self.enable_prefix_caching)

@@ -3,11 +3,16 @@ transformers itself (so loading them exercises the real checkpoint format), with
 
 from __future__ import annotations
 
+import os
 import shutil
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+
+# Tiny models: torch's intra-op threads cost far more than they save (and thrash on a busy 2-core machine).
+torch.set_num_threads(int(os.environ.get("MICROSCALE_TEST_THREADS", "1")))
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED_MODEL = REPO / "models" / "tiny-llama-pycode"
@@ -72,3 +77,69 @@ def tiny_model(tmp_path_factory):
         return built[key]
 
     return make
+
+
+# ---- engine hygiene: no KV block or request outlives a test -------------------------------------------
+
+_ENGINES: weakref.WeakSet = weakref.WeakSet()
+
+
+def assert_engine_idle(engine) -> None:
+    """Every KV block free (ref count 0, on the free list), no request left anywhere, and the prefix cache's
+    two maps consistent. Takes an LLMEngine or an LLM."""
+    engine = getattr(engine, "engine", engine)
+    bm, sched = engine.block_manager, engine.scheduler
+    assert not engine.requests, f"requests left: {list(engine.requests)}"
+    assert not sched.running and not sched.waiting, f"{len(sched.running)} running, {len(sched.waiting)} waiting"
+    in_use = [b for b, c in enumerate(bm.ref_counts) if c != 0]
+    assert not in_use, f"KV blocks still referenced: {in_use[:10]}"
+    assert bm.num_free_blocks == bm.num_blocks, f"{bm.num_blocks - bm.num_free_blocks} KV blocks leaked"
+    for h, block in bm.hash_to_block.items():
+        assert bm.block_hash[block] == h, "prefix cache maps disagree"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _track_engines():
+    """Remember every LLMEngine built during the session, with the test module that built it."""
+    from microscale.engine.engine import LLMEngine
+
+    original = LLMEngine.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self._test_module = os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[0]
+        _ENGINES.add(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LLMEngine, "__init__", init)
+        yield
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, f"_report_{report.when}", report)
+    return report
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_kv_blocks(request):
+    """After each passing test, every engine its module built (module-scoped ones included) must be idle:
+    all KV blocks free and no request left, whatever the test did (finish, abort, error)."""
+    yield
+    module = request.node.nodeid.split("::")[0]
+    engines = [e for e in list(_ENGINES) if getattr(e, "_test_module", None) == module]
+    report = getattr(request.node, "_report_call", None)
+    if report is None or not report.passed:
+        # A failed test already says what went wrong; its engines may be left mid-request.
+        for engine in engines:
+            engine._skip_idle_check = True
+        return
+    for engine in engines:
+        if not getattr(engine, "_skip_idle_check", False):
+            assert_engine_idle(engine)
+
+
+@pytest.fixture
+def assert_idle():
+    return assert_engine_idle

@@ -56,8 +56,9 @@ class BlockManager:
         return found
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int] = ()) -> bool:
-        new_blocks = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        new_blocks -= len(cached)
+        # The new tokens come after the cached prefix, which allocate() makes the computed tokens.
+        computed = seq.num_computed_tokens + len(cached) * self.block_size
+        new_blocks = self.blocks_needed(computed + num_new_tokens) - len(seq.block_table) - len(cached)
         revived = sum(1 for b in cached if self.ref_counts[b] == 0)  # cached blocks taken off the free list
         return new_blocks + revived <= self.num_free_blocks
 

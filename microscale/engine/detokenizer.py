@@ -62,6 +62,13 @@ class IncrementalDetokenizer:
                 return stop
         return None
 
+    def visible_text(self, finished: bool) -> str:
+        """The output text so far, less (while running) a tail that could still become a stop string, so that
+        no part of a stop string is ever shown (as vLLM does)."""
+        if finished or not self._holdback:
+            return self.output_text
+        return self.output_text[: max(0, len(self.output_text) - self._holdback)]
+
     def new_text(self, finished: bool) -> str:
         """Text not yet returned by an earlier call (for streaming); keeps back a possible stop prefix."""
         end = len(self.output_text) if finished else max(self._emitted, len(self.output_text) - self._holdback)

@@ -12,7 +12,7 @@ from microscale.config import EngineArgs, SchedulerConfig, resolve_dtype
 from microscale.engine.block_manager import BlockManager
 from microscale.engine.detokenizer import IncrementalDetokenizer
 from microscale.engine.model_runner import ModelRunner
-from microscale.engine.scheduler import Scheduler
+from microscale.engine.scheduler import ScheduledChunk, Scheduler
 from microscale.engine.sequence import Request, Sequence
 from microscale.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from microscale.models.loader import load_generation_config, load_model, load_model_config, resolve_model_path
@@ -44,7 +44,7 @@ class LLMEngine:
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model_dir = resolve_model_path(args.model)
         self.model_config = cfg = load_model_config(model_dir)
-        self.tokenizer = Tokenizer.from_pretrained(model_dir)
+        self.tokenizer = Tokenizer.from_pretrained(resolve_model_path(args.tokenizer) if args.tokenizer else model_dir)
         generation_config = load_generation_config(model_dir)
         self.eos_token_ids = self._eos_ids(generation_config)
         self.generation_defaults = {
@@ -164,11 +164,43 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits at every position of one token sequence, [len(token_ids), vocab] float32 on the engine's
+        device (row i predicts token i + 1), for scoring and perplexity. Runs the engine's own prefill path in
+        chunks of max_num_batched_tokens, on KV blocks borrowed for the call (nothing enters the prefix cache)."""
+        ids = list(token_ids)
+        max_len, vocab = self.scheduler_config.max_model_len, self.model_config.vocab_size
+        if not ids or len(ids) > max_len:
+            raise ValueError(f"Can score 1 to max_model_len={max_len} tokens, got {len(ids)}.")
+        if any(t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"Token ids must be in [0, {vocab}).")
+        request = Request("prompt-logits", None, ids, SamplingParams(max_tokens=1))
+        seq = Sequence(request, 0, IncrementalDetokenizer(self.tokenizer, ids))
+        if not self.block_manager.can_allocate(seq, len(ids)):
+            raise ValueError(f"The KV cache has no room for {len(ids)} tokens now.")
+        rows: list[torch.Tensor] = []
+        try:
+            while seq.num_computed_tokens < len(ids):
+                n = min(len(ids) - seq.num_computed_tokens, self.scheduler_config.max_num_batched_tokens)
+                self.block_manager.allocate(seq, n)
+                rows.append(self.runner.execute_all_logits([ScheduledChunk(seq, n)]).float())
+                seq.num_computed_tokens += n
+        finally:
+            self.block_manager.free(seq)
+        return torch.cat(rows)
+
     # ---- the step -------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        preemptions_before = self.scheduler.num_preemptions
         chunks = self.scheduler.schedule()
         if not chunks:
+            if self.scheduler.num_unfinished and self.scheduler.num_preemptions == preemptions_before:
+                # Nothing fits although requests wait: stepping again would spin forever.
+                raise RuntimeError(
+                    f"No request fits in the KV cache ({self.block_manager.num_free_blocks} free blocks); "
+                    "raise kv_cache_memory or lower max_model_len / max_num_seqs."
+                )
             return []
         logits, sampling = self.runner.execute(chunks)
         for chunk in chunks:

@@ -109,5 +109,12 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, meta)
         return self.model.compute_logits(hidden[self._tensor(sample_rows)]), sampling
 
+    @torch.inference_mode()
+    def execute_all_logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Run one step; returns the logits of every token of the flat batch (decodes first, then prefill
+        chunks), e.g. to score a prompt."""
+        input_ids, positions, meta, _, _ = self.prepare(chunks)
+        return self.model.compute_logits(self.model(input_ids, positions, meta))
+
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)

@@ -71,7 +71,7 @@ class Sequence:
     def to_completion_output(self) -> CompletionOutput:
         return CompletionOutput(
             index=self.index,
-            text=self.detokenizer.output_text,
+            text=self.detokenizer.visible_text(self.is_finished),
             token_ids=self.output_token_ids,
             cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
             logprobs=self.logprobs,

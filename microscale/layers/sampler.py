@@ -126,6 +126,8 @@ class Sampler:
         if batch.penalties is not None:
             logits = apply_penalties(logits, batch.penalties)
         if batch.blocked is not None:
+            # Out of place: the logits may be an inference-mode tensor (float32 models), not writable here.
+            logits = logits.clone()
             logits[batch.blocked] = float("-inf")
         token_ids = logits.argmax(dim=-1)
         if not batch.all_greedy:
