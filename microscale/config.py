@@ -158,24 +158,6 @@ def _layer_windows(cfg: dict[str, Any], n_layers: int) -> list[int | None]:
 
 
 @dataclass
-class CacheConfig:
-    block_size: int = 16
-    # CPU budget in GiB (also honoured on GPU when set explicitly).
-    kv_cache_memory: float | None = None
-    # GPU: fraction of free device memory given to the KV cache (LMDeploy's cache_max_entry_count).
-    cache_max_entry_count: float = 0.8
-    enable_prefix_caching: bool = True
-
-    def __post_init__(self) -> None:
-        if self.block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {self.block_size}.")
-        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
-            raise ValueError(f"kv_cache_memory must be positive GiB, got {self.kv_cache_memory}.")
-        if not 0 < self.cache_max_entry_count <= 1:
-            raise ValueError(f"cache_max_entry_count must be in (0, 1], got {self.cache_max_entry_count}.")
-
-
-@dataclass
 class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
@@ -208,4 +190,9 @@ class EngineArgs:
 
     def __post_init__(self) -> None:
         # Fail early, naming the knob, on cache settings the engine cannot use (block_size=0 would divide by 0).
-        CacheConfig(self.block_size, self.kv_cache_memory, self.cache_max_entry_count, self.enable_prefix_caching)
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}.")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be positive GiB, got {self.kv_cache_memory}.")
+        if not 0 < self.cache_max_entry_count <= 1:
+            raise ValueError(f"cache_max_entry_count must be in (0, 1], got {self.cache_max_entry_count}.")

@@ -191,6 +191,7 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         preemptions_before = self.scheduler.num_preemptions
         chunks = self.scheduler.schedule()

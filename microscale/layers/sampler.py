@@ -126,9 +126,8 @@ class Sampler:
         if batch.penalties is not None:
             logits = apply_penalties(logits, batch.penalties)
         if batch.blocked is not None:
-            # Out of place: the logits may be an inference-mode tensor (float32 models), not writable here.
-            logits = logits.clone()
-            logits[batch.blocked] = float("-inf")
+            rows, ids = (torch.tensor(x, device=logits.device) for x in batch.blocked)
+            logits = logits.index_put((rows, ids), torch.tensor(float("-inf"), device=logits.device))  # not in place
         token_ids = logits.argmax(dim=-1)
         if not batch.all_greedy:
             token_ids = torch.where(batch.temperature == 0, token_ids, self._random(logits, batch))
