@@ -1,4 +1,8 @@
-"""Attention metadata: built once per step by the model runner, read by every attention layer."""
+"""Attention metadata: built once per step by the model runner, read by every attention layer.
+
+KV cache layout, per layer: [num_blocks, 2 (key, value), block_size, num_kv_heads, head_dim], so that one
+gather fetches a block's keys and values together.
+"""
 
 from __future__ import annotations
 
@@ -23,28 +27,37 @@ class PrefillChunk:
 
 
 @dataclass
-class AttentionMetadata:
-    """The flat batch holds the decode tokens first (one per sequence), then the prefill chunks."""
+class DecodeGroup:
+    """Single-token queries of sequences with similar context lengths, attended in one batched call.
+    Grouping by length keeps the padding of the gathered keys small."""
 
-    slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
-    num_decodes: int
-    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int64, padded with 0
-    decode_context_lens: torch.Tensor  # [num_decodes] keys per decode (its own token included)
-    prefills: list[PrefillChunk]
+    start: int  # rows [start, start + size) of the flat batch
+    size: int
+    block_tables: torch.Tensor  # [size, max_blocks] int64, padded with 0
+    context_lens: torch.Tensor  # [size] keys per query (its own token included)
     block_size: int
     # Masks depend only on the step, not the layer: build each window's mask once and share it.
-    _decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        """[num_decodes, 1, 1, max_blocks * block_size] True where a key may be attended to."""
-        mask = self._decode_masks.get(window)
+    def mask(self, window: int | None) -> torch.Tensor:
+        """[size, 1, 1, max_blocks * block_size] True where a key may be attended to."""
+        mask = self._masks.get(window)
         if mask is None:
-            max_len = self.decode_block_tables.shape[1] * self.block_size
-            key_pos = torch.arange(max_len, device=self.decode_context_lens.device)
-            lens = self.decode_context_lens[:, None]
+            key_pos = torch.arange(self.block_tables.shape[1] * self.block_size, device=self.context_lens.device)
+            lens = self.context_lens[:, None]
             mask = key_pos[None, :] < lens
             if window is not None:
                 mask &= key_pos[None, :] >= lens - window
             mask = mask[:, None, None, :]
-            self._decode_masks[window] = mask
+            self._masks[window] = mask
         return mask
+
+
+@dataclass
+class AttentionMetadata:
+    """The flat batch holds the decode tokens first (one per sequence), then the prefill chunks."""
+
+    slot_blocks: torch.Tensor  # [num_tokens] cache block of each new token
+    slot_offsets: torch.Tensor  # [num_tokens] its position inside the block
+    decode_groups: list[DecodeGroup]
+    prefills: list[PrefillChunk]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from microscale.attention.metadata import AttentionMetadata, PrefillChunk
+from microscale.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk
 
 
 class TorchAttentionBackend:
@@ -21,37 +21,37 @@ class TorchAttentionBackend:
         q: torch.Tensor,  # [T, num_heads, head_dim]
         k: torch.Tensor,  # [T, num_kv_heads, head_dim]
         v: torch.Tensor,
-        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [num_blocks, 2, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         scale: float,
         window: int | None,
     ) -> torch.Tensor:
-        k_cache, v_cache = kv_cache[0], kv_cache[1]
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        write_kv(kv_cache, k, v, meta)
         out = torch.empty_like(q)
-        d = meta.num_decodes
-        if d:
-            out[:d] = self._decode(q[:d], k_cache, v_cache, meta, scale, window)
+        for group in meta.decode_groups:
+            rows = slice(group.start, group.start + group.size)
+            out[rows] = self._decode(q[rows], kv_cache, group, scale, window)
         for chunk in meta.prefills:
             rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-            out[rows] = self._prefill(q[rows], k[rows], v[rows], k_cache, v_cache, chunk, scale, window)
+            out[rows] = self._prefill(q[rows], k[rows], v[rows], kv_cache, chunk, scale, window)
         return out.flatten(1)
 
     @staticmethod
-    def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
+    def _decode(q, kv_cache, group: DecodeGroup, scale: float, window: int | None) -> torch.Tensor:
         n, heads, dim = q.shape
-        kv_heads = k_cache.shape[2]
-        # Gather each sequence's blocks: [n, max_blocks * block_size, kv_heads, dim] -> [n, kv_heads, L, dim]
-        keys = k_cache[meta.decode_block_tables].view(n, -1, kv_heads, dim).transpose(1, 2)
-        values = v_cache[meta.decode_block_tables].view(n, -1, kv_heads, dim).transpose(1, 2)
+        kv_heads = kv_cache.shape[3]
+        # One gather for keys and values: [n * max_blocks, 2, block_size, kv_heads, dim]
+        blocks = kv_cache.index_select(0, group.block_tables.flatten()).view(n, -1, 2, kv_cache.shape[2], kv_heads, dim)
+        keys = blocks[:, :, 0].reshape(n, -1, kv_heads, dim).transpose(1, 2)
+        values = blocks[:, :, 1].reshape(n, -1, kv_heads, dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q.view(n, heads, 1, dim), keys, values, attn_mask=meta.decode_mask(window), scale=scale,
+            q.view(n, heads, 1, dim), keys, values, attn_mask=group.mask(window), scale=scale,
             enable_gqa=heads != kv_heads,
         )
         return out.view(n, heads, dim)
 
     @staticmethod
-    def _prefill(q, k, v, k_cache, v_cache, chunk: PrefillChunk, scale: float, window: int | None) -> torch.Tensor:
+    def _prefill(q, k, v, kv_cache, chunk: PrefillChunk, scale: float, window: int | None) -> torch.Tensor:
         heads, kv_heads = q.shape[1], k.shape[1]
         gqa = heads != kv_heads
         qt = q.transpose(0, 1)
@@ -62,8 +62,9 @@ class TorchAttentionBackend:
             )
             return out.transpose(0, 1)
         length = chunk.context_len
-        keys = k_cache[chunk.block_table].flatten(0, 1)[:length].transpose(0, 1)
-        values = v_cache[chunk.block_table].flatten(0, 1)[:length].transpose(0, 1)
+        blocks = kv_cache.index_select(0, chunk.block_table)
+        keys = blocks[:, 0].flatten(0, 1)[:length].transpose(0, 1)
+        values = blocks[:, 1].flatten(0, 1)[:length].transpose(0, 1)
         q_pos = torch.arange(chunk.context_start, length, device=q.device)[:, None]
         k_pos = torch.arange(length, device=q.device)[None, :]
         mask = k_pos <= q_pos
@@ -73,9 +74,7 @@ class TorchAttentionBackend:
         return out.transpose(0, 1)
 
 
-def write_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
-) -> None:
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
     """Scatter the new tokens' keys and values into their cache slots."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+    kv_cache[:, 0].index_put_((meta.slot_blocks, meta.slot_offsets), k)
+    kv_cache[:, 1].index_put_((meta.slot_blocks, meta.slot_offsets), v)

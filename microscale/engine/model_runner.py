@@ -12,13 +12,16 @@ import logging
 import torch
 from torch import nn
 
-from microscale.attention.metadata import AttentionMetadata, PrefillChunk
+from microscale.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk
 from microscale.attention.selector import select_attention_backend
 from microscale.config import ModelConfig
 from microscale.engine.scheduler import ScheduledChunk
 from microscale.layers.attention import Attention
 
 logger = logging.getLogger(__name__)
+
+# Decode groups smaller than this are not split off: a group's fixed cost outweighs the padding it saves.
+_MIN_DECODE_GROUP = 8
 
 
 class ModelRunner:
@@ -44,7 +47,7 @@ class ModelRunner:
         cfg = self.config
         # Zeroed: unwritten slots are masked out, but 0 * NaN from uninitialised memory would still poison.
         self.kv_cache = torch.zeros(
-            cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim,
+            cfg.num_hidden_layers, num_blocks, 2, block_size, cfg.num_key_value_heads, cfg.head_dim,
             dtype=self.dtype, device=self.device,
         )
         self.block_size = block_size
@@ -57,7 +60,8 @@ class ModelRunner:
         """Flat inputs (decodes first, then prefill chunks), metadata, the rows whose logits are needed and
         the chunks they belong to."""
         bs = self.block_size
-        decodes = [c for c in chunks if c.num_tokens == 1]
+        # Decodes longest context first, so that sequences of similar length sit next to each other.
+        decodes = sorted((c for c in chunks if c.num_tokens == 1), key=lambda c: -c.seq.num_computed_tokens)
         prefills = [c for c in chunks if c.num_tokens > 1]
         input_ids: list[int] = []
         positions: list[int] = []
@@ -75,7 +79,7 @@ class ModelRunner:
                     query_start=len(input_ids),
                     query_len=n,
                     context_start=start,
-                    block_table=torch.tensor(seq.block_table, dtype=torch.int64, device=self.device),
+                    block_table=self._tensor(seq.block_table),
                 )
             )
             input_ids.extend(seq.token_ids[start : start + n])
@@ -83,15 +87,12 @@ class ModelRunner:
             positions.extend(span)
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in span)
-        max_blocks = max((len(c.seq.block_table) for c in decodes), default=0)
-        tables = [c.seq.block_table + [0] * (max_blocks - len(c.seq.block_table)) for c in decodes]
+        slot_tensor = self._tensor(slots)
         meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots),
-            num_decodes=len(decodes),
-            decode_block_tables=self._tensor(tables).view(len(decodes), max_blocks),
-            decode_context_lens=self._tensor([c.seq.num_computed_tokens + 1 for c in decodes]),
+            slot_blocks=slot_tensor // bs,
+            slot_offsets=slot_tensor % bs,
+            decode_groups=self._decode_groups(decodes),
             prefills=prefill_chunks,
-            block_size=bs,
         )
         ordered = decodes + prefills
         sample_rows, sampling, row = [], [], -1
@@ -115,6 +116,33 @@ class ModelRunner:
         chunks), e.g. to score a prompt."""
         input_ids, positions, meta, _, _ = self.prepare(chunks)
         return self.model.compute_logits(self.model(input_ids, positions, meta))
+
+    def _decode_groups(self, decodes: list[ScheduledChunk]) -> list[DecodeGroup]:
+        """Split decodes (sorted longest first) into groups whose keys are gathered padded to the group's
+        longest context: a new group starts where contexts fall below half the group's longest, unless the
+        group is still small (each group costs a gather and an attention call per layer)."""
+        groups: list[DecodeGroup] = []
+        start = 0
+        while start < len(decodes):
+            longest = len(decodes[start].seq.block_table)
+            end = start + 1
+            while end < len(decodes) and (
+                end - start < _MIN_DECODE_GROUP or 2 * len(decodes[end].seq.block_table) > longest
+            ):
+                end += 1
+            members = decodes[start:end]
+            tables = [c.seq.block_table + [0] * (longest - len(c.seq.block_table)) for c in members]
+            groups.append(
+                DecodeGroup(
+                    start=start,
+                    size=end - start,
+                    block_tables=self._tensor(tables),
+                    context_lens=self._tensor([c.seq.num_computed_tokens + 1 for c in members]),
+                    block_size=self.block_size,
+                )
+            )
+            start = end
+        return groups
 
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
