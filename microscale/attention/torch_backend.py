@@ -44,9 +44,11 @@ class TorchAttentionBackend:
         blocks = kv_cache.index_select(0, group.block_tables.flatten()).view(n, -1, 2, kv_cache.shape[2], kv_heads, dim)
         keys = blocks[:, :, 0].reshape(n, -1, kv_heads, dim).transpose(1, 2)
         values = blocks[:, :, 1].reshape(n, -1, kv_heads, dim).transpose(1, 2)
+        mask = group.mask(window)
+        if q.dtype != torch.float32:
+            return _grouped_decode_attention(q, keys, values, mask, scale)
         out = F.scaled_dot_product_attention(
-            q.view(n, heads, 1, dim), keys, values, attn_mask=group.mask(window), scale=scale,
-            enable_gqa=heads != kv_heads,
+            q.view(n, heads, 1, dim), keys, values, attn_mask=mask, scale=scale, enable_gqa=heads != kv_heads
         )
         return out.view(n, heads, dim)
 
@@ -72,6 +74,19 @@ class TorchAttentionBackend:
             mask &= k_pos > q_pos - window
         out = F.scaled_dot_product_attention(qt, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
         return out.transpose(0, 1)
+
+
+def _grouped_decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Decode attention as two batched matmuls, the query heads of one KV head side by side (no K/V repeat),
+    softmax in float32. On CPU, torch's fused SDPA with a mask is ~4x slower than this in bfloat16 (and
+    ~1.3x faster in float32, where it is used instead)."""
+    n, heads, dim = q.shape
+    kv_heads = keys.shape[1]
+    scores = torch.matmul(q.view(n, kv_heads, heads // kv_heads, dim), keys.transpose(-1, -2)).float() * scale
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(q.dtype)
+    return torch.matmul(probs, values).view(n, heads, dim)
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
