@@ -1,7 +1,7 @@
 """Attention metadata: built once per step by the model runner, read by every attention layer.
 
-KV cache layout, per layer: [num_blocks, 2 (key, value), block_size, num_kv_heads, head_dim], so that one
-gather fetches a block's keys and values together.
+KV cache layout, per layer: [2 (key, value), num_blocks, block_size, num_kv_heads, head_dim]: a gather of
+whole blocks from one half is contiguous, so the gathered keys view as one sequence without another copy.
 """
 
 from __future__ import annotations

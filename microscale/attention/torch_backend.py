@@ -21,7 +21,7 @@ class TorchAttentionBackend:
         q: torch.Tensor,  # [T, num_heads, head_dim]
         k: torch.Tensor,  # [T, num_kv_heads, head_dim]
         v: torch.Tensor,
-        kv_cache: torch.Tensor,  # [num_blocks, 2, block_size, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         scale: float,
         window: int | None,
@@ -40,10 +40,10 @@ class TorchAttentionBackend:
     def _decode(q, kv_cache, group: DecodeGroup, scale: float, window: int | None) -> torch.Tensor:
         n, heads, dim = q.shape
         kv_heads = kv_cache.shape[3]
-        # One gather for keys and values: [n * max_blocks, 2, block_size, kv_heads, dim]
-        blocks = kv_cache.index_select(0, group.block_tables.flatten()).view(n, -1, 2, kv_cache.shape[2], kv_heads, dim)
-        keys = blocks[:, :, 0].reshape(n, -1, kv_heads, dim).transpose(1, 2)
-        values = blocks[:, :, 1].reshape(n, -1, kv_heads, dim).transpose(1, 2)
+        # Each gather gives [n * max_blocks, block_size, kv_heads, dim], viewed without a copy as [n, L, ...].
+        table = group.block_tables.flatten()
+        keys = kv_cache[0].index_select(0, table).view(n, -1, kv_heads, dim).transpose(1, 2)
+        values = kv_cache[1].index_select(0, table).view(n, -1, kv_heads, dim).transpose(1, 2)
         mask = group.mask(window)
         if q.dtype != torch.float32:
             return _grouped_decode_attention(q, keys, values, mask, scale)
@@ -64,9 +64,8 @@ class TorchAttentionBackend:
             )
             return out.transpose(0, 1)
         length = chunk.context_len
-        blocks = kv_cache.index_select(0, chunk.block_table)
-        keys = blocks[:, 0].flatten(0, 1)[:length].transpose(0, 1)
-        values = blocks[:, 1].flatten(0, 1)[:length].transpose(0, 1)
+        keys = kv_cache[0].index_select(0, chunk.block_table).flatten(0, 1)[:length].transpose(0, 1)
+        values = kv_cache[1].index_select(0, chunk.block_table).flatten(0, 1)[:length].transpose(0, 1)
         q_pos = torch.arange(chunk.context_start, length, device=q.device)[:, None]
         k_pos = torch.arange(length, device=q.device)[None, :]
         mask = k_pos <= q_pos
@@ -91,5 +90,5 @@ def _grouped_decode_attention(
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
     """Scatter the new tokens' keys and values into their cache slots."""
-    kv_cache[:, 0].index_put_((meta.slot_blocks, meta.slot_offsets), k)
-    kv_cache[:, 1].index_put_((meta.slot_blocks, meta.slot_offsets), v)
+    kv_cache[0].index_put_((meta.slot_blocks, meta.slot_offsets), k)
+    kv_cache[1].index_put_((meta.slot_blocks, meta.slot_offsets), v)

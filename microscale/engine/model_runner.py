@@ -47,7 +47,7 @@ class ModelRunner:
         cfg = self.config
         # Zeroed: unwritten slots are masked out, but 0 * NaN from uninitialised memory would still poison.
         self.kv_cache = torch.zeros(
-            cfg.num_hidden_layers, num_blocks, 2, block_size, cfg.num_key_value_heads, cfg.head_dim,
+            cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim,
             dtype=self.dtype, device=self.device,
         )
         self.block_size = block_size

@@ -37,7 +37,7 @@ def test_matches_naive_attention(dtype, tol, heads, kv_heads, window):
     torch.manual_seed(0)
     dim, num_blocks = 16, 64
     scale = dim**-0.5
-    kv_cache = torch.zeros(num_blocks, 2, BLOCK, kv_heads, dim, dtype=dtype)
+    kv_cache = torch.zeros(2, num_blocks, BLOCK, kv_heads, dim, dtype=dtype)
     free = list(range(num_blocks))
     rng.shuffle(free)
     # (tokens already cached, new tokens this step): decodes in two length groups, then prefill chunks.
@@ -49,8 +49,8 @@ def test_matches_naive_attention(dtype, tol, heads, kv_heads, window):
         keys = torch.randn(total, kv_heads, dim).to(dtype)
         values = torch.randn(total, kv_heads, dim).to(dtype)
         for p in range(cached):  # what earlier steps wrote
-            kv_cache[table[p // BLOCK], 0, p % BLOCK] = keys[p]
-            kv_cache[table[p // BLOCK], 1, p % BLOCK] = values[p]
+            kv_cache[0, table[p // BLOCK], p % BLOCK] = keys[p]
+            kv_cache[1, table[p // BLOCK], p % BLOCK] = values[p]
         full_k.append(keys)
         full_v.append(values)
         tables.append(table)
@@ -90,4 +90,4 @@ def test_matches_naive_attention(dtype, tol, heads, kv_heads, window):
         row += new
     # The new keys and values landed in their slots.
     for (i, p), k_row in zip(slots, k_new):
-        assert torch.equal(kv_cache[tables[i][p // BLOCK], 0, p % BLOCK], k_row)
+        assert torch.equal(kv_cache[0, tables[i][p // BLOCK], p % BLOCK], k_row)
