@@ -1,9 +1,12 @@
 """microscale: an LLM inference and serving engine (PyTorch + Triton)."""
 
 from microscale.llm import LLM
+from microscale.logger import init_logging
 from microscale.outputs import CompletionOutput, Logprob, RequestOutput
 from microscale.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
+
+init_logging()
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]

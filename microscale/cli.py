@@ -173,7 +173,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("microscale").setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
         args.func(args)
     except (CLIError, ValueError) as e:

@@ -52,14 +52,16 @@ def _hf_config(arch: str, overrides: dict):
     return classes[arch](**kwargs)
 
 
-def build_tiny_model(path: Path, arch: str = "llama", dtype: torch.dtype = torch.float32, **overrides) -> Path:
+def build_tiny_model(
+    path: Path, arch: str = "llama", dtype: torch.dtype = torch.float32, max_shard_size: str | None = None, **overrides
+) -> Path:
     """Write a random `arch` model with transformers' save_pretrained, plus the bundled tokenizer."""
     import transformers
 
     torch.manual_seed(0)
     config = _hf_config(arch, overrides)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.save_pretrained(path)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     for name in TOKENIZER_FILES:
         shutil.copy(BUNDLED_MODEL / name, path / name)
     return path
