@@ -20,7 +20,7 @@ run: install
 	$(BIN)/microscale generate $(MODEL) --prompt "def fibonacci(n):" --max-tokens 64 --temperature 0
 
 lint: install
-	$(BIN)/ruff check microscale tests benchmarks
+	$(BIN)/ruff check .
 
 test: install lint
 	$(BIN)/python -m pytest -q
