@@ -27,27 +27,26 @@ class PrefillChunk:
 
 
 @dataclass
-class DecodeGroup:
-    """Single-token queries of sequences with similar context lengths, attended in one batched call.
-    Grouping by length keeps the padding of the gathered keys small."""
+class DecodeBatch:
+    """This step's single-token queries: rows 0..size-1 of the persistent decode buffer hold their contexts
+    contiguously (see decode_buffer.py); the new token of row i goes to position positions[i]."""
 
-    start: int  # rows [start, start + size) of the flat batch
     size: int
-    block_tables: torch.Tensor  # [size, max_blocks] int64, padded with 0
-    context_lens: torch.Tensor  # [size] keys per query (its own token included)
-    block_size: int
+    positions: torch.Tensor  # [size] int64
+    length: int  # keys to attend over: the longest context of the step, new token included
+    keys: torch.Tensor  # [layers, rows, kv_heads, capacity, head_dim] (the buffer itself)
+    values: torch.Tensor
     # Masks depend only on the step, not the layer: build each window's mask once and share it.
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def mask(self, window: int | None) -> torch.Tensor:
-        """[size, 1, 1, max_blocks * block_size] True where a key may be attended to."""
+        """[size, 1, 1, length] True where a key may be attended to."""
         mask = self._masks.get(window)
         if mask is None:
-            key_pos = torch.arange(self.block_tables.shape[1] * self.block_size, device=self.context_lens.device)
-            lens = self.context_lens[:, None]
-            mask = key_pos[None, :] < lens
+            key_pos = torch.arange(self.length, device=self.positions.device)
+            mask = key_pos[None, :] <= self.positions[:, None]
             if window is not None:
-                mask &= key_pos[None, :] >= lens - window
+                mask &= key_pos[None, :] > self.positions[:, None] - window
             mask = mask[:, None, None, :]
             self._masks[window] = mask
         return mask
@@ -59,5 +58,5 @@ class AttentionMetadata:
 
     slot_blocks: torch.Tensor  # [num_tokens] cache block of each new token
     slot_offsets: torch.Tensor  # [num_tokens] its position inside the block
-    decode_groups: list[DecodeGroup]
+    decode: DecodeBatch | None
     prefills: list[PrefillChunk]

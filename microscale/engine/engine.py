@@ -57,7 +57,7 @@ class LLMEngine:
         model = load_model(model_dir, cfg, self.dtype, self.device, max_model_len, args.load_format, args.seed)
         elapsed = time.perf_counter() - started
         logger.info("loaded %s (%s, %s) in %.1fs", cfg.architecture, self.dtype, self.device, elapsed)
-        self.runner = ModelRunner(model, cfg, self.device, self.dtype)
+        self.runner = ModelRunner(model, cfg, self.device, self.dtype, args.max_num_seqs, max_model_len)
         num_blocks = self._num_kv_blocks()
         self.runner.allocate_kv_cache(num_blocks, args.block_size)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)

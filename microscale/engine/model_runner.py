@@ -12,7 +12,8 @@ import logging
 import torch
 from torch import nn
 
-from microscale.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk
+from microscale.attention.decode_buffer import DecodeBuffer
+from microscale.attention.metadata import AttentionMetadata, DecodeBatch, PrefillChunk
 from microscale.attention.selector import select_attention_backend
 from microscale.config import ModelConfig
 from microscale.engine.scheduler import ScheduledChunk
@@ -20,12 +21,12 @@ from microscale.layers.attention import Attention
 
 logger = logging.getLogger(__name__)
 
-# Decode groups smaller than this are not split off: a group's fixed cost outweighs the padding it saves.
-_MIN_DECODE_GROUP = 8
-
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model: nn.Module, config: ModelConfig, device: torch.device, dtype: torch.dtype, max_num_seqs: int,
+        max_model_len: int,
+    ) -> None:
         self.model = model
         self.config = config
         self.device = device
@@ -36,6 +37,10 @@ class ModelRunner:
             layer.backend = backend
         self.kv_cache: torch.Tensor | None = None
         self.block_size = 0
+        self.decode_buffer = DecodeBuffer(
+            config.num_hidden_layers, max_num_seqs, config.num_key_value_heads, config.head_dim, max_model_len,
+            dtype, device,
+        )
 
     def kv_block_bytes(self, block_size: int) -> int:
         """Bytes one block of `block_size` tokens takes across all layers (keys and values)."""
@@ -60,8 +65,10 @@ class ModelRunner:
         """Flat inputs (decodes first, then prefill chunks), metadata, the rows whose logits are needed and
         the chunks they belong to."""
         bs = self.block_size
-        # Decodes longest context first, so that sequences of similar length sit next to each other.
-        decodes = sorted((c for c in chunks if c.num_tokens == 1), key=lambda c: -c.seq.num_computed_tokens)
+        decode_chunks = {c.seq.seq_id: c for c in chunks if c.num_tokens == 1}
+        # Decodes in the order of their rows in the persistent decode buffer.
+        decode_seqs = self.decode_buffer.assign([c.seq for c in decode_chunks.values()], self.kv_cache, bs)
+        decodes = [decode_chunks[s.seq_id] for s in decode_seqs]
         prefills = [c for c in chunks if c.num_tokens > 1]
         input_ids: list[int] = []
         positions: list[int] = []
@@ -91,7 +98,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_blocks=slot_tensor // bs,
             slot_offsets=slot_tensor % bs,
-            decode_groups=self._decode_groups(decodes),
+            decode=self._decode_batch(positions[: len(decodes)]),
             prefills=prefill_chunks,
         )
         ordered = decodes + prefills
@@ -117,32 +124,16 @@ class ModelRunner:
         input_ids, positions, meta, _, _ = self.prepare(chunks)
         return self.model.compute_logits(self.model(input_ids, positions, meta))
 
-    def _decode_groups(self, decodes: list[ScheduledChunk]) -> list[DecodeGroup]:
-        """Split decodes (sorted longest first) into groups whose keys are gathered padded to the group's
-        longest context: a new group starts where contexts fall below half the group's longest, unless the
-        group is still small (each group costs a gather and an attention call per layer)."""
-        groups: list[DecodeGroup] = []
-        start = 0
-        while start < len(decodes):
-            longest = len(decodes[start].seq.block_table)
-            end = start + 1
-            while end < len(decodes) and (
-                end - start < _MIN_DECODE_GROUP or 2 * len(decodes[end].seq.block_table) > longest
-            ):
-                end += 1
-            members = decodes[start:end]
-            tables = [c.seq.block_table + [0] * (longest - len(c.seq.block_table)) for c in members]
-            groups.append(
-                DecodeGroup(
-                    start=start,
-                    size=end - start,
-                    block_tables=self._tensor(tables),
-                    context_lens=self._tensor([c.seq.num_computed_tokens + 1 for c in members]),
-                    block_size=self.block_size,
-                )
-            )
-            start = end
-        return groups
+    def _decode_batch(self, positions: list[int]) -> DecodeBatch | None:
+        if not positions:
+            return None
+        return DecodeBatch(
+            size=len(positions),
+            positions=self._tensor(positions),
+            length=max(positions) + 1,
+            keys=self.decode_buffer.k,
+            values=self.decode_buffer.v,
+        )
 
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)

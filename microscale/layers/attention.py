@@ -10,8 +10,11 @@ from microscale.attention.torch_backend import TorchAttentionBackend
 class Attention(nn.Module):
     """Writes the new keys/values into this layer's paged KV cache and attends, through a backend."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, window: int | None) -> None:
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, window: int | None, layer_index: int
+    ) -> None:
         super().__init__()
+        self.layer_index = layer_index
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -21,4 +24,4 @@ class Attention(nn.Module):
         self.kv_cache: torch.Tensor | None = None  # bound by the model runner once allocated
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.backend.forward(q, k, v, self.kv_cache, meta, self.scale, self.window)
+        return self.backend.forward(q, k, v, self.kv_cache, meta, self.scale, self.window, self.layer_index)

@@ -43,7 +43,8 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.rotary = rotary
         self.attn = Attention(
-            self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, cfg.layer_windows[layer_idx]
+            self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, cfg.layer_windows[layer_idx],
+            layer_idx,
         )
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

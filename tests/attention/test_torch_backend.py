@@ -1,6 +1,6 @@
 """The torch reference attention backend against a naive per-sequence implementation over contiguous K/V:
-mixed decodes (several length groups) and prefill chunks with cached prefixes, GQA, sliding windows,
-float32 and bfloat16."""
+decodes (from the persistent decode buffer) and prefill chunks with cached prefixes (from the paged cache),
+GQA, sliding windows, float32 and bfloat16; and the decode buffer's row bookkeeping."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import random
 import pytest
 import torch
 
-from microscale.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk
+from microscale.attention.decode_buffer import DecodeBuffer
+from microscale.attention.metadata import AttentionMetadata, DecodeBatch, PrefillChunk
 from microscale.attention.torch_backend import TorchAttentionBackend
 
 BLOCK = 4
@@ -55,14 +56,15 @@ def test_matches_naive_attention(dtype, tol, heads, kv_heads, window):
         full_v.append(values)
         tables.append(table)
 
-    def table_tensor(rows):
-        width = max(len(tables[i]) for i in rows)
-        return torch.tensor([tables[i] + [0] * (width - len(tables[i])) for i in rows])
-
-    groups = [
-        DecodeGroup(0, 2, table_tensor([0, 1]), torch.tensor([31, 28]), BLOCK),
-        DecodeGroup(2, 2, table_tensor([2, 3]), torch.tensor([4, 1]), BLOCK),
-    ]
+    # The persistent decode buffer holds the decodes' cached contexts contiguously, one row each.
+    cap = 40
+    keys_buf = torch.zeros(1, 4, kv_heads, cap, dim, dtype=dtype)
+    values_buf = torch.zeros(1, 4, kv_heads, cap, dim, dtype=dtype)
+    for row in range(4):
+        cached = layout[row][0]
+        keys_buf[0, row, :, :cached] = full_k[row][:cached].transpose(0, 1)
+        values_buf[0, row, :, :cached] = full_v[row][:cached].transpose(0, 1)
+    decode = DecodeBatch(4, torch.tensor([30, 27, 3, 0]), 31, keys_buf, values_buf)
     prefills, start = [], 4
     for i in (4, 5):
         cached, new = layout[i]
@@ -72,14 +74,14 @@ def test_matches_naive_attention(dtype, tol, heads, kv_heads, window):
     meta = AttentionMetadata(
         slot_blocks=torch.tensor([tables[i][p // BLOCK] for i, p in slots]),
         slot_offsets=torch.tensor([p % BLOCK for _, p in slots]),
-        decode_groups=groups,
+        decode=decode,
         prefills=prefills,
     )
     q = torch.randn(len(slots), heads, dim).to(dtype)
     k_new = torch.stack([full_k[i][p] for i, p in slots])
     v_new = torch.stack([full_v[i][p] for i, p in slots])
 
-    out = TorchAttentionBackend().forward(q, k_new, v_new, kv_cache, meta, scale, window)
+    out = TorchAttentionBackend().forward(q, k_new, v_new, kv_cache, meta, scale, window, 0)
 
     row = 0
     for i, (cached, new) in enumerate(layout):
@@ -88,6 +90,45 @@ def test_matches_naive_attention(dtype, tol, heads, kv_heads, window):
         got = out[row : row + new].view(new, heads, dim).float()
         assert (got - expected).abs().max().item() < tol, f"sequence {i}"
         row += new
-    # The new keys and values landed in their slots.
+    # The new keys and values landed in their paged slots, and the decodes' also in their buffer rows.
     for (i, p), k_row in zip(slots, k_new):
         assert torch.equal(kv_cache[0, tables[i][p // BLOCK], p % BLOCK], k_row)
+        if i < 4:
+            assert torch.equal(keys_buf[0, i, :, p], k_row)
+
+
+class _Seq:
+    def __init__(self, seq_id: int, computed: int, table: list[int]) -> None:
+        self.seq_id, self.num_computed_tokens, self.block_table = seq_id, computed, table
+
+
+def test_decode_buffer_rows_follow_the_paged_cache():
+    torch.manual_seed(0)
+    layers, kv_heads, dim, num_blocks = 2, 2, 4, 32
+    kv_cache = torch.randn(layers, 2, num_blocks, BLOCK, kv_heads, dim)
+    buf = DecodeBuffer(layers, 4, kv_heads, dim, max_len=64, dtype=torch.float32, device=torch.device("cpu"),
+                       initial_len=8)
+
+    def check(seqs):
+        ordered = buf.assign(seqs, kv_cache, BLOCK)
+        assert sorted(buf.row_of[s.seq_id] for s in ordered) == list(range(len(seqs)))  # dense rows
+        for s in ordered:
+            row, used = buf.row_of[s.seq_id], s.num_computed_tokens
+            expected = kv_cache[:, 0, s.block_table].flatten(1, 2)[:, :used].transpose(1, 2)
+            assert torch.equal(buf.k[:, row, :, :used], expected)
+        return ordered
+
+    a, b, c = _Seq(0, 5, [3, 7]), _Seq(1, 2, [1]), _Seq(2, 9, [4, 5, 6])
+    check([a, b, c])
+    # Next step: b left (finished); a and c advanced one token (written by the step, here by hand).
+    for s in (a, c):
+        row, pos = buf.row_of[s.seq_id], s.num_computed_tokens
+        buf.k[:, row, :, pos] = kv_cache[:, 0, s.block_table[pos // BLOCK], pos % BLOCK]
+        s.num_computed_tokens += 1
+    rows_before = dict(buf.row_of)
+    check([c, a])  # c moved down into b's free row only if it was beyond the two rows
+    assert buf.row_of[a.seq_id] == rows_before[a.seq_id]
+    # A long newcomer makes the buffer grow past its initial 8 tokens; a sequence that skipped is refilled.
+    d = _Seq(3, 20, [8, 9, 10, 11, 12, 13])
+    check([d, a])
+    assert buf.capacity >= 21
