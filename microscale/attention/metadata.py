@@ -28,14 +28,16 @@ class PrefillChunk:
 
 @dataclass
 class DecodeBatch:
-    """This step's single-token queries: rows 0..size-1 of the persistent decode buffer hold their contexts
-    contiguously (see decode_buffer.py); the new token of row i goes to position positions[i]."""
+    """This step's single-token queries; the new token of query i goes to position positions[i]. Their
+    contexts are read from rows 0..size-1 of the persistent decode buffer (keys/values, see decode_buffer.py)
+    or, when there is none, gathered from the paged cache through block_tables."""
 
     size: int
     positions: torch.Tensor  # [size] int64
     length: int  # keys to attend over: the longest context of the step, new token included
-    keys: torch.Tensor  # [layers, rows, kv_heads, capacity, head_dim] (the buffer itself)
-    values: torch.Tensor
+    keys: torch.Tensor | None = None  # [layers, rows, kv_heads, capacity, head_dim] (the buffer itself)
+    values: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None  # [size, max_blocks] int64, padded with 0
     # Masks depend only on the step, not the layer: build each window's mask once and share it.
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
 

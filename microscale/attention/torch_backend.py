@@ -31,22 +31,27 @@ class TorchAttentionBackend:
         out = torch.empty_like(q)
         if meta.decode is not None:
             n = meta.decode.size
-            out[:n] = self._decode(q[:n], k[:n], v[:n], meta.decode, layer_index, scale, window)
+            out[:n] = self._decode(q[:n], k[:n], v[:n], kv_cache, meta.decode, layer_index, scale, window)
         for chunk in meta.prefills:
             rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
             out[rows] = self._prefill(q[rows], k[rows], v[rows], kv_cache, chunk, scale, window)
         return out.flatten(1)
 
     @staticmethod
-    def _decode(q, k, v, batch: DecodeBatch, layer_index: int, scale: float, window: int | None) -> torch.Tensor:
-        n = batch.size
-        keys, values = batch.keys[layer_index], batch.values[layer_index]
-        rows = torch.arange(n, device=q.device)
-        keys[rows, :, batch.positions] = k
-        values[rows, :, batch.positions] = v
-        return _grouped_decode_attention(
-            q, keys[:n, :, : batch.length], values[:n, :, : batch.length], batch.mask(window), scale
-        )
+    def _decode(q, k, v, kv_cache, batch: DecodeBatch, layer_index: int, scale: float, window: int | None):
+        n, length = batch.size, batch.length
+        if batch.block_tables is None:
+            keys, values = batch.keys[layer_index], batch.values[layer_index]
+            rows = torch.arange(n, device=q.device)
+            keys[rows, :, batch.positions] = k
+            values[rows, :, batch.positions] = v
+            keys, values = keys[:n, :, :length], values[:n, :, :length]
+        else:
+            # Each gather gives [n * max_blocks, block_size, kv_heads, dim], viewed as [n, kv_heads, L, dim].
+            table, shape = batch.block_tables.flatten(), (n, -1, *kv_cache.shape[3:])
+            keys = kv_cache[0].index_select(0, table).view(shape).transpose(1, 2)[:, :, :length]
+            values = kv_cache[1].index_select(0, table).view(shape).transpose(1, 2)[:, :, :length]
+        return _grouped_decode_attention(q, keys, values, batch.mask(window), scale)
 
     @staticmethod
     def _prefill(q, k, v, kv_cache, chunk: PrefillChunk, scale: float, window: int | None) -> torch.Tensor:

@@ -37,10 +37,9 @@ class ModelRunner:
             layer.backend = backend
         self.kv_cache: torch.Tensor | None = None
         self.block_size = 0
-        self.decode_buffer = DecodeBuffer(
-            config.num_hidden_layers, max_num_seqs, config.num_key_value_heads, config.head_dim, max_model_len,
-            dtype, device,
-        )
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.decode_buffer: DecodeBuffer | None = None
 
     def kv_block_bytes(self, block_size: int) -> int:
         """Bytes one block of `block_size` tokens takes across all layers (keys and values)."""
@@ -58,6 +57,15 @@ class ModelRunner:
         self.block_size = block_size
         for i, layer in enumerate(self.attention_layers):
             layer.kv_cache = self.kv_cache[i]
+        # The persistent decode buffer pads every row to the longest context: use it only where it can never
+        # outgrow the paged cache itself; otherwise decodes read their blocks straight from the paged cache.
+        if self.max_num_seqs * self.max_model_len <= num_blocks * block_size:
+            self.decode_buffer = DecodeBuffer(
+                cfg.num_hidden_layers, self.max_num_seqs, cfg.num_key_value_heads, cfg.head_dim, self.max_model_len,
+                self.dtype, self.device,
+            )
+        source = "the persistent decode buffer" if self.decode_buffer else "paged blocks"
+        logger.info("decode attention reads %s", source)
 
     def prepare(
         self, chunks: list[ScheduledChunk]
@@ -65,10 +73,11 @@ class ModelRunner:
         """Flat inputs (decodes first, then prefill chunks), metadata, the rows whose logits are needed and
         the chunks they belong to."""
         bs = self.block_size
-        decode_chunks = {c.seq.seq_id: c for c in chunks if c.num_tokens == 1}
-        # Decodes in the order of their rows in the persistent decode buffer.
-        decode_seqs = self.decode_buffer.assign([c.seq for c in decode_chunks.values()], self.kv_cache, bs)
-        decodes = [decode_chunks[s.seq_id] for s in decode_seqs]
+        decodes = [c for c in chunks if c.num_tokens == 1]
+        if self.decode_buffer is not None:
+            # Decodes in the order of their rows in the persistent decode buffer.
+            by_seq = {c.seq.seq_id: c for c in decodes}
+            decodes = [by_seq[s.seq_id] for s in self.decode_buffer.assign([c.seq for c in decodes], self.kv_cache, bs)]
         prefills = [c for c in chunks if c.num_tokens > 1]
         input_ids: list[int] = []
         positions: list[int] = []
@@ -98,7 +107,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_blocks=slot_tensor // bs,
             slot_offsets=slot_tensor % bs,
-            decode=self._decode_batch(positions[: len(decodes)]),
+            decode=self._decode_batch(decodes, positions[: len(decodes)]),
             prefills=prefill_chunks,
         )
         ordered = decodes + prefills
@@ -124,16 +133,17 @@ class ModelRunner:
         input_ids, positions, meta, _, _ = self.prepare(chunks)
         return self.model.compute_logits(self.model(input_ids, positions, meta))
 
-    def _decode_batch(self, positions: list[int]) -> DecodeBatch | None:
-        if not positions:
+    def _decode_batch(self, decodes: list[ScheduledChunk], positions: list[int]) -> DecodeBatch | None:
+        if not decodes:
             return None
-        return DecodeBatch(
-            size=len(positions),
-            positions=self._tensor(positions),
-            length=max(positions) + 1,
-            keys=self.decode_buffer.k,
-            values=self.decode_buffer.v,
-        )
+        batch = DecodeBatch(size=len(decodes), positions=self._tensor(positions), length=max(positions) + 1)
+        if self.decode_buffer is not None:
+            batch.keys, batch.values = self.decode_buffer.k, self.decode_buffer.v
+        else:
+            width = max(len(c.seq.block_table) for c in decodes)
+            tables = [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in decodes]
+            batch.block_tables = self._tensor(tables)
+        return batch
 
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
