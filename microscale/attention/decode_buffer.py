@@ -15,6 +15,8 @@ import torch
 
 from microscale.engine.sequence import Sequence
 
+_GROWTH = 64  # tokens
+
 
 class DecodeBuffer:
     def __init__(
@@ -65,10 +67,8 @@ class DecodeBuffer:
             self.row_of[sid] = row
         needed = max((s.num_computed_tokens for s in decodes), default=0) + 1
         if needed > self.capacity:
-            capacity = self.capacity
-            while capacity < needed:
-                capacity *= 2
-            self._allocate(min(capacity, self.max_len))
+            # Grown in small steps, so that attention over whole rows wastes little on empty positions.
+            self._allocate(min(-(-needed // _GROWTH) * _GROWTH, self.max_len))
         for seq in decodes:
             if seq.seq_id not in self.row_of:
                 row = free_low.pop(0)

@@ -34,7 +34,7 @@ class DecodeBatch:
 
     size: int
     positions: torch.Tensor  # [size] int64
-    length: int  # keys to attend over: the longest context of the step, new token included
+    length: int  # keys to attend over: the longest context (new token included), or the buffer's capacity
     keys: torch.Tensor | None = None  # [layers, rows, kv_heads, capacity, head_dim] (the buffer itself)
     values: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None  # [size, max_blocks] int64, padded with 0

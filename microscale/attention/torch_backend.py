@@ -45,7 +45,8 @@ class TorchAttentionBackend:
             rows = torch.arange(n, device=q.device)
             keys[rows, :, batch.positions] = k
             values[rows, :, batch.positions] = v
-            keys, values = keys[:n, :, :length], values[:n, :, :length]
+            # Whole rows, a contiguous slice that matmul reads in place (a cut at `length` would be copied).
+            keys, values = keys[:n], values[:n]
         else:
             # Each gather gives [n * max_blocks, block_size, kv_heads, dim], viewed as [n, kv_heads, L, dim].
             table, shape = batch.block_tables.flatten(), (n, -1, *kv_cache.shape[3:])

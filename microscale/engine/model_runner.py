@@ -139,6 +139,7 @@ class ModelRunner:
         batch = DecodeBatch(size=len(decodes), positions=self._tensor(positions), length=max(positions) + 1)
         if self.decode_buffer is not None:
             batch.keys, batch.values = self.decode_buffer.k, self.decode_buffer.v
+            batch.length = self.decode_buffer.capacity
         else:
             width = max(len(c.seq.block_table) for c in decodes)
             tables = [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in decodes]

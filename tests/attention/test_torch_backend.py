@@ -67,7 +67,7 @@ def test_matches_naive_attention(dtype, tol, heads, kv_heads, window, source):
         values_buf[0, row, :, :cached] = full_v[row][:cached].transpose(0, 1)
     decode = DecodeBatch(4, torch.tensor([30, 27, 3, 0]), 31)
     if source == "buffer":
-        decode.keys, decode.values = keys_buf, values_buf
+        decode.keys, decode.values, decode.length = keys_buf, values_buf, cap
     else:
         width = max(len(t) for t in tables[:4])
         decode.block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables[:4]])
