@@ -58,8 +58,10 @@ class ModelRunner:
         for i, layer in enumerate(self.attention_layers):
             layer.kv_cache = self.kv_cache[i]
         # The persistent decode buffer pads every row to the longest context: use it only where it can never
-        # outgrow the paged cache itself; otherwise decodes read their blocks straight from the paged cache.
-        if self.max_num_seqs * self.max_model_len <= num_blocks * block_size:
+        # outgrow the paged cache itself, and only on CPU (a GPU's memory is already given to the paged cache,
+        # and its attention kernels read blocks in place); otherwise decodes read the paged blocks.
+        fits = self.max_num_seqs * self.max_model_len <= num_blocks * block_size
+        if fits and self.device.type == "cpu":
             self.decode_buffer = DecodeBuffer(
                 cfg.num_hidden_layers, self.max_num_seqs, cfg.num_key_value_heads, cfg.head_dim, self.max_model_len,
                 self.dtype, self.device,
