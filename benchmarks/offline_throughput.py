@@ -152,8 +152,9 @@ def run_microscale(args: argparse.Namespace, model_dir: Path, dtype: str, work: 
     import microscale
     from microscale import LLM, SamplingParams
 
+    # The context the workload needs (as given to vLLM), not the model's full max_position_embeddings.
     llm = LLM(str(model_dir), dtype=dtype, max_num_seqs=args.max_num_seqs, load_format=args.load_format,
-              seed=args.seed)
+              seed=args.seed, max_model_len=args.max_prompt_len + args.max_output_len)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in work.output_lens]
     # Warm-up (not timed): first-call allocations and kernel selection.
     llm.generate([{"prompt_token_ids": p} for p in work.prompts[:2]],
