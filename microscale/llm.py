@@ -46,8 +46,8 @@ class LLM:
             raise ValueError(f"Got {len(prompts)} prompts but {len(sampling_params)} sampling params.")
         # Tokenize and check every prompt before any starts, so a bad one fails the call cleanly.
         tokenized = [self.engine.tokenize_prompt(p) for p in prompts]
-        for (_, ids), params in zip(tokenized, sampling_params):
-            self.engine._validate_prompt(ids, params)
+        for _, ids in tokenized:
+            self.engine.validate_prompt(ids)
         order = {}
         for i, ((text, ids), params) in enumerate(zip(tokenized, sampling_params)):
             request_id = str(next(self._ids))

@@ -126,7 +126,7 @@ class LLMEngine:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         params = params or self.default_sampling_params()
         text, ids = self.tokenize_prompt(prompt)
-        self._validate_prompt(ids, params)
+        self.validate_prompt(ids)
         request = Request(request_id, text, ids, params, arrival_time)
         request.seqs = [
             Sequence(request, i, IncrementalDetokenizer(
@@ -140,13 +140,15 @@ class LLMEngine:
         self.num_prompt_tokens += len(ids)
         return request
 
-    def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
+    def validate_prompt(self, ids: list[int], room_to_generate: bool = True) -> None:
+        """A clear ValueError for token ids the engine cannot take: empty, too long, outside the vocabulary."""
         max_len = self.scheduler_config.max_model_len
         if not ids:
             raise ValueError("The prompt is empty.")
-        if len(ids) >= max_len:
+        if len(ids) > max_len or (room_to_generate and len(ids) == max_len):
             raise ValueError(
-                f"The prompt has {len(ids)} tokens; max_model_len is {max_len}, which leaves no room to generate."
+                f"The prompt has {len(ids)} tokens; max_model_len is {max_len}"
+                + (", which leaves no room to generate." if room_to_generate else ".")
             )
         vocab = self.model_config.vocab_size
         if any(t < 0 or t >= vocab for t in ids):
@@ -169,11 +171,7 @@ class LLMEngine:
         device (row i predicts token i + 1), for scoring and perplexity. Runs the engine's own prefill path in
         chunks of max_num_batched_tokens, on KV blocks borrowed for the call (nothing enters the prefix cache)."""
         ids = list(token_ids)
-        max_len, vocab = self.scheduler_config.max_model_len, self.model_config.vocab_size
-        if not ids or len(ids) > max_len:
-            raise ValueError(f"Can score 1 to max_model_len={max_len} tokens, got {len(ids)}.")
-        if any(t < 0 or t >= vocab for t in ids):
-            raise ValueError(f"Token ids must be in [0, {vocab}).")
+        self.validate_prompt(ids, room_to_generate=False)
         request = Request("prompt-logits", None, ids, SamplingParams(max_tokens=1))
         seq = Sequence(request, 0, IncrementalDetokenizer(self.tokenizer, ids))
         if not self.block_manager.can_allocate(seq, len(ids)):
