@@ -1,5 +1,5 @@
-"""`microscale` command line: generate, chat (the server, bench, quantize, eval and monitor commands join
-as their issues land)."""
+"""`microscale` command line: generate, chat, quantize (the server, bench, eval and monitor commands join as
+their issues land)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from dataclasses import fields
 from typing import Any
 
 from microscale.config import EngineArgs
+from microscale.quant import known_quant_methods
+from microscale.quant.export import EXPORT_FORMATS
 from microscale.sampling_params import SamplingParams
 
 
@@ -36,6 +38,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="turn automatic prefix caching off")
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
                    help="dummy: random weights of the right shapes (for benchmarks)")
+    g.add_argument("--quant", dest="quantization", default=None, choices=known_quant_methods(),
+                   help="weight quantization at load time (a pre-quantized checkpoint keeps its own format)")
     g.add_argument("--seed", type=int, default=0, help="global random seed")
     g.add_argument("-v", "--verbose", action="store_true", help="log engine details (KV cache size, ...)")
 
@@ -74,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
     _add_sampling_args(chat, max_tokens=256)
     chat.set_defaults(func=cmd_chat)
+
+    quant = sub.add_parser("quantize", help="write a pre-quantized checkpoint",
+                           description="Quantize a 16/32-bit checkpoint and write it as a Hugging Face folder "
+                                       "(mxfp4: gpt-oss-style MXFP4 MoE experts, loadable by transformers too).")
+    quant.add_argument("model", help="local Hugging Face model folder")
+    quant.add_argument("--quant", required=True, choices=list(EXPORT_FORMATS), help="checkpoint format")
+    quant.add_argument("--out", required=True, help="output folder (new or empty)")
+    quant.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    quant.set_defaults(func=cmd_quantize)
     return parser
 
 
@@ -169,6 +182,16 @@ def cmd_chat(args: argparse.Namespace) -> None:
             print(seq.detokenizer.new_text(seq.is_finished), end="", flush=True)
         print()
         messages.append({"role": "assistant", "content": seq.detokenizer.output_text})
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from microscale.models.loader import resolve_model_path
+    from microscale.quant.export import quantize_checkpoint
+
+    out = quantize_checkpoint(resolve_model_path(args.model), Path(args.out), args.quant)
+    print(f"wrote {out}")
 
 
 def main(argv: list[str] | None = None) -> None:

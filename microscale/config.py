@@ -95,6 +95,13 @@ class ModelConfig:
     checkpoint_dtype: torch.dtype
     eos_token_ids: list[int]
     hf_config: dict[str, Any]
+    # Mixture of experts (0 experts: a dense MLP).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    # A learned per-head logit in every attention softmax's denominator (gpt-oss).
+    attention_sinks: bool = False
+    # quantization_config.quant_method of a pre-quantized checkpoint ("mxfp4" for gpt-oss), else None.
+    checkpoint_quant: str | None = None
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -132,6 +139,10 @@ class ModelConfig:
             checkpoint_dtype=_DTYPES.get(dtype_name, torch.float32),
             eos_token_ids=eos_ids,
             hf_config=cfg,
+            num_experts=cfg.get("num_local_experts") or cfg.get("num_experts") or 0,
+            num_experts_per_tok=cfg.get("num_experts_per_tok") or cfg.get("experts_per_token") or 0,
+            attention_sinks=model_type == "gpt_oss",
+            checkpoint_quant=(cfg.get("quantization_config") or {}).get("quant_method"),
         )
 
     @classmethod
@@ -187,6 +198,8 @@ class EngineArgs:
     seed: int = 0
     load_format: str = "auto"
     device: str | None = None
+    # Weight quantization applied at load time ("mxfp4", ...); a pre-quantized checkpoint keeps its own.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         # Fail early, naming the knob, on cache settings the engine cannot use (block_size=0 would divide by 0).

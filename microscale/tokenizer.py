@@ -8,12 +8,40 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.ext
 import jinja2.sandbox
 from tokenizers import Tokenizer as HFTokenizer
+
+# Names a message's reasoning comes under; templates read `thinking` (gpt-oss) or `reasoning_content` (most others).
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
 def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # jinja's own tojson escapes HTML characters; chat templates want plain json.dumps.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; rendering keeps the body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+
+def _alias_reasoning(message: Any) -> Any:
+    """A copy of the message with its reasoning under both `thinking` and `reasoning_content`, as transformers does."""
+    if not isinstance(message, dict):
+        return message
+    reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+    return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
 
 
 def _token_text(value: Any) -> str | None:
@@ -64,14 +92,19 @@ class Tokenizer:
     ) -> str:
         if not self.chat_template:
             raise ValueError("This model's tokenizer_config.json has no chat_template; use generate() instead.")
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
+        # The environment transformers renders chat templates in (utils/chat_template_utils.py).
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag]
+        )
+        env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         special = {k: _token_text(v) for k, v in self.config.items() if k.endswith("_token")}
+        # tools/documents are None, not undefined, when not given: templates test `tools is not none`.
+        context = {"tools": None, "documents": None, **special, **kwargs}
         try:
             return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **special, **kwargs
+                context, messages=[_alias_reasoning(m) for m in messages], add_generation_prompt=add_generation_prompt
             )
         except jinja2.exceptions.TemplateError as e:
             raise ValueError(f"Chat template failed: {e}") from e

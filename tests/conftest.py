@@ -36,6 +36,21 @@ _BASE = dict(
 )
 
 
+# gpt-oss's shape in miniature: more experts than top-k, a sliding window shorter than the test prompts on
+# alternate layers, YaRN RoPE (with the attention factor) from a short original context.
+_GPT_OSS = dict(
+    intermediate_size=64,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    sliding_window=8,
+    layer_types=["sliding_attention", "full_attention"],
+    rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+        "original_max_position_embeddings": 64, "rope_theta": 150000.0, "truncate": False,
+    },
+)
+
+
 def _hf_config(arch: str, overrides: dict):
     import transformers
 
@@ -44,10 +59,13 @@ def _hf_config(arch: str, overrides: dict):
         "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config,
         "qwen3": transformers.Qwen3Config,
+        "gpt_oss": transformers.GptOssConfig,
     }
     kwargs = dict(_BASE)
     if arch == "mistral":
         kwargs["sliding_window"] = None
+    if arch == "gpt_oss":
+        kwargs.update(_GPT_OSS)
     kwargs.update(overrides)
     return classes[arch](**kwargs)
 
@@ -77,6 +95,36 @@ def tiny_model(tmp_path_factory):
         if key not in built:
             built[key] = build_tiny_model(tmp_path_factory.mktemp(arch), arch, dtype, **overrides)
         return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def parity_model(tiny_model, tmp_path_factory):
+    """Factory like `tiny_model`, but with every 1-D weight (RMSNorm weights, q/k norms, biases) and every
+    bias (gpt-oss experts' are 2-D) randomised: transformers initialises those to exactly 1 or 0, which would
+    hide a norm or bias that fails to load."""
+    from hf_reference import hf_model
+
+    built: dict[tuple, Path] = {}
+
+    def make(arch: str, dtype: torch.dtype = torch.float32, **overrides) -> Path:
+        key = (arch, dtype, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
+        if key in built:
+            return built[key]
+        src = tiny_model(arch, dtype, **overrides)
+        model = hf_model(src, dtype)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.dim() == 1 or name.endswith("_bias"):
+                    param.add_(0.2 * torch.randn(param.shape, generator=gen).to(param.dtype))
+        dst = tmp_path_factory.mktemp(f"{arch}-parity")
+        model.save_pretrained(dst)
+        for name in TOKENIZER_FILES:
+            shutil.copy(src / name, dst / name)
+        built[key] = dst
+        return dst
 
     return make
 

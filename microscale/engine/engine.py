@@ -54,7 +54,9 @@ class LLMEngine:
         max_model_len = args.max_model_len or cfg.max_position_embeddings
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len)
         started = time.perf_counter()
-        model = load_model(model_dir, cfg, self.dtype, self.device, max_model_len, args.load_format, args.seed)
+        model = load_model(
+            model_dir, cfg, self.dtype, self.device, max_model_len, args.load_format, args.seed, args.quantization
+        )
         elapsed = time.perf_counter() - started
         logger.info("loaded %s (%s, %s) in %.1fs", cfg.architecture, self.dtype, self.device, elapsed)
         self.runner = ModelRunner(model, cfg, self.device, self.dtype, args.max_num_seqs, max_model_len)

@@ -8,10 +8,12 @@ from microscale.attention.torch_backend import TorchAttentionBackend
 
 
 class Attention(nn.Module):
-    """Writes the new keys/values into this layer's paged KV cache and attends, through a backend."""
+    """Writes the new keys/values into this layer's paged KV cache and attends, through a backend.
+    With `sinks=True` (gpt-oss) each head has a learned logit that joins its softmax denominator."""
 
     def __init__(
-        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, window: int | None, layer_index: int
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, window: int | None, layer_index: int,
+        sinks: bool = False,
     ) -> None:
         super().__init__()
         self.layer_index = layer_index
@@ -20,8 +22,12 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.window = window
+        # Kept in float32 whatever the model dtype: they join float32 scores (bf16 values convert exactly).
+        self.sinks = nn.Parameter(torch.zeros(num_heads), requires_grad=False) if sinks else None
         self.backend: TorchAttentionBackend | None = None
         self.kv_cache: torch.Tensor | None = None  # bound by the model runner once allocated
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.backend.forward(q, k, v, self.kv_cache, meta, self.scale, self.window, self.layer_index)
+        return self.backend.forward(
+            q, k, v, self.kv_cache, meta, self.scale, self.window, self.layer_index, self.sinks
+        )

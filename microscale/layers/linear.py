@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from microscale.quant.base import QuantMethod, UnquantizedLinearMethod
+from microscale.quant.base import QuantMethod, UnquantizedLinearMethod, copy_checked
 
 
 class Linear(nn.Module):
@@ -33,9 +33,12 @@ class Linear(nn.Module):
         else:
             offset = sum(self.output_sizes[:shard])
             target = param.data.narrow(0, offset, self.output_sizes[shard])
-        if target.shape != loaded.shape:
-            raise ValueError(f"Checkpoint tensor of shape {tuple(loaded.shape)} does not fit {tuple(target.shape)}.")
-        target.copy_(loaded)
+        copy_checked(target, loaded)
+
+    def load_weight(self, name: str, loaded: torch.Tensor, shard: int | None = None) -> list[str]:
+        """Take checkpoint tensor `name` ("weight", "bias", ...) through the QuantMethod, which knows how this
+        layer stores it; returns the parameter names filled."""
+        return self.quant_method.load_weight(self, name, loaded, shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x)

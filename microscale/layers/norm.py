@@ -6,16 +6,24 @@ from torch import nn
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 and cast back, as transformers does. Given a residual, it adds it first
-    and returns the new residual too (the pre-norm transformer's add + norm)."""
+    and returns the new residual too (the pre-norm transformer's add + norm).
 
-    def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
+    Llama-style norms cast the normalised activations back before the weight multiplies them; with
+    `float32_weight` (gpt-oss, whose norms transformers keeps in float32) the weight is float32 and multiplies
+    first, and only the product is cast."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, float32_weight: bool = False) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
+        self.float32_weight = float32_weight
+        weight_dtype = torch.float32 if float32_weight else dtype
+        self.weight = nn.Parameter(torch.ones(size, dtype=weight_dtype), requires_grad=False)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.float32_weight:
+            return (self.weight * x32).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
     def forward(

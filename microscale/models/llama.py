@@ -6,7 +6,7 @@ the paged KV cache through the step's AttentionMetadata.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -18,7 +18,8 @@ from microscale.layers.attention import Attention
 from microscale.layers.linear import Linear
 from microscale.layers.norm import RMSNorm
 from microscale.layers.rotary import RotaryEmbedding
-from microscale.models.weights import default_weight_loader
+from microscale.models.weights import load_named_tensors
+from microscale.quant.scheme import QuantScheme
 
 # checkpoint name part -> (fused parameter name part, shard index)
 _FUSED_SHARDS = {
@@ -31,20 +32,24 @@ _FUSED_SHARDS = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, dtype: torch.dtype) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, dtype: torch.dtype, quant: QuantScheme
+    ) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, [q_size, kv_size, kv_size], bias=cfg.qkv_bias, dtype=dtype)
-        self.o_proj = Linear(q_size, cfg.hidden_size, bias=cfg.o_proj_bias, dtype=dtype)
+        self.qkv_proj = Linear(
+            cfg.hidden_size, [q_size, kv_size, kv_size], cfg.qkv_bias, dtype, quant.linear_method()
+        )
+        self.o_proj = Linear(q_size, cfg.hidden_size, cfg.o_proj_bias, dtype, quant.linear_method())
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.rotary = rotary
         self.attn = Attention(
             self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, cfg.layer_windows[layer_idx],
-            layer_idx,
+            layer_idx, sinks=cfg.attention_sinks,
         )
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -60,11 +65,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, quant: QuantScheme) -> None:
         super().__init__()
         inter = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, [inter, inter], bias=cfg.mlp_bias, dtype=dtype)
-        self.down_proj = Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype)
+        self.gate_up_proj = Linear(cfg.hidden_size, [inter, inter], cfg.mlp_bias, dtype, quant.linear_method())
+        self.down_proj = Linear(inter, cfg.hidden_size, cfg.mlp_bias, dtype, quant.linear_method())
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,12 +77,15 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, dtype: torch.dtype) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, dtype: torch.dtype, quant: QuantScheme,
+        mlp: nn.Module, float32_norms: bool,
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer_idx, rotary, dtype)
-        self.mlp = LlamaMLP(cfg, dtype)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = LlamaAttention(cfg, layer_idx, rotary, dtype, quant)
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, float32_norms)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, float32_norms)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
@@ -93,13 +101,19 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_position: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, dtype: torch.dtype, max_position: int, quant: QuantScheme,
+        make_mlp: Callable[[], nn.Module], float32_norms: bool,
+    ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
         rotary = RotaryEmbedding(cfg.head_dim, cfg.rope, max_position, cfg.max_position_embeddings)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, rotary, dtype) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, i, rotary, dtype, quant, make_mlp(), float32_norms)
+            for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, float32_norms)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -111,10 +125,16 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_position: int) -> None:
+    # Hooks for architectures that share this skeleton (gpt_oss.py): norms' precision, the MLP block, and
+    # how checkpoint tensors map onto parameters.
+    float32_norms = False
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_position: int, quant: QuantScheme) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, dtype, max_position)
+        self.model = LlamaModel(
+            cfg, dtype, max_position, quant, lambda: self.make_mlp(cfg, dtype, quant), self.float32_norms
+        )
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
         self.lm_head.weight.requires_grad_(False)
         if cfg.tie_word_embeddings:
@@ -126,27 +146,21 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
+    def make_mlp(self, cfg: ModelConfig, dtype: torch.dtype, quant: QuantScheme) -> nn.Module:
+        return LlamaMLP(cfg, dtype, quant)
+
+    def map_checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor, int | None]:
+        """(parameter name, tensor, shard of a fused parameter or None) for one checkpoint tensor."""
+        for part, (fused, index) in _FUSED_SHARDS.items():
+            if part in name:
+                return name.replace(part, fused), tensor, index
+        return name, tensor, None
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load checkpoint tensors by HF name; returns the parameter names that were filled."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            shard = None
-            for part, (fused, index) in _FUSED_SHARDS.items():
-                if part in name:
-                    name, shard = name.replace(part, fused), index
-                    break
-            param = params.get(name)
-            if param is None:
-                raise ValueError(f"Checkpoint tensor {name!r} matches no parameter of {type(self).__name__}.")
-            loader = getattr(param, "weight_loader", None)
-            if loader is not None:
-                loader(param, tensor, shard)
-            else:
-                default_weight_loader(param, tensor)
-            loaded.add(name)
-        return loaded
+        kept = (
+            (name, tensor) for name, tensor in weights
+            if "rotary_emb.inv_freq" not in name
+            and not (name == "lm_head.weight" and self.config.tie_word_embeddings)
+        )
+        return load_named_tensors(self, (self.map_checkpoint_tensor(name, t) for name, t in kept))

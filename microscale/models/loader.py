@@ -14,6 +14,7 @@ from torch import nn
 from microscale.config import ModelConfig
 from microscale.models.registry import get_model_class
 from microscale.models.weights import init_dummy_weights, iterate_safetensors
+from microscale.quant.scheme import QuantScheme
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +70,16 @@ def load_model(
     max_position: int,
     load_format: str = "auto",
     seed: int = 0,
+    quantization: str | None = None,
 ) -> nn.Module:
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"Unknown load_format {load_format!r}; choose one of {', '.join(LOAD_FORMATS)}.")
     cls = get_model_class(cfg.architecture)
+    quant = QuantScheme.resolve(quantization, cfg.checkpoint_quant)
+    if quant != QuantScheme():
+        logger.info("quantization: %s linear layers, %s MoE experts", quant.linear, quant.experts)
     with torch.device(device):
-        model = cls(cfg, dtype, max_position)
+        model = cls(cfg, dtype, max_position, quant)
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     else:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from microscale.models.gpt_oss import GptOssForCausalLM
 from microscale.models.llama import LlamaForCausalLM
 
 _ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "GptOssForCausalLM": GptOssForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,

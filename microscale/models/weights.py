@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
+
+from microscale.quant.base import copy_checked
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -29,10 +31,27 @@ def iterate_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
-    if param.shape != loaded.shape:
-        raise ValueError(f"Checkpoint tensor of shape {tuple(loaded.shape)} does not fit {tuple(param.shape)}.")
-    param.data.copy_(loaded)
+def load_named_tensors(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor, int | None]]) -> set[str]:
+    """Fill `model` from (parameter name, tensor, fused shard) triples; returns the parameter names filled.
+
+    A module with a `load_weight(name, tensor, shard)` method (Linear, FusedMoE) takes the tensors named
+    after it, since its QuantMethod may store them differently (packed MXFP4 blocks and scales); any other
+    parameter takes its tensor as is."""
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    loaded: set[str] = set()
+    for name, tensor, shard in tensors:
+        module_name, _, local = name.rpartition(".")
+        module = modules.get(module_name)
+        if hasattr(module, "load_weight"):
+            loaded.update(f"{module_name}.{p}" for p in module.load_weight(local, tensor, shard))
+            continue
+        param = params.get(name)
+        if param is None:
+            raise ValueError(f"Checkpoint tensor {name!r} matches no parameter of {type(model).__name__}.")
+        copy_checked(param, tensor)
+        loaded.add(name)
+    return loaded
 
 
 @torch.no_grad()
@@ -42,7 +61,17 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.fill_(1.0)
+        elif param.dtype == torch.uint8:
+            _init_dummy_packed(name, param, gen)
         elif param.dim() == 1:
             param.zero_()
         else:
             param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32).mul_(0.02))
+
+
+def _init_dummy_packed(name: str, param: nn.Parameter, gen: torch.Generator) -> None:
+    """Packed MXFP4: random FP4 codes under a scale of 2^-7, so weights stay within ~±0.05 like the others."""
+    if name.endswith("_scales"):
+        param.fill_(127 - 7)
+    else:
+        param.copy_(torch.randint(0, 256, param.shape, generator=gen, dtype=torch.uint8))

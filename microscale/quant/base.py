@@ -1,5 +1,6 @@
-"""The quantization seam: a Linear layer owns a QuantMethod that creates, post-processes and applies its
-weights. Schemes register by name, so the model code never branches on the quantization format."""
+"""The quantization seam: a Linear layer owns a QuantMethod that creates, loads, post-processes and applies
+its weights; an MoE layer's experts own an ExpertsQuantMethod. Schemes register by name, so the model code
+never branches on the quantization format."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ def register_quant_method(name: str) -> Callable[[type[QuantMethod]], type[Quant
     return wrap
 
 
+def known_quant_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
 def get_quant_method(name: str | None) -> QuantMethod:
     key = name or "none"
     if key not in _REGISTRY:
@@ -42,6 +47,16 @@ class QuantMethod(ABC):
         weight_loader: WeightLoader,
     ) -> None:
         """Register the layer's parameters (each with a `weight_loader` that fills its slice)."""
+
+    def load_weight(self, layer: nn.Module, name: str, loaded: torch.Tensor, shard: int | None) -> list[str]:
+        """Fill the layer from checkpoint tensor `name` ("weight", "bias", ...; `shard` picks a fused part);
+        returns the names of the parameters it filled. By default the parameter of that name takes it; a
+        scheme that stores weights differently (packed MXFP4) converts here, one tensor at a time."""
+        param = getattr(layer, name, None)
+        if not isinstance(param, nn.Parameter):
+            raise ValueError(f"Checkpoint tensor {name!r} has no place in a {type(self).__name__} layer.")
+        param.weight_loader(param, loaded, shard)
+        return [name]
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:  # noqa: B027 - optional hook
         """Repack or quantize weights once the checkpoint is loaded."""
@@ -66,3 +81,83 @@ class UnquantizedLinearMethod(QuantMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.weight, layer.bias)
+
+
+# ---- MoE experts ------------------------------------------------------------------------------------------
+
+_EXPERTS_REGISTRY: dict[str, type[ExpertsQuantMethod]] = {}
+
+
+def register_experts_method(name: str) -> Callable[[type[ExpertsQuantMethod]], type[ExpertsQuantMethod]]:
+    def wrap(cls: type[ExpertsQuantMethod]) -> type[ExpertsQuantMethod]:
+        _EXPERTS_REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def has_experts_method(name: str) -> bool:
+    return name in _EXPERTS_REGISTRY
+
+
+def get_experts_method(name: str | None) -> ExpertsQuantMethod:
+    key = name or "none"
+    if key not in _EXPERTS_REGISTRY:
+        raise ValueError(f"Unknown MoE experts quantization {name!r}; known: {sorted(_EXPERTS_REGISTRY)}.")
+    return _EXPERTS_REGISTRY[key]()
+
+
+class ExpertsQuantMethod(ABC):
+    """Storage of an MoE layer's experts: w13 [experts, 2 * intermediate, hidden] (gate rows, then up rows)
+    and w2 [experts, hidden, intermediate], each with an optional bias [experts, out]. Checkpoint tensors
+    arrive already in that orientation (the model converts its checkpoint's layout)."""
+
+    @abstractmethod
+    def create_weights(
+        self, layer: nn.Module, num_experts: int, hidden_size: int, intermediate_size: int, bias: bool,
+        dtype: torch.dtype,
+    ) -> None:
+        """Register the experts' parameters on `layer`."""
+
+    def load_weight(self, layer: nn.Module, name: str, loaded: torch.Tensor) -> list[str]:
+        """Fill parameter `name` ("w13", "w2_bias", ...); returns the names of the parameters filled."""
+        param = getattr(layer, name, None)
+        if not isinstance(param, nn.Parameter):
+            raise ValueError(f"Checkpoint tensor for {name!r} has no place in {type(self).__name__} experts.")
+        copy_checked(param, loaded)
+        return [name]
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:  # noqa: B027 - optional hook
+        """Repack weights once the checkpoint is loaded."""
+
+    @abstractmethod
+    def expert_weights(self, layer: nn.Module, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13, w2) of one expert in `dtype`, ready for F.linear."""
+
+
+def copy_checked(param: torch.Tensor, loaded: torch.Tensor) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"Checkpoint tensor of shape {tuple(loaded.shape)} does not fit {tuple(param.shape)}.")
+    param.data.copy_(loaded)
+
+
+def _parameter(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+
+
+def create_expert_biases(layer: nn.Module, num_experts: int, hidden: int, intermediate: int, bias: bool,
+                         dtype: torch.dtype) -> None:
+    """w13_bias / w2_bias (or None): kept in the activation dtype by every scheme."""
+    layer.register_parameter("w13_bias", _parameter((num_experts, 2 * intermediate), dtype) if bias else None)
+    layer.register_parameter("w2_bias", _parameter((num_experts, hidden), dtype) if bias else None)
+
+
+@register_experts_method("none")
+class UnquantizedExpertsMethod(ExpertsQuantMethod):
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size, bias, dtype) -> None:
+        layer.register_parameter("w13", _parameter((num_experts, 2 * intermediate_size, hidden_size), dtype))
+        layer.register_parameter("w2", _parameter((num_experts, hidden_size, intermediate_size), dtype))
+        create_expert_biases(layer, num_experts, hidden_size, intermediate_size, bias, dtype)
+
+    def expert_weights(self, layer, expert, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return layer.w13[expert], layer.w2[expert]

@@ -1,6 +1,6 @@
 """The torch reference attention backend against a naive per-sequence implementation over contiguous K/V:
 decodes (from the persistent decode buffer) and prefill chunks with cached prefixes (from the paged cache),
-GQA, sliding windows, float32 and bfloat16; and the decode buffer's row bookkeeping."""
+GQA, sliding windows, attention sinks, float32 and bfloat16; and the decode buffer's row bookkeeping."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from microscale.attention.torch_backend import TorchAttentionBackend
 BLOCK = 4
 
 
-def naive_attention(q, keys, values, q_positions, scale, window):
-    """q: [t, H, d] at absolute positions q_positions; keys/values: [L, KVH, d] for positions 0..L-1."""
+def naive_attention(q, keys, values, q_positions, scale, window, sinks=None):
+    """q: [t, H, d] at absolute positions q_positions; keys/values: [L, KVH, d] for positions 0..L-1; sinks:
+    [H] extra logits that join each softmax and are dropped after it (as transformers' gpt-oss does)."""
     heads, kv_heads = q.shape[1], keys.shape[1]
     keys = keys.float().repeat_interleave(heads // kv_heads, dim=1)
     values = values.float().repeat_interleave(heads // kv_heads, dim=1)
@@ -27,14 +28,20 @@ def naive_attention(q, keys, values, q_positions, scale, window):
     if window is not None:
         allowed &= k_pos[None, :] > q_positions[:, None] - window
     scores = scores.masked_fill(~allowed[None], float("-inf"))
-    return torch.einsum("htl,lhd->thd", scores.softmax(-1), values)
+    if sinks is not None:
+        sink_column = sinks.float()[:, None, None].expand(-1, scores.shape[1], 1)
+        probs = torch.cat([scores, sink_column], dim=-1).softmax(-1)[..., :-1]
+    else:
+        probs = scores.softmax(-1)
+    return torch.einsum("htl,lhd->thd", probs, values)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("source", ["buffer", "paged"])
-def test_matches_naive_attention(dtype, tol, heads, kv_heads, window, source):
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_matches_naive_attention(dtype, tol, heads, kv_heads, window, source, with_sinks):
     rng = random.Random(0)
     torch.manual_seed(0)
     dim, num_blocks = 16, 64
@@ -87,12 +94,14 @@ def test_matches_naive_attention(dtype, tol, heads, kv_heads, window, source):
     k_new = torch.stack([full_k[i][p] for i, p in slots])
     v_new = torch.stack([full_v[i][p] for i, p in slots])
 
-    out = TorchAttentionBackend().forward(q, k_new, v_new, kv_cache, meta, scale, window, 0)
+    # Sinks around the scores' magnitude, so they take a real share of the attention mass.
+    sinks = torch.randn(heads) + 1.0 if with_sinks else None
+    out = TorchAttentionBackend().forward(q, k_new, v_new, kv_cache, meta, scale, window, 0, sinks)
 
     row = 0
     for i, (cached, new) in enumerate(layout):
         positions = torch.arange(cached, cached + new)
-        expected = naive_attention(q[row : row + new], full_k[i], full_v[i], positions, scale, window)
+        expected = naive_attention(q[row : row + new], full_k[i], full_v[i], positions, scale, window, sinks)
         got = out[row : row + new].view(new, heads, dim).float()
         assert (got - expected).abs().max().item() < tol, f"sequence {i}"
         row += new

@@ -8,24 +8,17 @@ paged KV cache (whole, and in chunks that read earlier chunks back from the cach
 
 from __future__ import annotations
 
-import shutil
-import warnings
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import BUNDLED_MODEL
+from hf_reference import ATOL, hf_greedy, hf_logits, hf_model, max_diff, ms_greedy, prompt_logits, small_llm
 
-from microscale import LLM, SamplingParams
+from microscale import SamplingParams
 
 transformers = pytest.importorskip("transformers")
 
-REPO = Path(__file__).resolve().parents[2]
-BUNDLED_MODEL = REPO / "models" / "tiny-llama-pycode"
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
-
 # ~40 tokens with the bundled tokenizer: longer than the sliding windows and the chunk size below.
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n"
-ATOL = 1e-4
 NEW_TOKENS = 20
 
 _ROPE_THETA = 10000.0
@@ -40,6 +33,9 @@ CASES: dict[str, tuple[str, dict]] = {
     "qwen2-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
     "qwen3-qk-norm": ("qwen3", {}),
     "qwen3-bias": ("qwen3", {"attention_bias": True}),
+    # Sinks, YaRN, window 8 on layer 0, 4 experts top-2 (see conftest); then top-1 of 8 and full-width MHA.
+    "gpt-oss": ("gpt_oss", {}),
+    "gpt-oss-top1-mha": ("gpt_oss", {"num_local_experts": 8, "num_experts_per_tok": 1, "num_key_value_heads": 4}),
     "llama-rope-linear": (
         "llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": _ROPE_THETA}},
     ),
@@ -61,90 +57,20 @@ CASES: dict[str, tuple[str, dict]] = {
 }
 
 
-@pytest.fixture(scope="session")
-def parity_model(tiny_model, tmp_path_factory):
-    """Factory like `tiny_model`, but with every 1-D weight (RMSNorm weights, q/k norms, biases) randomised:
-    transformers initialises those to exactly 1 or 0, which would hide a norm or bias that fails to load."""
-    built: dict[tuple, Path] = {}
-
-    def make(arch: str, dtype: torch.dtype = torch.float32, **overrides) -> Path:
-        key = (arch, dtype, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
-        if key in built:
-            return built[key]
-        src = tiny_model(arch, dtype, **overrides)
-        model = _hf_model(src, dtype)
-        gen = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.dim() == 1:
-                    param.add_(0.2 * torch.randn(param.shape, generator=gen).to(param.dtype))
-        dst = tmp_path_factory.mktemp(f"{arch}-parity")
-        model.save_pretrained(dst)
-        for name in TOKENIZER_FILES:
-            shutil.copy(src / name, dst / name)
-        built[key] = dst
-        return dst
-
-    return make
-
-
-def _hf_model(path: Path, dtype: torch.dtype = torch.float32):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    # Greedy continuations run to max_new_tokens, like microscale's ignore_eos=True.
-    model.generation_config.eos_token_id = None
-    return model.eval()
-
-
-def _llm(path: Path, dtype: str = "float32", **kwargs) -> LLM:
-    return LLM(str(path), dtype=dtype, max_model_len=256, max_num_seqs=4, **kwargs)
-
-
-def prompt_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
-    """[len(token_ids), vocab] float32: microscale's logits at every prompt position."""
-    return llm.engine.prompt_logits(token_ids).cpu()
-
-
-@torch.no_grad()
-def hf_logits(model, token_ids: list[int]) -> torch.Tensor:
-    return model(torch.tensor([token_ids])).logits[0].float()
-
-
-@torch.no_grad()
-def hf_greedy(model, token_ids: list[int], max_new_tokens: int) -> list[int]:
-    ids = torch.tensor([token_ids])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[0, len(token_ids) :].tolist()
-    assert len(new) == max_new_tokens
-    return new
-
-
-def ms_greedy(llm: LLM, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=0, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs]
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape
-    return (a - b).abs().max().item()
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_tiny_model_matches_transformers(case: str, parity_model) -> None:
     arch, overrides = CASES[case]
     path = parity_model(arch, **overrides)
-    hf = _hf_model(path)
-    llm = _llm(path)
+    hf = hf_model(path)
+    llm = small_llm(path)
     ids = llm.get_tokenizer().encode(PROMPT)
     assert 35 <= len(ids) <= 50
 
     expected = hf_logits(hf, ids)
-    assert _max_diff(prompt_logits(llm, ids), expected) < ATOL
+    assert max_diff(prompt_logits(llm, ids), expected) < ATOL
     # Chunked prefill: chunks of 16 tokens on blocks of 8, each chunk attending to the cached earlier ones.
-    chunked = _llm(path, max_num_batched_tokens=16, block_size=8)
-    assert _max_diff(prompt_logits(chunked, ids), expected) < ATOL
+    chunked = small_llm(path, max_num_batched_tokens=16, block_size=8)
+    assert max_diff(prompt_logits(chunked, ids), expected) < ATOL
 
     # Greedy decode, two prompts of different lengths batched together.
     prompts = [ids, ids[:13]]
@@ -157,16 +83,16 @@ def test_sliding_window_matters(parity_model) -> None:
     """Guard for the Mistral case: the window of 8 changes logits past position 8 (and only there), so the
     parity above really covers windowed attention."""
     ids = list(range(100, 140))
-    windowed = hf_logits(_hf_model(parity_model("mistral", sliding_window=8)), ids)
-    full = hf_logits(_hf_model(parity_model("mistral")), ids)
-    assert _max_diff(windowed[:8], full[:8]) < ATOL
-    assert _max_diff(windowed[8:], full[8:]) > 0.1
-    llm = _llm(parity_model("mistral", sliding_window=8))
+    windowed = hf_logits(hf_model(parity_model("mistral", sliding_window=8)), ids)
+    full = hf_logits(hf_model(parity_model("mistral")), ids)
+    assert max_diff(windowed[:8], full[:8]) < ATOL
+    assert max_diff(windowed[8:], full[8:]) > 0.1
+    llm = small_llm(parity_model("mistral", sliding_window=8))
     assert llm.engine.model_config.layer_windows == [8, 8]
 
 
 def test_prompt_logits_rejects_bad_input(parity_model) -> None:
-    llm = _llm(parity_model("llama"))
+    llm = small_llm(parity_model("llama"))
     for bad in ([], [0] * 257, [4096]):
         with pytest.raises(ValueError):
             llm.engine.prompt_logits(bad)
@@ -184,14 +110,14 @@ def test_bfloat16_close_to_transformers(tiny_model) -> None:
     (~7 steps). Scale-free companion check: measured against transformers' float32 logits for the same
     (bf16-representable) weights, microscale's bf16 error is at most twice transformers' own bf16 error."""
     path = tiny_model("llama", dtype=torch.bfloat16)
-    llm = _llm(path, dtype="bfloat16")
+    llm = small_llm(path, dtype="bfloat16")
     assert llm.engine.dtype == torch.bfloat16
     ids = llm.get_tokenizer().encode(PROMPT)
     ours = prompt_logits(llm, ids)
-    expected = hf_logits(_hf_model(path, torch.bfloat16), ids)
-    reference = hf_logits(_hf_model(path, torch.float32), ids)
-    assert _max_diff(ours, expected) < 0.03 * expected.abs().max().item()
-    assert _max_diff(ours, reference) < 2 * _max_diff(expected, reference)
+    expected = hf_logits(hf_model(path, torch.bfloat16), ids)
+    reference = hf_logits(hf_model(path, torch.float32), ids)
+    assert max_diff(ours, expected) < 0.03 * expected.abs().max().item()
+    assert max_diff(ours, reference) < 2 * max_diff(expected, reference)
     # The predictions agree almost everywhere (bf16 may flip near-ties).
     assert (ours.argmax(-1) == expected.argmax(-1)).float().mean().item() >= 0.9
 
@@ -202,7 +128,7 @@ def test_bfloat16_close_to_transformers(tiny_model) -> None:
 @pytest.fixture(scope="module")
 def bundled():
     """The bundled model (bf16 checkpoint) loaded in float32 by both."""
-    return _llm(BUNDLED_MODEL), _hf_model(BUNDLED_MODEL)
+    return small_llm(BUNDLED_MODEL), hf_model(BUNDLED_MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -216,10 +142,10 @@ REAL_PROMPTS = ["def fibonacci(n):", "import os\n"]
 def test_bundled_model_logits(bundled) -> None:
     llm, hf = bundled
     ids = llm.get_tokenizer().encode(PROMPT + "\n\nclass Stack:\n    def __init__(self):\n")
-    assert _max_diff(prompt_logits(llm, ids), hf_logits(hf, ids)) < ATOL
+    assert max_diff(prompt_logits(llm, ids), hf_logits(hf, ids)) < ATOL
     for text in REAL_PROMPTS:
         ids = llm.get_tokenizer().encode(text)
-        assert _max_diff(prompt_logits(llm, ids), hf_logits(hf, ids)) < ATOL
+        assert max_diff(prompt_logits(llm, ids), hf_logits(hf, ids)) < ATOL
 
 
 def test_bundled_model_greedy(bundled, hf_tokenizer) -> None:

@@ -14,6 +14,7 @@ from conftest import BUNDLED_MODEL, REPO, build_tiny_model
 from microscale import LLM, SamplingParams
 from microscale.config import ModelConfig
 from microscale.models.registry import get_model_class
+from microscale.quant.scheme import QuantScheme
 
 CONFIGS = REPO / "configs" / "models"
 # Parameter counts the model cards state (embeddings included, tied ones once).
@@ -40,7 +41,7 @@ def test_sharded_checkpoint_loads_like_a_single_file(tmp_path: Path) -> None:
 def test_repo_model_configs_build_at_real_size(name: str) -> None:
     cfg = ModelConfig.from_file(CONFIGS / name / "config.json")
     with torch.device("meta"):
-        model = get_model_class(cfg.architecture)(cfg, torch.bfloat16, 128)
+        model = get_model_class(cfg.architecture)(cfg, torch.bfloat16, 128, QuantScheme())
     params = sum(p.numel() for p in model.parameters())
     assert params == pytest.approx(PUBLISHED_PARAMS[name], rel=0.01)
 

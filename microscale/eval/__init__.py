@@ -1,0 +1,1 @@
+"""Accuracy evaluation: perplexity on held-out text, quantized-vs-reference comparisons."""

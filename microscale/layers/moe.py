@@ -1,0 +1,59 @@
+"""Mixture-of-experts layers: top-k routing and the experts, computed only for the tokens routed to them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from microscale.quant.base import ExpertsQuantMethod, UnquantizedExpertsMethod
+
+
+def route_top_k(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts per token, then a softmax over the chosen k (gpt-oss, Mixtral): (weights, expert ids),
+    each [tokens, top_k]."""
+    values, ids = torch.topk(router_logits, top_k, dim=-1)
+    return values.softmax(dim=-1), ids
+
+
+class FusedMoE(nn.Module):
+    """The experts of one MoE layer. Weights live in the QuantMethod's storage (16-bit or packed MXFP4):
+    w13 [experts, 2 * intermediate, hidden] (gate rows then up rows) and w2 [experts, hidden, intermediate]."""
+
+    def __init__(
+        self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, bias: bool,
+        dtype: torch.dtype, activation: nn.Module, quant_method: ExpertsQuantMethod | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.activation = activation
+        self.quant_method = quant_method or UnquantizedExpertsMethod()
+        self.quant_method.create_weights(self, num_experts, hidden_size, intermediate_size, bias, dtype)
+
+    def load_weight(self, name: str, loaded: torch.Tensor, shard: int | None = None) -> list[str]:
+        return self.quant_method.load_weight(self, name, loaded)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """x: [tokens, hidden]; weights, expert_ids: [tokens, top_k]. Sum over each token's experts of
+        weight * expert(x)."""
+        flat_ids = expert_ids.flatten()
+        order = flat_ids.argsort(stable=True)  # assignments grouped by expert, tokens in order within each
+        tokens = order // self.top_k
+        order_weights = weights.flatten()[order, None].to(x.dtype)
+        # The reference loops over experts in Python, so it needs the group sizes on the host: one sync per
+        # layer (the fused Triton MoE kernel does this on the device).
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = slice(start, start + count)
+            idx = tokens[rows]
+            w13, w2 = self.quant_method.expert_weights(self, expert, x.dtype)
+            b13 = None if self.w13_bias is None else self.w13_bias[expert]
+            b2 = None if self.w2_bias is None else self.w2_bias[expert]
+            hidden = self.activation(F.linear(x[idx], w13, b13))
+            out.index_add_(0, idx, F.linear(hidden, w2, b2) * order_weights[rows])
+            start += count
+        return out

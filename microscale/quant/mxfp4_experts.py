@@ -1,0 +1,45 @@
+"""MoE experts stored in MXFP4 (the gpt-oss checkpoint layout): each expert's w13 / w2 as uint8 blocks
+[experts, out, in / 32, 16] (two FP4 values per byte) and E8M0 scales [experts, out, in / 32]; about 4.25
+bits per weight. An expert is dequantised only when a token is routed to it (torch reference)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from microscale.quant.base import ExpertsQuantMethod, copy_checked, create_expert_biases, register_experts_method
+from microscale.quant.mxfp4 import MXFP4_BLOCK, pack_mxfp4, unpack_mxfp4
+
+
+def _packed(shape: tuple[int, ...]) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(shape, dtype=torch.uint8), requires_grad=False)
+
+
+@register_experts_method("mxfp4")
+class Mxfp4ExpertsMethod(ExpertsQuantMethod):
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size, bias, dtype) -> None:
+        for name, out, inp in (("w13", 2 * intermediate_size, hidden_size), ("w2", hidden_size, intermediate_size)):
+            if inp % MXFP4_BLOCK:
+                raise ValueError(f"MXFP4 experts need input sizes divisible by {MXFP4_BLOCK}; {name} has {inp}.")
+            groups = inp // MXFP4_BLOCK
+            layer.register_parameter(f"{name}_blocks", _packed((num_experts, out, groups, MXFP4_BLOCK // 2)))
+            layer.register_parameter(f"{name}_scales", _packed((num_experts, out, groups)))
+        create_expert_biases(layer, num_experts, hidden_size, intermediate_size, bias, dtype)
+
+    def load_weight(self, layer, name, loaded) -> list[str]:
+        if name not in ("w13", "w2"):
+            return super().load_weight(layer, name, loaded)
+        # A 16/32-bit checkpoint: quantise one expert at a time, so no more than one is ever unpacked.
+        blocks, scales = getattr(layer, f"{name}_blocks"), getattr(layer, f"{name}_scales")
+        if loaded.shape != (*scales.shape[:2], scales.shape[2] * MXFP4_BLOCK):
+            raise ValueError(f"Checkpoint experts of shape {tuple(loaded.shape)} do not fit {name}.")
+        for expert in range(loaded.shape[0]):
+            expert_blocks, expert_scales = pack_mxfp4(loaded[expert])
+            copy_checked(blocks[expert], expert_blocks)
+            copy_checked(scales[expert], expert_scales)
+        return [f"{name}_blocks", f"{name}_scales"]
+
+    def expert_weights(self, layer, expert, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        w13 = unpack_mxfp4(layer.w13_blocks[expert], layer.w13_scales[expert], dtype)
+        w2 = unpack_mxfp4(layer.w2_blocks[expert], layer.w2_scales[expert], dtype)
+        return w13, w2

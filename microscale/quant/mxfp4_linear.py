@@ -1,0 +1,70 @@
+"""The "mxfp4" Linear method: weight-only W4A16. Weights are stored as MXFP4 (about 4.25 bits each) and
+dequantised to the activation dtype for every matmul (torch reference; a fused Triton kernel comes later)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from microscale.quant.base import QuantMethod, register_quant_method
+from microscale.quant.mxfp4 import MXFP4_BLOCK, pack_mxfp4, unpack_mxfp4
+
+_PACKED_NAMES = ["weight_blocks", "weight_scales"]
+
+
+def _packed(shape: tuple[int, ...], weight_loader) -> nn.Parameter:
+    param = nn.Parameter(torch.zeros(shape, dtype=torch.uint8), requires_grad=False)
+    param.weight_loader = weight_loader
+    return param
+
+
+@register_quant_method("mxfp4")
+class Mxfp4LinearMethod(QuantMethod):
+    """W4A16 with MXFP4 weights: `weight_blocks` uint8 [out, in / 32, 16] and `weight_scales` uint8
+    [out, in / 32], out-features major with the 32-value blocks along the input dim, as in gpt-oss
+    checkpoints; `bias` (optional) stays in the model dtype.
+
+    Checkpoint tensors reach it through `Linear.load_weight(name, tensor, shard)`: a floating `weight`
+    [rows, in] (a 16/32-bit checkpoint, quantised online) is packed straight into its shard's rows, one tensor
+    at a time, so the whole model's 16-bit weights are never resident; `weight_blocks` / `weight_scales`
+    (a checkpoint already in MXFP4) and `bias` are copied into their rows as they are.
+    """
+
+    def create_weights(self, layer, input_size, output_sizes, bias, dtype, weight_loader) -> None:
+        if input_size % MXFP4_BLOCK:
+            raise ValueError(
+                f"MXFP4 needs a Linear input size divisible by {MXFP4_BLOCK}; got {input_size}."
+            )
+        out, groups = sum(output_sizes), input_size // MXFP4_BLOCK
+        layer.register_parameter("weight_blocks", _packed((out, groups, MXFP4_BLOCK // 2), weight_loader))
+        layer.register_parameter("weight_scales", _packed((out, groups), weight_loader))
+        if bias:
+            b = nn.Parameter(torch.zeros(out, dtype=dtype), requires_grad=False)
+            b.weight_loader = weight_loader
+            layer.register_parameter("bias", b)
+        else:
+            layer.register_parameter("bias", None)
+
+    def load_weight(self, layer: nn.Module, name: str, loaded: torch.Tensor, shard: int | None) -> list[str]:
+        if name != "weight":
+            return super().load_weight(layer, name, loaded, shard)
+        blocks, scales = layer.weight_blocks, layer.weight_scales
+        input_size = scales.shape[1] * MXFP4_BLOCK
+        if not loaded.is_floating_point() or loaded.dim() != 2 or loaded.shape[1] != input_size:
+            raise ValueError(
+                f"An MXFP4 Linear takes a floating weight [rows, {input_size}]; got {loaded.dtype} "
+                f"{tuple(loaded.shape)}."
+            )
+        # Pack where the weights live (the GPU, when there is one); the 16-bit tensor is dropped right after.
+        packed_blocks, packed_scales = pack_mxfp4(loaded.to(blocks.device))
+        blocks.weight_loader(blocks, packed_blocks, shard)
+        scales.weight_loader(scales, packed_scales, shard)
+        return list(_PACKED_NAMES)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        weight = unpack_mxfp4(layer.weight_blocks, layer.weight_scales, x.dtype)
+        bias = layer.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        return F.linear(x, weight, bias)
