@@ -66,7 +66,7 @@ def quantize_checkpoint(model_dir: Path, out_dir: Path, quant: str = "mxfp4") ->
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     for name in _COPIED:
         if (model_dir / name).is_file():
-            shutil.copy(model_dir / name, out_dir / name)
+            shutil.copyfile(model_dir / name, out_dir / name)
     logger.info("wrote the %s checkpoint of %s to %s", quant, model_dir, out_dir)
     return out_dir
 

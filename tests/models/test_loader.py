@@ -24,6 +24,8 @@ PUBLISHED_PARAMS = {
     "Qwen3-8B": 8.19e9,
     "Qwen3-0.6B": 0.596e9,
     "SmolLM2-135M": 0.1345e9,
+    "gpt-oss-20b": 20.91e9,  # built unquantized here: every expert weight counted once
+    "gpt-oss-120b": 116.83e9,
 }
 
 
@@ -60,3 +62,24 @@ def test_dummy_weights_from_a_config_only_folder(tmp_path: Path) -> None:
     embed = llm.engine.runner.model.model.embed_tokens.weight
     assert embed.shape == (json.loads((tmp_path / "config.json").read_text())["vocab_size"], 576)
     assert 0.01 < embed.float().std().item() < 0.05  # random, not zeros or garbage
+
+
+def test_dummy_mxfp4_gpt_oss(tmp_path: Path) -> None:
+    """A config-only gpt-oss folder whose config says mxfp4 (like the real ones): random packed experts."""
+    config = json.loads((REPO / "models" / "tiny-gptoss-pycode" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    llm = LLM(str(tmp_path), load_format="dummy", tokenizer=str(BUNDLED_MODEL), max_model_len=64)
+    experts = llm.engine.runner.model.model.layers[0].mlp.experts
+    assert experts.w13_blocks.dtype == torch.uint8 and experts.w13_blocks.shape == (8, 512, 8, 16)
+    weights = experts.quant_method.expert_weights(experts, 0, torch.float32)[0]
+    assert 0.01 < weights.std().item() < 0.05
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_gpt_oss_20b_config() -> None:
+    cfg = ModelConfig.from_file(CONFIGS / "gpt-oss-20b" / "config.json")
+    assert cfg.num_experts == 32 and cfg.num_experts_per_tok == 4 and cfg.checkpoint_quant == "mxfp4"
+    assert cfg.attention_sinks and cfg.layer_windows[:2] == [128, None]
+    assert cfg.rope.rope_type == "yarn" and cfg.rope.params["factor"] == 32.0
