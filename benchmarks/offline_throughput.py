@@ -41,7 +41,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "models/tiny-llama-pycode"
-DEFAULT_DATASET = "../shared/data/pycode-valid.txt"
+DEFAULT_DATASET = "data/pycode-valid.txt"
 DEFAULT_TOKENIZER = "models/tiny-llama-pycode"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 ENGINES = ("microscale", "transformers", "vllm")

@@ -50,7 +50,7 @@ def assert_one_line_error(capsys, argv, match: str, command: str = "generate"):
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("command", [[], ["generate"], ["chat"]])
+@pytest.mark.parametrize("command", [[], ["generate"], ["chat"], ["quantize"]])
 def test_help(capsys, command):
     assert run_cli([*command, "--help"]) == 0
     out = capsys.readouterr().out
@@ -60,6 +60,10 @@ def test_help(capsys, command):
             assert flag in out
     if command == ["chat"]:
         assert "--system" in out and "--max-tokens" in out
+    if command in (["generate"], ["chat"]):
+        assert "--quant" in out
+    if command == ["quantize"]:
+        assert "--quant" in out and "--out" in out and "mxfp4" in out
 
 
 def test_generate_prompt_prints_completion(capsys, model_dir, llm):
@@ -67,6 +71,15 @@ def test_generate_prompt_prints_completion(capsys, model_dir, llm):
     assert run_cli(["generate", model_dir, *ENGINE, "--prompt", prompt, "--max-tokens", "8", *GREEDY]) == 0
     out = capsys.readouterr().out
     assert out == prompt + complete(llm, prompt, 8).text + "\n"
+
+
+def test_generate_with_load_time_mxfp4(capsys, model_dir):
+    prompt = "def fibonacci(n):"
+    assert run_cli(["generate", model_dir, *ENGINE, "--quant", "mxfp4", "--prompt", prompt, "--max-tokens", "8",
+                    *GREEDY]) == 0
+    expected = complete(LLM(model_dir, dtype=torch.float32, max_model_len=128, quantization="mxfp4"), prompt, 8)
+    assert capsys.readouterr().out == prompt + expected.text + "\n"
+    assert run_cli(["generate", model_dir, "--quant", "int3", "--prompt", prompt]) == 2
 
 
 def test_generate_stop_string(capsys, model_dir, llm):

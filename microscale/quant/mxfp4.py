@@ -127,11 +127,14 @@ def _dequant_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return table
 
 
-def unpack_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def unpack_mxfp4(
+    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Dequantise MXFP4 `blocks` [..., G, 16] / `scales` [..., G] to [..., G * 32] in `dtype`.
 
     Exact for float32 and bfloat16 (every E2M1 value times 2^k, k in [-127, 127], is representable in both);
-    scale byte 0xFF makes its whole block NaN.
+    scale byte 0xFF makes its whole block NaN. `out` (contiguous, of that shape and dtype) is filled instead of
+    a new tensor: on the hot path, a fresh multi-MiB result costs more in page faults than the decoding.
     """
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise TypeError(f"MXFP4 blocks and scales are uint8, not {blocks.dtype} / {scales.dtype}.")
@@ -144,7 +147,13 @@ def unpack_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype 
     flat_blocks = blocks.reshape(-1, MXFP4_BLOCK // 2)
     flat_scales = scales.reshape(-1, 1)
     n = flat_blocks.shape[0]
-    out = torch.empty((n * (MXFP4_BLOCK // 2), *table.shape[1:]), dtype=table.dtype, device=blocks.device)
+    shape = (*scales.shape[:-1], scales.shape[-1] * MXFP4_BLOCK)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=blocks.device)
+    elif out.shape != shape or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape}.")
+    result = out
+    out = out.view(table.dtype).view(n * (MXFP4_BLOCK // 2), *table.shape[1:])
     # Chunked so the int32 table indices stay cache-sized instead of as large as the output.
     idx = torch.empty(min(n, _CHUNK_BLOCKS), MXFP4_BLOCK // 2, dtype=torch.int32, device=blocks.device)
     for start in range(0, n, _CHUNK_BLOCKS):
@@ -152,4 +161,4 @@ def unpack_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype 
         chunk_idx = idx[: end - start]
         torch.add(flat_blocks[start:end], flat_scales[start:end].to(torch.int32) << 8, out=chunk_idx)
         torch.index_select(table, 0, chunk_idx.view(-1), out=out[start * 16 : end * 16])
-    return out.view(dtype).reshape(*scales.shape[:-1], scales.shape[-1] * MXFP4_BLOCK)
+    return result

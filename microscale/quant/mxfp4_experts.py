@@ -40,6 +40,23 @@ class Mxfp4ExpertsMethod(ExpertsQuantMethod):
         return [f"{name}_blocks", f"{name}_scales"]
 
     def expert_weights(self, layer, expert, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        w13 = unpack_mxfp4(layer.w13_blocks[expert], layer.w13_scales[expert], dtype)
-        w2 = unpack_mxfp4(layer.w2_blocks[expert], layer.w2_scales[expert], dtype)
-        return w13, w2
+        """Valid until the next call (of any layer): they are decoded into shared scratch buffers."""
+        return tuple(
+            unpack_mxfp4(blocks[expert], scales[expert], dtype, out=_scratch(name, blocks, dtype))
+            for name, blocks, scales in (("w13", layer.w13_blocks, layer.w13_scales),
+                                         ("w2", layer.w2_blocks, layer.w2_scales))
+        )
+
+
+# One decoded w13 and w2 at a time for the whole model (every layer has the same shapes): a fresh tensor per
+# expert per step would cost more in page faults than the decoding itself.
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def _scratch(name: str, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    shape = (blocks.shape[1], blocks.shape[2] * MXFP4_BLOCK)
+    key = (name, shape, dtype, blocks.device)
+    buffer = _SCRATCH.get(key)
+    if buffer is None:
+        buffer = _SCRATCH[key] = torch.empty(shape, dtype=dtype, device=blocks.device)
+    return buffer

@@ -267,3 +267,13 @@ def test_linear_rejects_bad_sizes() -> None:
         layer.load_weight("weight", torch.randn(40, 64), 0)  # wrong shard rows
     with pytest.raises(ValueError):
         layer.load_weight("weight_scales", torch.zeros(32, 3, dtype=torch.uint8), 0)
+
+
+def test_unpack_into_out_buffer() -> None:
+    blocks, scales = pack_mxfp4(torch.randn(3, 64))
+    out = torch.full((3, 64), float("nan"), dtype=torch.bfloat16)
+    assert unpack_mxfp4(blocks, scales, torch.bfloat16, out=out) is out
+    assert torch.equal(out, unpack_mxfp4(blocks, scales, torch.bfloat16))
+    for bad in (torch.empty(3, 64), torch.empty(64, 3, dtype=torch.bfloat16).t(), torch.empty(3, 32)):
+        with pytest.raises(ValueError, match="out must be"):
+            unpack_mxfp4(blocks, scales, torch.bfloat16, out=bad)
