@@ -198,8 +198,11 @@ class EngineArgs:
     seed: int = 0
     load_format: str = "auto"
     device: str | None = None
-    # Weight quantization applied at load time ("mxfp4", ...); a pre-quantized checkpoint keeps its own.
+    # Weight quantization applied at load time ("fp8", "fp8-dynamic", "mxfp4"); a pre-quantized checkpoint
+    # keeps its own.
     quantization: str | None = None
+    # KV cache storage: None (the model dtype), "int8" or "fp8".
+    kv_cache_quant: str | None = None
 
     def __post_init__(self) -> None:
         # Fail early, naming the knob, on cache settings the engine cannot use (block_size=0 would divide by 0).
