@@ -3,10 +3,14 @@
 from microscale.llm import LLM
 from microscale.logger import init_logging
 from microscale.outputs import CompletionOutput, Logprob, RequestOutput
+from microscale.quant.config import CalibConfig, QuantAlgo, QuantConfig
 from microscale.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
 init_logging()
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
+__all__ = [
+    "LLM", "SamplingParams", "QuantConfig", "QuantAlgo", "CalibConfig", "RequestOutput", "CompletionOutput",
+    "Logprob", "__version__",
+]

@@ -1,4 +1,4 @@
-"""`microscale` command line: generate, chat, quantize (the server, bench, eval and monitor commands join as
+"""`microscale` command line: generate, chat, quantize, eval (the server, bench and monitor commands join as
 their issues land)."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 from microscale.config import EngineArgs
 from microscale.quant import known_quant_methods
+from microscale.quant.config import CalibConfig
 from microscale.quant.export import EXPORT_FORMATS
 from microscale.sampling_params import SamplingParams
 
@@ -38,10 +39,22 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="turn automatic prefix caching off")
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
                    help="dummy: random weights of the right shapes (for benchmarks)")
-    g.add_argument("--quant", dest="quantization", default=None, choices=known_quant_methods(),
-                   help="weight quantization at load time (a pre-quantized checkpoint keeps its own format)")
     g.add_argument("--seed", type=int, default=0, help="global random seed")
     g.add_argument("-v", "--verbose", action="store_true", help="log engine details (KV cache size, ...)")
+    _add_quant_args(p)
+
+
+def _add_quant_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
+    g = p.add_argument_group("quantization")
+    if weights:
+        g.add_argument("--quant", dest="quantization", default=None, choices=known_quant_methods(),
+                       help="weight quantization at load time (a pre-quantized checkpoint keeps its own format)")
+    g.add_argument("--kv-cache-quant", default=None, choices=["fp8", "int8"], help="KV cache storage")
+    g.add_argument("--calib-data", default=None, metavar="FILE",
+                   help="text or JSONL to calibrate static scales on (needed by --quant fp8)")
+    g.add_argument("--calib-batches", type=int, default=64)
+    g.add_argument("--calib-batch-size", type=int, default=1)
+    g.add_argument("--calib-max-seq-length", type=int, default=512)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -80,18 +93,51 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     quant = sub.add_parser("quantize", help="write a pre-quantized checkpoint",
-                           description="Quantize a 16/32-bit checkpoint and write it as a Hugging Face folder "
-                                       "(mxfp4: gpt-oss-style MXFP4 MoE experts, loadable by transformers too).")
+                           description="Quantize a 16/32-bit checkpoint and write it as a Hugging Face folder: "
+                                       "mxfp4 (gpt-oss-style MXFP4 MoE experts), fp8 / fp8-dynamic "
+                                       "(compressed-tensors naming, as vLLM loads).")
     quant.add_argument("model", help="local Hugging Face model folder")
     quant.add_argument("--quant", required=True, choices=list(EXPORT_FORMATS), help="checkpoint format")
     quant.add_argument("--out", required=True, help="output folder (new or empty)")
+    quant.add_argument("--dtype", default="auto", help="dtype to calibrate in (default: the checkpoint's)")
+    quant.add_argument("--device", default=None, help="cpu or cuda")
+    quant.add_argument("--max-model-len", type=int, default=None)
+    _add_quant_args(quant, weights=False)
+    quant.add_argument("--verify", action="store_true",
+                       help="compare the written checkpoint with the original on --verify-data; the figures go "
+                            "into the output folder's README.md and accuracy.json")
+    quant.add_argument("--verify-data", default=None, metavar="FILE", help="held-out text for --verify")
+    quant.add_argument("--max-chars", type=int, default=None, help="use only the first N characters of the data")
     quant.add_argument("-v", "--verbose", action="store_true", help="log progress")
     quant.set_defaults(func=cmd_quantize)
+
+    ev = sub.add_parser("eval", help="accuracy: perplexity, quantized vs reference",
+                        description="Perplexity of a model on a text, or a quantized model against the "
+                                    "unquantized one.")
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True)
+    for name, helptext in (("ppl", "perplexity over a text file (sliding window)"),
+                           ("compare", "quantized vs unquantized: KL, top-1 agreement, perplexity delta")):
+        e = ev_sub.add_parser(name, help=helptext, description=helptext)
+        _add_engine_args(e)
+        e.add_argument("--data", required=True, metavar="FILE", help="text file to score")
+        e.add_argument("--max-chars", type=int, default=None, help="use only the first N characters")
+        e.add_argument("--context", type=int, default=None, help="window in tokens (default: max-model-len or 1024)")
+        e.add_argument("--stride", type=int, default=None, help="window step in tokens (default: context / 2)")
+        e.add_argument("--json", action="store_true", help="print one JSON object")
+        e.set_defaults(func=cmd_eval_ppl if name == "ppl" else cmd_eval_compare)
     return parser
 
 
+def _calib_config(args: argparse.Namespace) -> CalibConfig | None:
+    if args.calib_data is None:
+        return None
+    return CalibConfig(calib_dataset=args.calib_data, calib_batches=args.calib_batches,
+                       calib_batch_size=args.calib_batch_size, calib_max_seq_length=args.calib_max_seq_length)
+
+
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {f.name: getattr(args, f.name) for f in fields(EngineArgs) if f.name != "model"}
+    kwargs = {f.name: getattr(args, f.name) for f in fields(EngineArgs) if f.name not in ("model", "calib_config")}
+    return {**kwargs, "calib_config": _calib_config(args)}
 
 
 def _sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -184,14 +230,97 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": seq.detokenizer.output_text})
 
 
+def _read_data(path: str, max_chars: int | None) -> str:
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as e:
+        raise CLIError(f"cannot read {path}: {e}") from None
+    text = text[:max_chars] if max_chars else text
+    if not text.strip():
+        raise CLIError(f"{path} is empty")
+    return text
+
+
+def _window(args: argparse.Namespace, engine) -> tuple[int, int]:
+    context = args.context or min(engine.scheduler_config.max_model_len, 1024)
+    return context, args.stride or max(1, context // 2)
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> None:
+    from microscale.engine.engine import LLMEngine
+    from microscale.eval.perplexity import perplexity
+
+    text = _read_data(args.data, args.max_chars)
+    engine = LLMEngine(EngineArgs(model=args.model, **_engine_kwargs(args)))
+    context, stride = _window(args, engine)
+    result = perplexity(engine, text, context, stride)
+    record = {"perplexity": result.perplexity, "nll": result.nll, "tokens": result.tokens, "windows": result.windows,
+              "context": context, "stride": stride, "quant": args.quantization, "kv_cache_quant": args.kv_cache_quant}
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({result.windows} windows of "
+              f"{context}, stride {stride})")
+
+
+def cmd_eval_compare(args: argparse.Namespace) -> None:
+    from microscale.engine.engine import LLMEngine
+    from microscale.eval.compare import compare
+
+    if not (args.quantization or args.kv_cache_quant):
+        raise CLIError("compare needs --quant and/or --kv-cache-quant (what to compare against the reference)")
+    text = _read_data(args.data, args.max_chars)
+    kwargs = _engine_kwargs(args)
+    quantized = LLMEngine(EngineArgs(model=args.model, **kwargs))
+    reference = LLMEngine(EngineArgs(
+        model=args.model, **{**kwargs, "quantization": None, "kv_cache_quant": None, "calib_config": None}
+    ))
+    context, stride = _window(args, reference)
+    result = compare(reference, quantized, text, context, stride)
+    record = {**result.to_dict(), "quant": args.quantization, "kv_cache_quant": args.kv_cache_quant}
+    print(json.dumps(record) if args.json else format_comparison(result, args.quantization, args.kv_cache_quant))
+
+
+def format_comparison(result, quant: str | None, kv_cache_quant: str | None) -> str:
+    name = " + ".join(f"{k} {v}" for k, v in (("weights", quant), ("KV cache", kv_cache_quant)) if v)
+    rows = [
+        ("scheme", name), ("tokens", str(result.tokens)), ("perplexity (reference)", f"{result.ppl_ref:.4f}"),
+        ("perplexity (quantized)", f"{result.ppl_quant:.4f}"), ("perplexity delta", f"{result.ppl_delta_pct:+.3f}%"),
+        ("mean KL (ref || quant)", f"{result.kl_mean:.6f}"), ("top-1 agreement", f"{result.top1_agreement:.4f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from microscale.engine.engine import LLMEngine
+    from microscale.eval.compare import compare
     from microscale.models.loader import resolve_model_path
-    from microscale.quant.export import quantize_checkpoint
+    from microscale.quant.export import quantize_checkpoint, write_accuracy_report
 
-    out = quantize_checkpoint(resolve_model_path(args.model), Path(args.out), args.quant)
+    if args.verify and not args.verify_data:
+        raise CLIError("--verify needs --verify-data FILE (held-out text, not the calibration data)")
+    if args.kv_cache_quant == "int8":
+        raise CLIError("checkpoints carry FP8 KV cache scales only; int8 KV is a load-time option (--kv-cache-quant)")
+    model_dir, out_dir = resolve_model_path(args.model), Path(args.out)
+    common = {"dtype": args.dtype, "device": args.device, "max_model_len": args.max_model_len}
+    engine = None
+    if args.quant != "mxfp4":
+        engine = LLMEngine(EngineArgs(model=str(model_dir), quantization=args.quant, kv_cache_quant=args.kv_cache_quant,
+                                      calib_config=_calib_config(args), **common))
+    out = quantize_checkpoint(model_dir, out_dir, args.quant, engine)
     print(f"wrote {out}")
+    if args.verify:
+        del engine
+        text = _read_data(args.verify_data, args.max_chars)
+        reference = LLMEngine(EngineArgs(model=str(model_dir), **common))
+        reloaded = LLMEngine(EngineArgs(model=str(out), **common))
+        context = min(reference.scheduler_config.max_model_len, 1024)
+        result = compare(reference, reloaded, text, context, context // 2)
+        write_accuracy_report(out, result, args.verify_data, args.quant)
+        print(format_comparison(result, args.quant, args.kv_cache_quant))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from microscale.quant.config import CalibConfig
+
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -203,6 +205,8 @@ class EngineArgs:
     quantization: str | None = None
     # KV cache storage: None (the model dtype), "int8" or "fp8".
     kv_cache_quant: str | None = None
+    # Calibration for static scales (FP8 activations, KV cache); see microscale.quant.config.CalibConfig.
+    calib_config: CalibConfig | None = None
 
     def __post_init__(self) -> None:
         # Fail early, naming the knob, on cache settings the engine cannot use (block_size=0 would divide by 0).

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from microscale.config import EngineArgs
 from microscale.engine.engine import LLMEngine, PromptType
 from microscale.outputs import RequestOutput
+from microscale.quant.config import CalibConfig, QuantConfig
 from microscale.sampling_params import SamplingParams
 from microscale.tokenizer import Tokenizer
 
@@ -21,10 +22,20 @@ class LLM:
 
     Engine knobs are keyword arguments: dtype, max_num_seqs, max_num_batched_tokens, max_model_len,
     block_size, kv_cache_memory (GiB), cache_max_entry_count, enable_prefix_caching, seed, load_format, device.
+    Quantization: `quant_config=QuantConfig(quant_algo=..., kv_cache_quant_algo=...)` (or the scheme names as
+    `quantization=` / `kv_cache_quant=`), and `calib_config=CalibConfig(...)` for static scales.
     """
 
-    def __init__(self, model: str, **engine_kwargs: Any) -> None:
-        self.engine = LLMEngine(EngineArgs(model=str(model), **engine_kwargs))
+    def __init__(
+        self, model: str, quant_config: QuantConfig | None = None, calib_config: CalibConfig | None = None,
+        **engine_kwargs: Any,
+    ) -> None:
+        if quant_config is not None:
+            for knob in ("quantization", "kv_cache_quant"):
+                if engine_kwargs.get(knob) is not None:
+                    raise ValueError(f"Give quant_config or {knob}, not both.")
+            engine_kwargs.update(quantization=quant_config.quantization, kv_cache_quant=quant_config.kv_cache_quant)
+        self.engine = LLMEngine(EngineArgs(model=str(model), calib_config=calib_config, **engine_kwargs))
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Tokenizer:

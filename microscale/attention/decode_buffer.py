@@ -6,7 +6,9 @@ the attention itself. Here each decoding sequence owns a row holding its whole c
 filled from the paged cache once, when the sequence starts decoding, then grows by one token per step.
 Rows are kept dense (rows 0..n-1 are this step's decodes), so a step's keys are a plain slice of the buffer.
 The paged cache stays the source of truth (prefix caching, preemption); a row is dropped whenever its
-sequence skips a step and is refilled when it comes back.
+sequence skips a step and is refilled when it comes back. Rows are in the model dtype whatever the paged cache
+stores: a quantised cache is dequantised when a row is filled, and each new token is written as the cache
+holds it (what `KVCache.write` returns), so a row equals what the paged cache gives back.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from microscale.engine.sequence import Sequence
+from microscale.quant.kv_cache import KVCache
 
 _GROWTH = 64  # tokens
 
@@ -46,9 +49,9 @@ class DecodeBuffer:
             self.k[..., :kept, :] = old_k
             self.v[..., :kept, :] = old_v
 
-    def assign(self, decodes: list[Sequence], kv_cache: torch.Tensor, block_size: int) -> list[Sequence]:
+    def assign(self, decodes: list[Sequence], kv_caches: list[KVCache], block_size: int) -> list[Sequence]:
         """Give every decoding sequence a row in 0..n-1 holding its cached tokens; returns the sequences in
-        row order. `kv_cache`: [layers, 2, blocks, block_size, kv_heads, head_dim]."""
+        row order. `kv_caches`: the paged cache of each layer, in layer order."""
         wanted = {s.seq_id: s for s in decodes}
         kept = {sid: row for sid, row in self.row_of.items()
                 if sid in wanted and self.length[sid] == wanted[sid].num_computed_tokens}
@@ -72,18 +75,23 @@ class DecodeBuffer:
         for seq in decodes:
             if seq.seq_id not in self.row_of:
                 row = free_low.pop(0)
-                self._fill(row, seq, kv_cache, block_size)
+                self._fill(row, seq, kv_caches, block_size)
                 self.row_of[seq.seq_id] = row
             self.length[seq.seq_id] = seq.num_computed_tokens + 1  # after this step's token is written
         return sorted(decodes, key=lambda s: self.row_of[s.seq_id])
 
-    def _fill(self, row: int, seq: Sequence, kv_cache: torch.Tensor, block_size: int) -> None:
-        """Copy a sequence's cached tokens from the paged cache into its row (all layers at once)."""
+    def _fill(self, row: int, seq: Sequence, kv_caches: list[KVCache], block_size: int) -> None:
+        """Copy a sequence's cached tokens from the paged cache into its row, dequantised to the buffer's dtype."""
         used = seq.num_computed_tokens
         if used == 0:
             return
-        blocks = torch.tensor(seq.block_table[: -(-used // block_size)], device=kv_cache.device)
-        # [layers, 2, n_blocks, block_size, kv_heads, dim] -> [layers, 2, kv_heads, tokens, dim]
-        context = kv_cache.index_select(2, blocks).flatten(2, 3)[:, :, :used].transpose(2, 3)
-        self.k[:, row, :, :used] = context[:, 0]
-        self.v[:, row, :, :used] = context[:, 1]
+        blocks = torch.tensor(seq.block_table[: -(-used // block_size)], device=self.device)
+        for layer, cache in enumerate(kv_caches):
+            # [n_blocks, block_size, kv_heads, dim] -> [kv_heads, tokens, dim]
+            keys, values = cache.read(blocks)
+            self.k[layer, row, :, :used] = keys.flatten(0, 1)[:used].transpose(0, 1)
+            self.v[layer, row, :, :used] = values.flatten(0, 1)[:used].transpose(0, 1)
+
+    def drop_rows(self) -> None:
+        """Forget every row (e.g. the cache's values changed): each is refilled when its sequence next decodes."""
+        self.row_of, self.length = {}, {}

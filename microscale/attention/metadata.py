@@ -1,7 +1,5 @@
-"""Attention metadata: built once per step by the model runner, read by every attention layer.
-
-KV cache layout, per layer: [2 (key, value), num_blocks, block_size, num_kv_heads, head_dim]: a gather of
-whole blocks from one half is contiguous, so the gathered keys view as one sequence without another copy.
+"""Attention metadata: built once per step by the model runner, read by every attention layer. (Each layer's
+paged KV cache, its layout and storage dtype: microscale/quant/kv_cache.py.)
 """
 
 from __future__ import annotations

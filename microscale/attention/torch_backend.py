@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from microscale.attention.metadata import AttentionMetadata, DecodeBatch, PrefillChunk
+from microscale.quant.kv_cache import KVCache
 
 
 class TorchAttentionBackend:
@@ -21,14 +22,16 @@ class TorchAttentionBackend:
         q: torch.Tensor,  # [T, num_heads, head_dim]
         k: torch.Tensor,  # [T, num_kv_heads, head_dim]
         v: torch.Tensor,
-        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        kv_cache: KVCache,
         meta: AttentionMetadata,
         scale: float,
         window: int | None,
         layer_index: int,
         sinks: torch.Tensor | None = None,  # [num_heads] float32: a learned extra logit per head (gpt-oss)
     ) -> torch.Tensor:
-        write_kv(kv_cache, k, v, meta)
+        # From here on the new keys/values are read as the cache holds them (dequantised, if it quantises), so
+        # reading them directly or from the cache gives the same result.
+        k, v = kv_cache.write(k, v, meta.slot_blocks, meta.slot_offsets)
         out = torch.empty_like(q)
         if meta.decode is not None:
             n = meta.decode.size
@@ -50,9 +53,10 @@ class TorchAttentionBackend:
             keys, values = keys[:n], values[:n]
         else:
             # Each gather gives [n * max_blocks, block_size, kv_heads, dim], viewed as [n, kv_heads, L, dim].
-            table, shape = batch.block_tables.flatten(), (n, -1, *kv_cache.shape[3:])
-            keys = kv_cache[0].index_select(0, table).view(shape).transpose(1, 2)[:, :, :length]
-            values = kv_cache[1].index_select(0, table).view(shape).transpose(1, 2)[:, :, :length]
+            keys, values = kv_cache.read(batch.block_tables.flatten())
+            shape = (n, -1, *keys.shape[2:])
+            keys = keys.view(shape).transpose(1, 2)[:, :, :length]
+            values = values.view(shape).transpose(1, 2)[:, :, :length]
         return _grouped_attention(q[:, :, None], keys, values, batch.mask(window), scale, sinks)[:, :, 0]
 
     @staticmethod
@@ -67,8 +71,9 @@ class TorchAttentionBackend:
             )
             return out.transpose(0, 1)
         length = chunk.context_len
-        keys = kv_cache[0].index_select(0, chunk.block_table).flatten(0, 1)[:length].transpose(0, 1)
-        values = kv_cache[1].index_select(0, chunk.block_table).flatten(0, 1)[:length].transpose(0, 1)
+        keys, values = kv_cache.read(chunk.block_table)
+        keys = keys.flatten(0, 1)[:length].transpose(0, 1)
+        values = values.flatten(0, 1)[:length].transpose(0, 1)
         q_pos = torch.arange(chunk.context_start, length, device=q.device)[:, None]
         k_pos = torch.arange(length, device=q.device)[None, :]
         mask = k_pos <= q_pos
@@ -118,9 +123,3 @@ def _grouped_attention(
         weights = (scores - top).exp()
         probs = weights / (weights.sum(dim=-1, keepdim=True) + (sink - top).exp())
     return torch.matmul(probs.to(q.dtype), values).view(n, heads, queries, dim)
-
-
-def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
-    """Scatter the new tokens' keys and values into their cache slots."""
-    kv_cache[0].index_put_((meta.slot_blocks, meta.slot_offsets), k)
-    kv_cache[1].index_put_((meta.slot_blocks, meta.slot_offsets), v)

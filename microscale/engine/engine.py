@@ -17,6 +17,9 @@ from microscale.engine.sequence import Request, Sequence
 from microscale.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from microscale.models.loader import load_generation_config, load_model, load_model_config, resolve_model_path
 from microscale.outputs import Logprob, RequestOutput
+from microscale.quant.calibration import calibrate
+from microscale.quant.kv_cache import kv_scales_from_amax
+from microscale.quant.scheme import QuantScheme
 from microscale.sampling_params import SamplingParams
 from microscale.tokenizer import Tokenizer
 
@@ -54,12 +57,22 @@ class LLMEngine:
         max_model_len = args.max_model_len or cfg.max_position_embeddings
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len)
         started = time.perf_counter()
-        model = load_model(
-            model_dir, cfg, self.dtype, self.device, max_model_len, args.load_format, args.seed, args.quantization
+        self.quant = QuantScheme.resolve(args.quantization, cfg.hf_config.get("quantization_config"))
+        if self.quant.needs_calibration and args.calib_config is None:
+            raise ValueError(
+                "FP8 with static activation scales needs calibration data: pass calib_config=CalibConfig("
+                "calib_dataset=...) (CLI: --calib-data FILE), use fp8-dynamic, or load a pre-quantized FP8 checkpoint."
+            )
+        model, kv_scales = load_model(
+            model_dir, cfg, self.dtype, self.device, max_model_len, self.quant, args.load_format, args.seed
         )
         elapsed = time.perf_counter() - started
         logger.info("loaded %s (%s, %s) in %.1fs", cfg.architecture, self.dtype, self.device, elapsed)
-        self.runner = ModelRunner(model, cfg, self.device, self.dtype, args.max_num_seqs, max_model_len)
+        kv_cache_quant = args.kv_cache_quant or self.quant.checkpoint_kv_cache
+        self.runner = ModelRunner(
+            model, cfg, self.device, self.dtype, args.max_num_seqs, max_model_len, kv_cache_quant=kv_cache_quant
+        )
+        self._apply_checkpoint_kv_scales(kv_scales, kv_cache_quant)
         num_blocks = self._num_kv_blocks()
         self.runner.allocate_kv_cache(num_blocks, args.block_size)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
@@ -68,6 +81,21 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
+        if args.calib_config is not None:
+            kv_amax = calibrate(self, args.calib_config)
+            if kv_cache_quant is not None:
+                for layer, (k_amax, v_amax) in kv_amax.items():
+                    self.runner.set_kv_scales(layer, *kv_scales_from_amax(kv_cache_quant, k_amax, v_amax))
+
+    def _apply_checkpoint_kv_scales(self, kv_scales: dict, kv_cache_quant: str | None) -> None:
+        """Static FP8 KV scales a pre-quantized checkpoint carries (used when its KV cache is FP8)."""
+        if not kv_scales:
+            return
+        if kv_cache_quant != "fp8":
+            logger.warning("the checkpoint's FP8 KV cache scales are unused (KV cache: %s)", kv_cache_quant or "none")
+            return
+        for layer, scales in kv_scales.items():
+            self.runner.set_kv_scales(layer, scales["k_scale"], scales["v_scale"])
 
     def _eos_ids(self, generation_config: dict[str, Any]) -> list[int]:
         eos = generation_config.get("eos_token_id")
@@ -98,7 +126,8 @@ class LLMEngine:
             )
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens, %.3f GiB (%s)",
-            num_blocks, args.block_size, num_blocks * args.block_size, num_blocks * block_bytes / _GIB, self.dtype,
+            num_blocks, args.block_size, num_blocks * args.block_size, num_blocks * block_bytes / _GIB,
+            self.runner.kv_cache_description(),
         )
         return num_blocks
 

@@ -18,6 +18,7 @@ from microscale.attention.selector import select_attention_backend
 from microscale.config import ModelConfig
 from microscale.engine.scheduler import ScheduledChunk
 from microscale.layers.attention import Attention
+from microscale.quant.kv_cache import make_kv_cache
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 class ModelRunner:
     def __init__(
         self, model: nn.Module, config: ModelConfig, device: torch.device, dtype: torch.dtype, max_num_seqs: int,
-        max_model_len: int,
+        max_model_len: int, kv_cache_quant: str | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -33,33 +34,45 @@ class ModelRunner:
         self.dtype = dtype
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
         backend = select_attention_backend(device)
-        for layer in self.attention_layers:
+        # One cache per layer, in layer order; storage comes with allocate_kv_cache, once the engine has sized it.
+        self.kv_caches = [
+            make_kv_cache(kv_cache_quant, config.num_key_value_heads, config.head_dim, dtype, device)
+            for _ in self.attention_layers
+        ]
+        for layer, cache in zip(self.attention_layers, self.kv_caches):
             layer.backend = backend
-        self.kv_cache: torch.Tensor | None = None
+            layer.kv_cache = cache
         self.block_size = 0
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.decode_buffer: DecodeBuffer | None = None
 
     def kv_block_bytes(self, block_size: int) -> int:
-        """Bytes one block of `block_size` tokens takes across all layers (keys and values)."""
-        cfg = self.config
-        per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
-        return per_token * block_size * torch.empty((), dtype=self.dtype).element_size()
+        """Bytes one block of `block_size` tokens takes across all layers (keys and values as stored, with any
+        per-token scales)."""
+        return block_size * sum(cache.bytes_per_token() for cache in self.kv_caches)
+
+    def kv_cache_description(self) -> str:
+        """What the paged KV cache stores, for the log: e.g. "bfloat16" or "int8, per-token scales"."""
+        return "; ".join(sorted({cache.describe() for cache in self.kv_caches}))
+
+    def set_kv_scales(self, layer_index: int, k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
+        """Static KV cache scales of one layer (float32; from calibration or the checkpoint): [kv_heads] for
+        int8 (the layer then stores no per-token scales), [] or [1] for fp8. Before allocate_kv_cache, the
+        memory saved goes to more blocks; later, what the cache already holds is re-quantised."""
+        self.kv_caches[layer_index].set_scales(k_scale, v_scale)
+        if self.decode_buffer is not None:
+            self.decode_buffer.drop_rows()  # they hold values read with the old scales
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         cfg = self.config
-        # Zeroed: unwritten slots are masked out, but 0 * NaN from uninitialised memory would still poison.
-        self.kv_cache = torch.zeros(
-            cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim,
-            dtype=self.dtype, device=self.device,
-        )
+        for cache in self.kv_caches:
+            cache.allocate(num_blocks, block_size)
         self.block_size = block_size
-        for i, layer in enumerate(self.attention_layers):
-            layer.kv_cache = self.kv_cache[i]
         # The persistent decode buffer pads every row to the longest context: use it only where it can never
-        # outgrow the paged cache itself, and only on CPU (a GPU's memory is already given to the paged cache,
-        # and its attention kernels read blocks in place); otherwise decodes read the paged blocks.
+        # outgrow the paged cache's tokens, and only on CPU (a GPU's memory is already given to the paged cache,
+        # and its attention kernels read blocks in place); otherwise decodes read the paged blocks. It holds the
+        # model dtype, so beside a quantised cache it may take more bytes than the cache itself.
         fits = self.max_num_seqs * self.max_model_len <= num_blocks * block_size
         if fits and self.device.type == "cpu":
             self.decode_buffer = DecodeBuffer(
@@ -79,7 +92,8 @@ class ModelRunner:
         if self.decode_buffer is not None:
             # Decodes in the order of their rows in the persistent decode buffer.
             by_seq = {c.seq.seq_id: c for c in decodes}
-            decodes = [by_seq[s.seq_id] for s in self.decode_buffer.assign([c.seq for c in decodes], self.kv_cache, bs)]
+            rows = self.decode_buffer.assign([c.seq for c in decodes], self.kv_caches, bs)
+            decodes = [by_seq[s.seq_id] for s in rows]
         prefills = [c for c in chunks if c.num_tokens > 1]
         input_ids: list[int] = []
         positions: list[int] = []

@@ -5,6 +5,7 @@ from torch import nn
 
 from microscale.attention.metadata import AttentionMetadata
 from microscale.attention.torch_backend import TorchAttentionBackend
+from microscale.quant.kv_cache import KVCache
 
 
 class Attention(nn.Module):
@@ -25,7 +26,7 @@ class Attention(nn.Module):
         # Kept in float32 whatever the model dtype: they join float32 scores (bf16 values convert exactly).
         self.sinks = nn.Parameter(torch.zeros(num_heads), requires_grad=False) if sinks else None
         self.backend: TorchAttentionBackend | None = None
-        self.kv_cache: torch.Tensor | None = None  # bound by the model runner once allocated
+        self.kv_cache: KVCache | None = None  # bound by the model runner
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.backend.forward(

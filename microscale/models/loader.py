@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,36 +63,56 @@ def load_generation_config(model_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+KVScales = dict[int, dict[str, torch.Tensor]]  # layer index -> {"k_scale": ..., "v_scale": ...}
+
+
 def load_model(
     model_dir: Path,
     cfg: ModelConfig,
     dtype: torch.dtype,
     device: torch.device,
     max_position: int,
+    quant: QuantScheme,
     load_format: str = "auto",
     seed: int = 0,
-    quantization: str | None = None,
-) -> nn.Module:
+) -> tuple[nn.Module, KVScales]:
+    """The model with its weights, and the static KV cache scales a pre-quantized checkpoint carries."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"Unknown load_format {load_format!r}; choose one of {', '.join(LOAD_FORMATS)}.")
     cls = get_model_class(cfg.architecture)
-    quant = QuantScheme.resolve(quantization, cfg.checkpoint_quant)
     if quant != QuantScheme():
         logger.info("quantization: %s linear layers, %s MoE experts", quant.linear, quant.experts)
     with torch.device(device):
         model = cls(cfg, dtype, max_position, quant)
+    kv_scales: KVScales = {}
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     else:
-        loaded = model.load_weights(iterate_safetensors(model_dir))
+        loaded = model.load_weights(_split_kv_scales(iterate_safetensors(model_dir), kv_scales))
         expected = {name for name, _ in model.named_parameters()}
         missing = expected - loaded
         if cfg.tie_word_embeddings:
             missing.discard("lm_head.weight")
+        if quant.needs_calibration:  # static activation scales come from calibration, after loading
+            missing = {name for name in missing if not name.endswith(".input_scale")}
         if missing:
             raise ValueError(f"Checkpoint in {model_dir} lacks weights: {', '.join(sorted(missing)[:5])}")
     for module in model.modules():
         quant_method = getattr(module, "quant_method", None)
         if quant_method is not None:
             quant_method.process_weights_after_loading(module)
-    return model.eval()
+    return model.eval(), kv_scales
+
+
+def _split_kv_scales(
+    tensors: Iterator[tuple[str, torch.Tensor]], kv_scales: KVScales
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass model tensors through; keep `model.layers.N.self_attn.{k,v}_scale` (compressed-tensors' static
+    KV cache scales) aside for the KV cache."""
+    for name, tensor in tensors:
+        head, _, leaf = name.rpartition(".")
+        if leaf in ("k_scale", "v_scale") and head.endswith(".self_attn"):
+            layer = int(head.split(".")[-2])
+            kv_scales.setdefault(layer, {})[leaf] = tensor.float()
+        else:
+            yield name, tensor

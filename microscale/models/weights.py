@@ -61,6 +61,8 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.fill_(1.0)
+        elif name.endswith("_scale"):  # FP8 weight / input scales
+            param.fill_(1.0)
         elif param.dtype == torch.uint8:
             _init_dummy_packed(name, param, gen)
         elif param.dim() == 1:

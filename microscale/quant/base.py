@@ -28,14 +28,17 @@ def known_quant_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_quant_method(name: str | None) -> QuantMethod:
+def get_quant_method(name: str | None, prequantized: bool = False) -> QuantMethod:
     key = name or "none"
     if key not in _REGISTRY:
         raise ValueError(f"Unknown quantization {name!r}; known: {sorted(_REGISTRY)}.")
-    return _REGISTRY[key]()
+    return _REGISTRY[key](prequantized)
 
 
 class QuantMethod(ABC):
+    def __init__(self, prequantized: bool = False) -> None:
+        # True when the checkpoint is already in this format: every scale must come from it.
+        self.prequantized = prequantized
     @abstractmethod
     def create_weights(
         self,

@@ -1,6 +1,8 @@
 """The torch reference attention backend against a naive per-sequence implementation over contiguous K/V:
 decodes (from the persistent decode buffer) and prefill chunks with cached prefixes (from the paged cache),
-GQA, sliding windows, attention sinks, float32 and bfloat16; and the decode buffer's row bookkeeping."""
+GQA, sliding windows, attention sinks, float32 and bfloat16, KV caches in the model dtype, int8 (dynamic and
+static scales) and fp8 (the naive reference attends over what the cache holds); and the decode buffer's row
+bookkeeping."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 from microscale.attention.decode_buffer import DecodeBuffer
 from microscale.attention.metadata import AttentionMetadata, DecodeBatch, PrefillChunk
 from microscale.attention.torch_backend import TorchAttentionBackend
+from microscale.quant.kv_cache import KVCache, kv_scales_from_amax, make_kv_cache
 
 BLOCK = 4
 
@@ -36,17 +39,45 @@ def naive_attention(q, keys, values, q_positions, scale, window, sinks=None):
     return torch.einsum("htl,lhd->thd", probs, values)
 
 
+# "int8-static": int8 with per-head scales from the amax of the data (as calibration would set them).
+KV_QUANTS = [None, "int8", "int8-static", "fp8"]
+
+
+def make_cache(kv_quant: str | None, kv_heads: int, dim: int, dtype: torch.dtype, num_blocks: int,
+               calibration: list[torch.Tensor]) -> KVCache:
+    """An allocated cache; static scales come from the amax of `calibration` (keys and values, [L, kv_heads,
+    dim] each)."""
+    scheme = kv_quant.removesuffix("-static") if kv_quant else None
+    cache = make_kv_cache(scheme, kv_heads, dim, dtype, torch.device("cpu"))
+    if kv_quant in ("int8-static", "fp8"):
+        amax = torch.cat(calibration).float().abs().amax(dim=(0, 2))
+        cache.set_scales(*kv_scales_from_amax(scheme, amax, amax))
+    cache.allocate(num_blocks, BLOCK)
+    return cache
+
+
+def held(cache: KVCache, table: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sequence's keys and values [length, kv_heads, dim] as the cache holds them."""
+    keys, values = cache.read(torch.tensor(table))
+    return keys.flatten(0, 1)[:length], values.flatten(0, 1)[:length]
+
+
+def write(cache: KVCache, table: list[int], k: torch.Tensor, v: torch.Tensor, positions: range) -> None:
+    blocks = torch.tensor([table[p // BLOCK] for p in positions], dtype=torch.int64)
+    cache.write(k, v, blocks, torch.tensor([p % BLOCK for p in positions], dtype=torch.int64))
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("source", ["buffer", "paged"])
 @pytest.mark.parametrize("with_sinks", [False, True])
-def test_matches_naive_attention(dtype, tol, heads, kv_heads, window, source, with_sinks):
+@pytest.mark.parametrize("kv_quant", KV_QUANTS)
+def test_matches_naive_attention(dtype, tol, heads, kv_heads, window, source, with_sinks, kv_quant):
     rng = random.Random(0)
     torch.manual_seed(0)
     dim, num_blocks = 16, 64
     scale = dim**-0.5
-    kv_cache = torch.zeros(2, num_blocks, BLOCK, kv_heads, dim, dtype=dtype)
     free = list(range(num_blocks))
     rng.shuffle(free)
     # (tokens already cached, new tokens this step): decodes in two length groups, then prefill chunks.
@@ -54,24 +85,23 @@ def test_matches_naive_attention(dtype, tol, heads, kv_heads, window, source, wi
     full_k, full_v, tables = [], [], []
     for cached, new in layout:
         total = cached + new
-        table = [free.pop() for _ in range(-(-total // BLOCK))]
-        keys = torch.randn(total, kv_heads, dim).to(dtype)
-        values = torch.randn(total, kv_heads, dim).to(dtype)
-        for p in range(cached):  # what earlier steps wrote
-            kv_cache[0, table[p // BLOCK], p % BLOCK] = keys[p]
-            kv_cache[1, table[p // BLOCK], p % BLOCK] = values[p]
-        full_k.append(keys)
-        full_v.append(values)
-        tables.append(table)
+        tables.append([free.pop() for _ in range(-(-total // BLOCK))])
+        full_k.append(torch.randn(total, kv_heads, dim).to(dtype))
+        full_v.append(torch.randn(total, kv_heads, dim).to(dtype))
+    kv_cache = make_cache(kv_quant, kv_heads, dim, dtype, num_blocks, full_k + full_v)
+    for i, (cached, _) in enumerate(layout):  # what earlier steps wrote
+        write(kv_cache, tables[i], full_k[i][:cached], full_v[i][:cached], range(cached))
 
-    # The persistent decode buffer holds the decodes' cached contexts contiguously, one row each.
+    # The persistent decode buffer holds the decodes' cached contexts contiguously, one row each, as read from
+    # the paged cache.
     cap = 40
     keys_buf = torch.zeros(1, 4, kv_heads, cap, dim, dtype=dtype)
     values_buf = torch.zeros(1, 4, kv_heads, cap, dim, dtype=dtype)
     for row in range(4):
         cached = layout[row][0]
-        keys_buf[0, row, :, :cached] = full_k[row][:cached].transpose(0, 1)
-        values_buf[0, row, :, :cached] = full_v[row][:cached].transpose(0, 1)
+        keys, values = held(kv_cache, tables[row], cached)
+        keys_buf[0, row, :, :cached] = keys.transpose(0, 1)
+        values_buf[0, row, :, :cached] = values.transpose(0, 1)
     decode = DecodeBatch(4, torch.tensor([30, 27, 3, 0]), 31)
     if source == "buffer":
         decode.keys, decode.values, decode.length = keys_buf, values_buf, cap
@@ -100,16 +130,48 @@ def test_matches_naive_attention(dtype, tol, heads, kv_heads, window, source, wi
 
     row = 0
     for i, (cached, new) in enumerate(layout):
+        keys, values = held(kv_cache, tables[i], cached + new)
+        if kv_quant is None:
+            assert torch.equal(keys, full_k[i]) and torch.equal(values, full_v[i])
+        else:  # the cache holds the keys and values, up to the quantisation error (fp8: 3 mantissa bits)
+            assert torch.allclose(keys.float(), full_k[i].float(), rtol=0.07, atol=0.05)
+            assert torch.allclose(values.float(), full_v[i].float(), rtol=0.07, atol=0.05)
         positions = torch.arange(cached, cached + new)
-        expected = naive_attention(q[row : row + new], full_k[i], full_v[i], positions, scale, window, sinks)
+        expected = naive_attention(q[row : row + new], keys, values, positions, scale, window, sinks)
         got = out[row : row + new].view(new, heads, dim).float()
         assert (got - expected).abs().max().item() < tol, f"sequence {i}"
+        if i < 4 and source == "buffer":  # the decode's new key went into its buffer row as the cache holds it
+            assert torch.equal(keys_buf[0, i, :, cached], keys[cached])
+            assert torch.equal(values_buf[0, i, :, cached], values[cached])
         row += new
-    # The new keys and values landed in their paged slots, and the decodes' also in their buffer rows.
-    for (i, p), k_row in zip(slots, k_new):
-        assert torch.equal(kv_cache[0, tables[i][p // BLOCK], p % BLOCK], k_row)
-        if i < 4 and source == "buffer":
-            assert torch.equal(keys_buf[0, i, :, p], k_row)
+
+
+@pytest.mark.parametrize("kv_quant", KV_QUANTS)
+@pytest.mark.parametrize("window", [None, 5])
+def test_chunked_prefill_matches_whole_prefill(kv_quant, window):
+    """A prompt prefilled in one chunk (attending to its new keys directly) or in three (attending to the
+    cache) sees the same keys and values: outputs agree to float32 rounding."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim, length = 4, 2, 16, 23
+    k, v = torch.randn(length, kv_heads, dim) * 3, torch.randn(length, kv_heads, dim)
+    q = torch.randn(length, heads, dim)
+    table = [5, 2, 9, 0, 7, 3]
+    outputs = []
+    for cuts in ([0, length], [0, 6, 15, length]):
+        cache = make_cache(kv_quant, kv_heads, dim, torch.float32, 10, [k, v])
+        parts = []
+        for start, end in zip(cuts, cuts[1:]):
+            span = range(start, end)
+            meta = AttentionMetadata(
+                slot_blocks=torch.tensor([table[p // BLOCK] for p in span]),
+                slot_offsets=torch.tensor([p % BLOCK for p in span]),
+                decode=None,
+                prefills=[PrefillChunk(0, end - start, start, torch.tensor(table))],
+            )
+            parts.append(TorchAttentionBackend().forward(q[start:end], k[start:end], v[start:end], cache, meta,
+                                                         dim**-0.5, window, 0))
+        outputs.append(torch.cat(parts))
+    assert (outputs[0] - outputs[1]).abs().max().item() < 1e-5
 
 
 class _Seq:
@@ -117,19 +179,26 @@ class _Seq:
         self.seq_id, self.num_computed_tokens, self.block_table = seq_id, computed, table
 
 
-def test_decode_buffer_rows_follow_the_paged_cache():
+@pytest.mark.parametrize("kv_quant", [None, "int8"])
+def test_decode_buffer_rows_follow_the_paged_cache(kv_quant):
     torch.manual_seed(0)
     layers, kv_heads, dim, num_blocks = 2, 2, 4, 32
-    kv_cache = torch.randn(layers, 2, num_blocks, BLOCK, kv_heads, dim)
+    caches = [make_cache(kv_quant, kv_heads, dim, torch.float32, num_blocks, []) for _ in range(layers)]
+    every_slot = torch.arange(num_blocks).repeat_interleave(BLOCK), torch.arange(BLOCK).repeat(num_blocks)
+    for cache in caches:
+        cache.write(torch.randn(num_blocks * BLOCK, kv_heads, dim), torch.randn(num_blocks * BLOCK, kv_heads, dim),
+                    *every_slot)
+    # [layers, blocks, block_size, kv_heads, dim]: the keys as the caches give them back.
+    held_keys = torch.stack([cache.read(torch.arange(num_blocks))[0] for cache in caches])
     buf = DecodeBuffer(layers, 4, kv_heads, dim, max_len=64, dtype=torch.float32, device=torch.device("cpu"),
                        initial_len=8)
 
     def check(seqs):
-        ordered = buf.assign(seqs, kv_cache, BLOCK)
+        ordered = buf.assign(seqs, caches, BLOCK)
         assert sorted(buf.row_of[s.seq_id] for s in ordered) == list(range(len(seqs)))  # dense rows
         for s in ordered:
             row, used = buf.row_of[s.seq_id], s.num_computed_tokens
-            expected = kv_cache[:, 0, s.block_table].flatten(1, 2)[:, :used].transpose(1, 2)
+            expected = held_keys[:, s.block_table].flatten(1, 2)[:, :used].transpose(1, 2)
             assert torch.equal(buf.k[:, row, :, :used], expected)
         return ordered
 
@@ -138,7 +207,7 @@ def test_decode_buffer_rows_follow_the_paged_cache():
     # Next step: b left (finished); a and c advanced one token (written by the step, here by hand).
     for s in (a, c):
         row, pos = buf.row_of[s.seq_id], s.num_computed_tokens
-        buf.k[:, row, :, pos] = kv_cache[:, 0, s.block_table[pos // BLOCK], pos % BLOCK]
+        buf.k[:, row, :, pos] = held_keys[:, s.block_table[pos // BLOCK], pos % BLOCK]
         s.num_computed_tokens += 1
     rows_before = dict(buf.row_of)
     check([c, a])  # c moved down into b's free row only if it was beyond the two rows
@@ -147,3 +216,6 @@ def test_decode_buffer_rows_follow_the_paged_cache():
     d = _Seq(3, 20, [8, 9, 10, 11, 12, 13])
     check([d, a])
     assert buf.capacity >= 21
+    # Dropped rows (the cache's values changed) are all refilled.
+    buf.drop_rows()
+    check([a, d])

@@ -1,0 +1,174 @@
+"""FP8 (E4M3) Linear methods.
+
+"fp8": per-tensor weight scales (one per fused shard, e.g. q, k and v, as checkpoints store them) and a static
+per-tensor activation scale from calibration (W8A8-static). "fp8-dynamic": per-output-channel weight scales
+and per-token activation scales computed on the fly.
+
+Quantising is `(x / scale).clamp(-448, 448).to(torch.float8_e4m3fn)`: torch's own rounding (nearest even),
+saturating instead of producing NaN. The matmul is `torch._scaled_mm` on GPUs with FP8 units (sm89+);
+elsewhere the FP8 operands are converted exactly to the activation dtype and multiplied there, then scaled,
+which is what _scaled_mm computes (products of FP8 values accumulated in higher precision, times the scales).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from microscale.quant.base import QuantMethod, register_quant_method
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
+_MIN_SCALE = 1e-12  # an all-zero tensor still gets a usable scale
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The scale that maps `amax` onto the largest FP8 value."""
+    return (amax.float() / FP8_MAX).clamp(min=_MIN_SCALE)
+
+
+def _param(data: torch.Tensor, weight_loader) -> nn.Parameter:
+    param = nn.Parameter(data, requires_grad=False)
+    param.weight_loader = weight_loader
+    return param
+
+
+def _unset(shape: tuple[int, ...]) -> nn.Parameter:
+    """A scale parameter that is NaN until loaded, so a checkpoint that lacks it is caught."""
+    return nn.Parameter(torch.full(shape, float("nan")), requires_grad=False)
+
+
+def _scaled_mm_available(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_matmul(
+    x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+    bias: torch.Tensor | None, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """(x_q * x_scale) @ (w_q * w_scale)^T + bias. x_scale: [] or [tokens, 1]; w_scale: [] or [out]."""
+    tokens, out = x_q.shape[0], w_q.shape[0]
+    if _scaled_mm_available(x_q.device) and x_q.shape[1] % 16 == 0 and out % 16 == 0:
+        scale_a = x_scale.reshape(-1, 1) if x_scale.numel() > 1 else x_scale.reshape(())
+        scale_b = w_scale.reshape(1, -1) if w_scale.numel() > 1 else w_scale.reshape(())
+        if scale_a.dim() == scale_b.dim():  # _scaled_mm takes both per-tensor or both row/column-wise
+            return torch._scaled_mm(x_q, w_q.t(), scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype)
+    y = F.linear(x_q.to(out_dtype), w_q.to(out_dtype))
+    y = (y.float() * (x_scale.reshape(-1, 1) if x_scale.numel() > 1 else x_scale) * w_scale).to(out_dtype)
+    y = y.view(tokens, out)
+    return y if bias is None else y + bias
+
+
+class _Fp8Method(QuantMethod):
+    """Shared storage: `weight` float8_e4m3fn [out, in] and `bias` in the model dtype; subclasses add their
+    scales. A floating checkpoint weight is quantised as it loads (one shard at a time); an FP8 one (a
+    pre-quantized checkpoint) is copied with its scale."""
+
+    def create_weights(self, layer, input_size, output_sizes, bias, dtype, weight_loader) -> None:
+        out = sum(output_sizes)
+        layer.register_parameter("weight", _param(torch.empty(out, input_size, dtype=FP8_DTYPE), weight_loader))
+        layer.register_parameter("bias", _param(torch.empty(out, dtype=dtype), weight_loader) if bias else None)
+        self.create_scales(layer, output_sizes, weight_loader)
+
+    def create_scales(self, layer, output_sizes, weight_loader) -> None:
+        raise NotImplementedError
+
+    def load_weight(self, layer, name, loaded, shard) -> list[str]:
+        if name == "weight" and loaded.is_floating_point() and loaded.dtype != FP8_DTYPE:
+            quantized, scale = self.quantize_weight(loaded.to(layer.weight.device))
+            layer.weight.weight_loader(layer.weight, quantized, shard)
+            self.store_weight_scale(layer, scale, shard)
+            return ["weight", "weight_scale"]
+        if name == "weight_scale":
+            self.store_weight_scale(layer, loaded.float(), shard)
+            return ["weight_scale"]
+        return super().load_weight(layer, name, loaded, shard)
+
+    def quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def store_weight_scale(self, layer, scale: torch.Tensor, shard: int | None) -> None:
+        raise NotImplementedError
+
+    def process_weights_after_loading(self, layer) -> None:
+        if torch.isnan(layer.weight_scale).any():
+            raise ValueError("An FP8 checkpoint lacks weight_scale for some Linear layer (or one of its shards).")
+
+
+@register_quant_method("fp8")
+class Fp8StaticMethod(_Fp8Method):
+    """Per-tensor weight scales, one per shard ([num_shards]), and a static activation scale. Checkpoints give
+    `input_scale` per shard (all shards see the same input: their maximum is used); online quantization gets it
+    from calibration: while `layer.calibrating`, the layer runs W8A16 (the FP8 weights that will serve, 16-bit
+    activations) and records the largest |input| in `layer.input_amax`; `set_input_scale` then fixes it."""
+
+    def create_scales(self, layer, output_sizes, weight_loader) -> None:
+        shards = len(output_sizes)
+        layer.register_parameter("weight_scale", _unset((shards,)))
+        layer.register_parameter("input_scale", _unset((shards,)))
+        # Row i of the weight uses the scale of its shard.
+        layer.register_buffer("row_scale", torch.ones(sum(output_sizes)), persistent=False)
+        layer.register_buffer("input_amax", torch.zeros(()), persistent=False)
+        layer.calibrating = False
+
+    def quantize_weight(self, weight):
+        scale = fp8_scale(weight.abs().amax())
+        return quantize_fp8(weight, scale), scale
+
+    def store_weight_scale(self, layer, scale, shard) -> None:
+        layer.weight_scale.data[0 if shard is None else shard] = scale.reshape(())
+
+    def load_weight(self, layer, name, loaded, shard) -> list[str]:
+        if name == "input_scale":
+            layer.input_scale.data[0 if shard is None else shard] = loaded.float().reshape(())
+            return ["input_scale"]
+        return super().load_weight(layer, name, loaded, shard)
+
+    def process_weights_after_loading(self, layer) -> None:
+        super().process_weights_after_loading(layer)
+        if self.prequantized and torch.isnan(layer.input_scale).any():
+            raise ValueError("An FP8 checkpoint lacks input_scale for some Linear layer (or one of its shards).")
+        sizes = torch.tensor(layer.output_sizes, device=layer.weight_scale.device)
+        layer.row_scale.copy_(torch.repeat_interleave(layer.weight_scale.data, sizes))
+
+    def set_input_scale(self, layer, scale: torch.Tensor) -> None:
+        layer.input_scale.data.fill_(scale.item())
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if layer.calibrating:
+            torch.maximum(layer.input_amax, x.detach().abs().amax().float(), out=layer.input_amax)
+            weight = (layer.weight.to(torch.float32) * layer.row_scale[:, None]).to(x.dtype)
+            return F.linear(x, weight, layer.bias)
+        scale = layer.input_scale.max()
+        if torch.isnan(scale):
+            raise RuntimeError("FP8 static activations need an input scale: calibrate, or load a checkpoint with one.")
+        flat = x.reshape(-1, x.shape[-1])
+        y = fp8_matmul(quantize_fp8(flat, scale), scale, layer.weight, layer.row_scale, layer.bias, x.dtype)
+        return y.view(*x.shape[:-1], -1)
+
+
+@register_quant_method("fp8-dynamic")
+class Fp8DynamicMethod(_Fp8Method):
+    """Per-output-channel weight scales ([out]) and per-token activation scales computed for every call."""
+
+    def create_scales(self, layer, output_sizes, weight_loader) -> None:
+        layer.register_parameter("weight_scale", _unset((sum(output_sizes),)))
+        layer.weight_scale.weight_loader = weight_loader
+
+    def quantize_weight(self, weight):
+        scale = fp8_scale(weight.abs().amax(dim=1))
+        return quantize_fp8(weight, scale[:, None]), scale
+
+    def store_weight_scale(self, layer, scale, shard) -> None:
+        layer.weight_scale.weight_loader(layer.weight_scale, scale.reshape(-1), shard)
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        scale = fp8_scale(flat.abs().amax(dim=1, keepdim=True))
+        y = fp8_matmul(quantize_fp8(flat, scale), scale, layer.weight, layer.weight_scale, layer.bias, x.dtype)
+        return y.view(*x.shape[:-1], -1)

@@ -1,0 +1,164 @@
+"""FP8 (E4M3): storage identical to torch.float8_e4m3fn, the static and dynamic Linear methods against
+their definitions, the QuantConfig / CalibConfig API, compressed-tensors checkpoints (written, reloaded
+without recalibrating, and written by "another tool"), and the errors users get."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import BUNDLED_MODEL, REPO
+from safetensors.torch import load_file, save_file
+
+from microscale import LLM, CalibConfig, QuantAlgo, QuantConfig
+from microscale.layers.linear import Linear
+from microscale.quant.fp8 import FP8_MAX, Fp8DynamicMethod, Fp8StaticMethod, fp8_scale, quantize_fp8
+
+TEXT = (REPO / "data" / "pycode-valid.txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(TEXT[-100_000:])  # away from the start of the file, where the accuracy tests score
+    return path
+
+
+def calib(path, batches: int = 8) -> CalibConfig:
+    return CalibConfig(calib_dataset=str(path), calib_batches=batches, calib_max_seq_length=256)
+
+
+def test_storage_is_torch_float8_with_saturation() -> None:
+    every_fp8 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    finite = every_fp8[~every_fp8.float().isnan()].float()
+    assert torch.equal(quantize_fp8(finite, 1.0).float(), finite)  # every finite E4M3 value round-trips
+    x = torch.randn(4096) * 300
+    scale = torch.tensor(0.37)
+    expected = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    got = quantize_fp8(x, scale)
+    assert got.dtype == torch.float8_e4m3fn and torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+    assert quantize_fp8(torch.tensor([1e6, -1e6]), 1.0).float().tolist() == [FP8_MAX, -FP8_MAX]  # not NaN
+    assert fp8_scale(torch.tensor(0.0)) > 0  # all-zero tensors still get a usable scale
+
+
+def _linear(method, shards=(32, 48), bias=True):
+    torch.manual_seed(0)
+    layer = Linear(64, list(shards), bias=bias, quant_method=method)
+    weights = [torch.randn(rows, 64) * (i + 1) for i, rows in enumerate(shards)]  # shards of different ranges
+    for i, w in enumerate(weights):
+        layer.load_weight("weight", w, i)
+    b = torch.randn(sum(shards))
+    layer.load_weight("bias", b)
+    layer.quant_method.process_weights_after_loading(layer)
+    return layer, weights, b
+
+
+def test_static_method_matches_its_definition() -> None:
+    layer, weights, b = _linear(Fp8StaticMethod())
+    x = torch.randn(5, 64)
+    layer.quant_method.set_input_scale(layer, fp8_scale(x.abs().amax()))
+    # Definition: each shard's weight with its own per-tensor scale; the input with the static scale.
+    w_scales = [fp8_scale(w.abs().amax()) for w in weights]
+    w_deq = torch.cat([quantize_fp8(w, s).float() * s for w, s in zip(weights, w_scales)])
+    x_scale = fp8_scale(x.abs().amax())
+    x_deq = quantize_fp8(x, x_scale).float() * x_scale
+    assert torch.allclose(layer(x), F.linear(x_deq, w_deq, b), atol=1e-5, rtol=1e-5)
+    exact = F.linear(x, torch.cat(weights), b)
+    assert (layer(x) - exact).norm() < 0.05 * exact.norm()  # and close to the unquantized layer
+
+
+def test_dynamic_method_matches_its_definition() -> None:
+    layer, weights, b = _linear(Fp8DynamicMethod())
+    w = torch.cat(weights)
+    w_scale = fp8_scale(w.abs().amax(dim=1, keepdim=True))
+    x = torch.randn(5, 64) * torch.linspace(0.1, 10, 5)[:, None]  # tokens of very different ranges
+    x_scale = fp8_scale(x.abs().amax(dim=1, keepdim=True))
+    expected = F.linear(quantize_fp8(x, x_scale).float() * x_scale, quantize_fp8(w, w_scale).float() * w_scale, b)
+    # Same products; the scales apply before or after the sums, so only float32 rounding differs.
+    assert torch.allclose(layer(x), expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-5)
+
+
+def test_static_layer_without_input_scale_refuses_to_run() -> None:
+    layer, _, _ = _linear(Fp8StaticMethod())
+    with pytest.raises(RuntimeError, match="input scale"):
+        layer(torch.randn(2, 64))
+
+
+def test_quant_config_api() -> None:
+    qc = QuantConfig(quant_algo=QuantAlgo.FP8, kv_cache_quant_algo=QuantAlgo.INT8)
+    assert (qc.quantization, qc.kv_cache_quant) == ("fp8", "int8")
+    assert QuantConfig(quant_algo=QuantAlgo.W4A16_MXFP4).quantization == "mxfp4"
+    assert QuantConfig(quant_algo="FP8_PER_CHANNEL_PER_TOKEN").quantization == "fp8-dynamic"
+    assert QuantConfig(kv_cache_quant_algo=QuantAlgo.FP8).quantization is None  # KV cache only
+    with pytest.raises(ValueError, match="kv_cache_quant_algo"):
+        QuantConfig(kv_cache_quant_algo=QuantAlgo.MXFP4)
+    with pytest.raises(ValueError, match="quant_algo"):
+        QuantConfig(quant_algo="int3")
+    with pytest.raises(ValueError, match="calib_batches"):
+        CalibConfig(calib_batches=0)
+
+
+def test_user_errors(tmp_path, calib_file) -> None:
+    with pytest.raises(ValueError, match="needs calibration data"):
+        LLM(str(BUNDLED_MODEL), quant_config=QuantConfig(quant_algo=QuantAlgo.FP8))
+    with pytest.raises(ValueError, match="Unknown quantization"):
+        LLM(str(BUNDLED_MODEL), quantization="fp4-magic")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("x = 1")
+    for bad in ("empty.txt", "short.txt"):
+        with pytest.raises(ValueError, match="empty or shorter than one batch"):
+            LLM(str(BUNDLED_MODEL), quantization="fp8", max_model_len=256,
+                calib_config=CalibConfig(calib_dataset=str(tmp_path / bad), calib_batch_size=4))
+    with pytest.raises(ValueError, match="Cannot read the calibration data"):
+        LLM(str(BUNDLED_MODEL), quantization="fp8", calib_config=CalibConfig(calib_dataset=str(tmp_path / "no")))
+
+
+def test_calibration_is_reproducible_and_jsonl_works(tmp_path, calib_file) -> None:
+    lines = [json.dumps({"text": TEXT[i : i + 3000]}) for i in range(0, 60_000, 3000)]
+    (tmp_path / "calib.jsonl").write_text("\n".join(lines) + "\n")
+    scales = []
+    for path in (calib_file, calib_file, tmp_path / "calib.jsonl"):
+        llm = LLM(str(BUNDLED_MODEL), dtype="float32", quantization="fp8", max_model_len=256, calib_config=calib(path))
+        scales.append(llm.engine.runner.model.model.layers[0].self_attn.qkv_proj.input_scale.clone())
+    assert torch.equal(scales[0], scales[1]) and not torch.isnan(scales[2]).any()
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "fp8-dynamic"])
+def test_checkpoint_reloads_without_recalibrating(scheme, tmp_path, calib_file) -> None:
+    from microscale.quant.export import quantize_checkpoint
+
+    kwargs = {"calib_config": calib(calib_file)} if scheme == "fp8" else {}
+    llm = LLM(str(BUNDLED_MODEL), dtype="float32", quantization=scheme, max_model_len=256, **kwargs)
+    out = quantize_checkpoint(BUNDLED_MODEL, tmp_path / scheme, scheme, llm.engine)
+    tensors = load_file(str(out / "model.safetensors"))
+    assert tensors["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
+    scale = tensors["model.layers.0.mlp.down_proj.weight_scale"]
+    assert scale.shape == ((1,) if scheme == "fp8" else (scale.shape[0], 1))
+    assert ("model.layers.0.mlp.up_proj.input_scale" in tensors) == (scheme == "fp8")
+    reloaded = LLM(str(out), dtype="float32", max_model_len=256)
+    assert reloaded.engine.quant.linear == scheme and reloaded.engine.quant.prequantized
+    ids = list(range(10, 60))
+    assert torch.equal(reloaded.engine.prompt_logits(ids), llm.engine.prompt_logits(ids))
+
+
+def test_checkpoint_from_another_tool_and_missing_scales(tmp_path, calib_file) -> None:
+    """Scales stored as 0-d tensors (as some tools write them); then a scale deleted."""
+    from microscale.quant.export import quantize_checkpoint
+
+    llm = LLM(str(BUNDLED_MODEL), dtype="float32", quantization="fp8", max_model_len=256,
+              calib_config=calib(calib_file))
+    out = quantize_checkpoint(BUNDLED_MODEL, tmp_path / "ours", "fp8", llm.engine)
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    tensors = {k: (v.reshape(()) if k.endswith("_scale") else v)
+               for k, v in load_file(str(out / "model.safetensors")).items()}
+    save_file(tensors, str(other / "model.safetensors"))
+    ids = list(range(10, 60))
+    assert torch.equal(LLM(str(other), dtype="float32").engine.prompt_logits(ids), llm.engine.prompt_logits(ids))
+    del tensors["model.layers.1.self_attn.k_proj.input_scale"]
+    save_file(tensors, str(other / "model.safetensors"))
+    with pytest.raises(ValueError, match="lacks input_scale"):
+        LLM(str(other), dtype="float32")
