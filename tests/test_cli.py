@@ -10,10 +10,12 @@ import sys
 
 import pytest
 import torch
+from conftest import BUNDLED_MODEL, REPO
 
 from microscale import LLM, SamplingParams
 from microscale.cli import main
 
+VALID_TEXT = REPO / "data" / "pycode-valid.txt"
 ENGINE = ["--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "8"]
 GREEDY = ["--temperature", "0", "--ignore-eos"]
 
@@ -256,3 +258,45 @@ def test_python_dash_m_error_is_one_line(tmp_path, model):
     assert proc.stdout == ""
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("microscale generate: error: Model ")
+
+
+def test_eval_ppl_and_compare_json(capsys, tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text(VALID_TEXT.read_text()[:4000])
+    model = str(BUNDLED_MODEL)
+    base = [model, "--dtype", "float32", "--max-model-len", "128", "--data", str(data), "--json"]
+    assert run_cli(["eval", "ppl", *base]) == 0
+    ppl = json.loads(capsys.readouterr().out)
+    assert ppl["tokens"] > 500 and 1 < ppl["perplexity"] < 1000 and (ppl["context"], ppl["stride"]) == (128, 64)
+    assert run_cli(["eval", "compare", *base, "--kv-cache-quant", "int8"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("kl_mean", "top1_agreement", "ppl_ref", "ppl_quant", "ppl_delta_pct"):
+        assert key in result
+    assert result["ppl_ref"] == pytest.approx(ppl["perplexity"])
+    assert run_cli(["eval", "compare", *base[:-1], "--quant", "fp8-dynamic"]) == 0
+    assert "top-1 agreement" in capsys.readouterr().out
+    assert_one_line_error(capsys, ["eval", "compare", *base], "needs --quant", command="eval")
+    assert_one_line_error(capsys, ["eval", "ppl", model, "--data", str(tmp_path / "nope")], "cannot read",
+                          command="eval")
+
+
+def test_quantize_fp8_with_verify(capsys, tmp_path):
+    text = VALID_TEXT.read_text()
+    (tmp_path / "calib.txt").write_text(text[-20000:])
+    (tmp_path / "heldout.txt").write_text(text[:3000])
+    out = tmp_path / "fp8"
+    assert run_cli(["quantize", str(BUNDLED_MODEL), "--quant", "fp8", "--out", str(out), "--dtype", "float32",
+                    "--max-model-len", "128", "--calib-data", str(tmp_path / "calib.txt"), "--calib-batches", "4",
+                    "--kv-cache-quant", "fp8", "--verify", "--verify-data", str(tmp_path / "heldout.txt")]) == 0
+    assert "perplexity delta" in capsys.readouterr().out
+    accuracy = json.loads((out / "accuracy.json").read_text())
+    assert accuracy["quant"] == "fp8" and abs(accuracy["ppl_delta_pct"]) < 5
+    assert "top-1 agreement" in (out / "README.md").read_text()
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["kv_cache_scheme"]["type"] == "float"
+    reloaded = LLM(str(out), dtype="float32", max_model_len=128)
+    assert reloaded.engine.runner.kv_cache_description() == "fp8 e4m3, per-tensor scales"
+    assert_one_line_error(capsys, ["quantize", str(BUNDLED_MODEL), "--quant", "fp8", "--out", str(tmp_path / "x"),
+                                   "--verify"], "--verify-data", command="quantize")
+    assert_one_line_error(capsys, ["quantize", str(BUNDLED_MODEL), "--quant", "fp8", "--out", str(tmp_path / "y")],
+                          "calibration", command="quantize")

@@ -58,7 +58,8 @@ class LLMEngine:
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len)
         started = time.perf_counter()
         self.quant = QuantScheme.resolve(args.quantization, cfg.hf_config.get("quantization_config"))
-        if self.quant.needs_calibration and args.calib_config is None:
+        # Dummy weights come with dummy scales (benchmarks of shapes, not of accuracy).
+        if self.quant.needs_calibration and args.calib_config is None and args.load_format != "dummy":
             raise ValueError(
                 "FP8 with static activation scales needs calibration data: pass calib_config=CalibConfig("
                 "calib_dataset=...) (CLI: --calib-data FILE), use fp8-dynamic, or load a pre-quantized FP8 checkpoint."

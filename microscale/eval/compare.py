@@ -4,7 +4,10 @@ distributions (reference || quantized), top-1 agreement, and both perplexities."
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+
+import torch
 
 from microscale.engine.engine import LLMEngine
 from microscale.eval.perplexity import window_logits
@@ -23,21 +26,29 @@ class Comparison:
         return asdict(self)
 
 
+Window = tuple[torch.Tensor, torch.Tensor]  # logits predicting the scored tokens [n, vocab], the tokens [n]
+
+
 def compare(reference: LLMEngine, quantized: LLMEngine, text: str, context: int = 512, stride: int | None = None,
             max_windows: int | None = None) -> Comparison:
     ids = reference.tokenizer.encode(text, add_special_tokens=False)
     if len(ids) < 2:
         raise ValueError("The text is too short to compare on (fewer than 2 tokens).")
+    return compare_windows(window_logits(reference, ids, context, stride, max_windows),
+                           window_logits(quantized, ids, context, stride, max_windows))
+
+
+def compare_windows(reference: Iterable[Window], quantized: Iterable[Window]) -> Comparison:
+    """The comparison over paired windows of the same tokens (the reference's may be computed once, kept)."""
     kl = agree = nll_ref = nll_quant = 0.0
     tokens = 0
-    pairs = zip(window_logits(reference, ids, context, stride, max_windows),
-                window_logits(quantized, ids, context, stride, max_windows))
-    for (ref_logits, targets), (quant_logits, _) in pairs:
-        ref_logp, quant_logp = ref_logits.log_softmax(-1), quant_logits.to(ref_logits.device).log_softmax(-1)
+    for (ref_logits, targets), (quant_logits, _) in zip(reference, quantized):
+        quant_logits = quant_logits.to(ref_logits.device)
+        ref_logp, quant_logp = ref_logits.log_softmax(-1), quant_logits.log_softmax(-1)
         kl += (ref_logp.exp() * (ref_logp - quant_logp)).sum().item()
-        agree += (ref_logits.argmax(-1) == quant_logits.to(ref_logits.device).argmax(-1)).sum().item()
+        agree += (ref_logits.argmax(-1) == quant_logits.argmax(-1)).sum().item()
         nll_ref -= ref_logp.gather(1, targets[:, None]).sum().item()
-        nll_quant -= quant_logp.gather(1, targets[:, None].to(quant_logp.device)).sum().item()
+        nll_quant -= quant_logp.gather(1, targets[:, None]).sum().item()
         tokens += len(targets)
     ppl_ref, ppl_quant = math.exp(nll_ref / tokens), math.exp(nll_quant / tokens)
     return Comparison(

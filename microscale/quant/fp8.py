@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from microscale.quant.base import QuantMethod, register_quant_method
+from microscale.quant.scratch import scratch_buffer
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
@@ -36,6 +37,39 @@ def _param(data: torch.Tensor, weight_loader) -> nn.Parameter:
     param = nn.Parameter(data, requires_grad=False)
     param.weight_loader = weight_loader
     return param
+
+
+_PAIR_TABLES: dict[tuple, torch.Tensor] = {}
+_DECODE_CHUNK = 1 << 20  # byte pairs per step: the int32 indices stay cache-sized
+
+
+def _pair_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every pair of FP8 bytes (read as one int16) -> its two values in `dtype`, packed in one machine word."""
+    key = (dtype, device)
+    table = _PAIR_TABLES.get(key)
+    if table is None:
+        pairs = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.uint8).view(-1, 2)
+        values = pairs.contiguous().view(FP8_DTYPE).to(dtype)  # exact: E4M3 fits bf16, fp16 and fp32
+        word = {2: torch.int32, 4: torch.int64}[values.element_size()]
+        table = _PAIR_TABLES[key] = values.view(word).view(-1).to(device)
+    return table
+
+
+def dequantize_fp8_weight(w_q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`w_q.to(dtype)` (exact), into a reused buffer, two bytes per table lookup: on a CPU, about 3x faster
+    than torch's elementwise conversion. Valid until the next call for a weight of the same shape."""
+    out = scratch_buffer("fp8-weight", tuple(w_q.shape), dtype, w_q.device)
+    if w_q.device.type != "cpu" or w_q.shape[-1] % 2 or not w_q.is_contiguous():
+        return out.copy_(w_q)
+    table = _pair_table(dtype, w_q.device)
+    pairs = w_q.view(torch.int16).view(-1)
+    words = out.view(table.dtype).view(-1)
+    idx = torch.empty(min(len(pairs), _DECODE_CHUNK), dtype=torch.int32)
+    for start in range(0, len(pairs), _DECODE_CHUNK):
+        chunk = idx[: min(_DECODE_CHUNK, len(pairs) - start)]
+        chunk.copy_(pairs[start : start + len(chunk)]).bitwise_and_(0xFFFF)  # int16 -> unsigned table index
+        torch.index_select(table, 0, chunk, out=words[start : start + len(chunk)])
+    return out
 
 
 def _unset(shape: tuple[int, ...]) -> nn.Parameter:
@@ -58,7 +92,7 @@ def fp8_matmul(
         scale_b = w_scale.reshape(1, -1) if w_scale.numel() > 1 else w_scale.reshape(())
         if scale_a.dim() == scale_b.dim():  # _scaled_mm takes both per-tensor or both row/column-wise
             return torch._scaled_mm(x_q, w_q.t(), scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype)
-    y = F.linear(x_q.to(out_dtype), w_q.to(out_dtype))
+    y = F.linear(x_q.to(out_dtype), dequantize_fp8_weight(w_q, out_dtype))
     y = (y.float() * (x_scale.reshape(-1, 1) if x_scale.numel() > 1 else x_scale) * w_scale).to(out_dtype)
     y = y.view(tokens, out)
     return y if bias is None else y + bias
@@ -71,7 +105,11 @@ class _Fp8Method(QuantMethod):
 
     def create_weights(self, layer, input_size, output_sizes, bias, dtype, weight_loader) -> None:
         out = sum(output_sizes)
-        layer.register_parameter("weight", _param(torch.empty(out, input_size, dtype=FP8_DTYPE), weight_loader))
+        try:
+            weight = torch.empty(out, input_size, dtype=FP8_DTYPE)
+        except (RuntimeError, TypeError) as e:  # a device or build without float8 storage
+            raise ValueError(f"FP8 weights need float8_e4m3fn tensors, which this device cannot store: {e}") from e
+        layer.register_parameter("weight", _param(weight, weight_loader))
         layer.register_parameter("bias", _param(torch.empty(out, dtype=dtype), weight_loader) if bias else None)
         self.create_scales(layer, output_sizes, weight_loader)
 
@@ -142,7 +180,7 @@ class Fp8StaticMethod(_Fp8Method):
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         if layer.calibrating:
             torch.maximum(layer.input_amax, x.detach().abs().amax().float(), out=layer.input_amax)
-            weight = (layer.weight.to(torch.float32) * layer.row_scale[:, None]).to(x.dtype)
+            weight = (dequantize_fp8_weight(layer.weight, torch.float32) * layer.row_scale[:, None]).to(x.dtype)
             return F.linear(x, weight, layer.bias)
         scale = layer.input_scale.max()
         if torch.isnan(scale):

@@ -9,6 +9,7 @@ from torch import nn
 
 from microscale.quant.base import ExpertsQuantMethod, copy_checked, create_expert_biases, register_experts_method
 from microscale.quant.mxfp4 import MXFP4_BLOCK, pack_mxfp4, unpack_mxfp4
+from microscale.quant.scratch import scratch_buffer
 
 
 def _packed(shape: tuple[int, ...]) -> nn.Parameter:
@@ -42,21 +43,9 @@ class Mxfp4ExpertsMethod(ExpertsQuantMethod):
     def expert_weights(self, layer, expert, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Valid until the next call (of any layer): they are decoded into shared scratch buffers."""
         return tuple(
-            unpack_mxfp4(blocks[expert], scales[expert], dtype, out=_scratch(name, blocks, dtype))
+            unpack_mxfp4(blocks[expert], scales[expert], dtype, out=scratch_buffer(
+                f"mxfp4-{name}", (blocks.shape[1], blocks.shape[2] * MXFP4_BLOCK), dtype, blocks.device))
             for name, blocks, scales in (("w13", layer.w13_blocks, layer.w13_scales),
                                          ("w2", layer.w2_blocks, layer.w2_scales))
         )
 
-
-# One decoded w13 and w2 at a time for the whole model (every layer has the same shapes): a fresh tensor per
-# expert per step would cost more in page faults than the decoding itself.
-_SCRATCH: dict[tuple, torch.Tensor] = {}
-
-
-def _scratch(name: str, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    shape = (blocks.shape[1], blocks.shape[2] * MXFP4_BLOCK)
-    key = (name, shape, dtype, blocks.device)
-    buffer = _SCRATCH.get(key)
-    if buffer is None:
-        buffer = _SCRATCH[key] = torch.empty(shape, dtype=dtype, device=blocks.device)
-    return buffer

@@ -9,6 +9,7 @@ from torch import nn
 
 from microscale.quant.base import QuantMethod, register_quant_method
 from microscale.quant.mxfp4 import MXFP4_BLOCK, pack_mxfp4, unpack_mxfp4
+from microscale.quant.scratch import scratch_buffer
 
 _PACKED_NAMES = ["weight_blocks", "weight_scales"]
 
@@ -63,7 +64,10 @@ class Mxfp4LinearMethod(QuantMethod):
         return list(_PACKED_NAMES)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        weight = unpack_mxfp4(layer.weight_blocks, layer.weight_scales, x.dtype)
+        blocks = layer.weight_blocks
+        shape = (blocks.shape[0], blocks.shape[1] * MXFP4_BLOCK)
+        weight = unpack_mxfp4(blocks, layer.weight_scales, x.dtype,
+                              out=scratch_buffer("mxfp4-linear", shape, x.dtype, blocks.device))
         bias = layer.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)

@@ -15,7 +15,14 @@ from safetensors.torch import load_file, save_file
 
 from microscale import LLM, CalibConfig, QuantAlgo, QuantConfig
 from microscale.layers.linear import Linear
-from microscale.quant.fp8 import FP8_MAX, Fp8DynamicMethod, Fp8StaticMethod, fp8_scale, quantize_fp8
+from microscale.quant.fp8 import (
+    FP8_MAX,
+    Fp8DynamicMethod,
+    Fp8StaticMethod,
+    dequantize_fp8_weight,
+    fp8_scale,
+    quantize_fp8,
+)
 
 TEXT = (REPO / "data" / "pycode-valid.txt").read_text()
 
@@ -42,6 +49,16 @@ def test_storage_is_torch_float8_with_saturation() -> None:
     assert got.dtype == torch.float8_e4m3fn and torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
     assert quantize_fp8(torch.tensor([1e6, -1e6]), 1.0).float().tolist() == [FP8_MAX, -FP8_MAX]  # not NaN
     assert fp8_scale(torch.tensor(0.0)) > 0  # all-zero tensors still get a usable scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_weight_decoding_is_exact(dtype) -> None:
+    every_byte_pair = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float8_e4m3fn)
+    weight = every_byte_pair.view(256, 512)
+    decoded = dequantize_fp8_weight(weight, dtype)
+    assert torch.equal(decoded.nan_to_num(7.0), weight.to(dtype).nan_to_num(7.0))
+    odd = weight[:, :511]  # not contiguous: torch's own conversion
+    assert torch.equal(dequantize_fp8_weight(odd, dtype).nan_to_num(7.0), odd.to(dtype).nan_to_num(7.0))
 
 
 def _linear(method, shards=(32, 48), bias=True):
