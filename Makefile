@@ -16,8 +16,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Serves the OpenAI API on http://127.0.0.1:23333 (Ctrl-C stops it); HOST/PORT override.
+HOST ?= 127.0.0.1
+PORT ?= 23333
 run: install
-	$(BIN)/microscale generate $(MODEL) --prompt "def fibonacci(n):" --max-tokens 64 --temperature 0
+	$(BIN)/microscale serve $(MODEL) --host $(HOST) --port $(PORT)
 
 lint: install
 	$(BIN)/ruff check .

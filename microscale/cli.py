@@ -1,5 +1,5 @@
-"""`microscale` command line: generate, chat, quantize, eval (the server, bench and monitor commands join as
-their issues land)."""
+"""`microscale` command line: generate, chat, serve, quantize, eval (bench and monitor join as their issues
+land)."""
 
 from __future__ import annotations
 
@@ -91,6 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
     _add_sampling_args(chat, max_tokens=256)
     chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
+                           description="Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, "
+                                       "/v1/models, /health, /version); streams with Server-Sent Events.")
+    _add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=23333, help="port to listen on (default 23333)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name clients send (default: the MODEL argument)")
+    serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes")
+    serve.add_argument("--max-waiting", type=int, default=None, metavar="N",
+                       help="answer 503 (Retry-After) while N requests wait for a slot (default: no limit)")
+    serve.set_defaults(func=cmd_serve)
 
     quant = sub.add_parser("quantize", help="write a pre-quantized checkpoint",
                            description="Quantize a 16/32-bit checkpoint and write it as a Hugging Face folder: "
@@ -228,6 +241,26 @@ def cmd_chat(args: argparse.Namespace) -> None:
             print(seq.detokenizer.new_text(seq.is_finished), end="", flush=True)
         print()
         messages.append({"role": "assistant", "content": seq.detokenizer.output_text})
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import signal
+
+    import uvicorn
+
+    from microscale.engine.engine import LLMEngine
+    from microscale.serve.app import build_app
+    from microscale.serve.async_engine import AsyncEngine
+
+    engine = LLMEngine(EngineArgs(model=args.model, **_engine_kwargs(args)))
+    app = build_app(AsyncEngine(engine, args.max_waiting), args.served_model_name or args.model, args.api_key)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler it found:
+    # ignoring it there makes that shutdown exit 0. In-flight streams get 10 s before they are cancelled
+    # (aborting their requests).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=10,
+                log_level="info" if args.verbose else "warning")
 
 
 def _read_data(path: str, max_chars: int | None) -> str:

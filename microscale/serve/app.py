@@ -1,0 +1,86 @@
+"""The FastAPI app: OpenAI routes over one AsyncEngine, with API-key auth, model-name checks and OpenAI-style
+errors."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from microscale import __version__
+from microscale.serve.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from microscale.serve.chat import create_chat_completion
+from microscale.serve.completions import create_completion
+from microscale.serve.errors import APIError, error_response, install_error_handlers
+from microscale.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+
+RETRY_AFTER_S = 1
+
+
+def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None) -> FastAPI:
+    """The engine loop starts with the app and stops (aborting what is in flight) when the server shuts down."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.shutdown()
+
+    app = FastAPI(title="microscale", version=__version__, lifespan=lifespan)
+    app.state.engine = engine
+    install_error_handlers(app)
+
+    @app.exception_handler(EngineOverloadedError)
+    async def overloaded(_: Request, exc: EngineOverloadedError) -> JSONResponse:
+        return error_response(APIError(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}))
+
+    @app.exception_handler(EngineDeadError)
+    async def dead(_: Request, exc: EngineDeadError) -> JSONResponse:
+        return error_response(APIError(503, str(exc)))
+
+    async def check_api_key(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "Missing or invalid API key (Authorization: Bearer KEY).", code="invalid_api_key")
+
+    def check_model(model: str | None) -> None:
+        if model is not None and model != served_model_name:
+            raise APIError(404, f"The model {model!r} does not exist; this server serves {served_model_name!r}.",
+                           "model", "model_not_found")
+
+    authed = [Depends(check_api_key)]
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.is_running:
+            reason = f"The engine loop has stopped: {engine.error!r}" if engine.error else "The engine is not running."
+            return error_response(APIError(503, reason))
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/v1/models", dependencies=authed)
+    async def models() -> ModelList:
+        max_len = engine.engine.scheduler_config.max_model_len
+        return ModelList(data=[ModelCard(id=served_model_name, max_model_len=max_len)])
+
+    @app.post("/v1/completions", dependencies=authed)
+    async def completions(body: CompletionRequest) -> Response:
+        check_model(body.model)
+        return await create_completion(engine, served_model_name, body)
+
+    @app.post("/v1/chat/completions", dependencies=authed)
+    async def chat_completions(body: ChatCompletionRequest) -> Response:
+        check_model(body.model)
+        return await create_chat_completion(engine, served_model_name, body)
+
+    return app

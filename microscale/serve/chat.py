@@ -1,0 +1,97 @@
+"""POST /v1/chat/completions: messages rendered with the model's chat template, one assistant reply per choice."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from microscale.outputs import SampleLogprobs
+from microscale.serve.async_engine import AsyncEngine
+from microscale.serve.errors import APIError
+from microscale.serve.params import check_prompt, sampling_params
+from microscale.serve.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChoiceLogprobs,
+    DeltaMessage,
+    TokenLogprob,
+    TopLogprob,
+)
+from microscale.serve.streaming import DeltaTracker, sse_stream, start_requests, usage
+
+
+def _logprobs(token_ids: list[int], entries: SampleLogprobs, top_n: int) -> ChoiceLogprobs:
+    content = []
+    for token, entry in zip(token_ids, entries):
+        chosen = entry[token]
+        top = sorted((e for e in entry.values() if e.rank <= top_n), key=lambda e: e.rank)
+        content.append(TokenLogprob(
+            token=chosen.decoded_token or "", logprob=chosen.logprob, bytes=list((chosen.decoded_token or "").encode()),
+            top_logprobs=[TopLogprob(token=e.decoded_token or "", logprob=e.logprob,
+                                     bytes=list((e.decoded_token or "").encode())) for e in top],
+        ))
+    return ChoiceLogprobs(content=content)
+
+
+async def create_chat_completion(
+    engine: AsyncEngine, model: str, body: ChatCompletionRequest
+) -> JSONResponse | StreamingResponse:
+    llm = engine.engine
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    try:
+        text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except ValueError as e:
+        raise APIError(400, str(e), "messages") from None
+    # The template already holds any BOS token it wants.
+    prompt = {"prompt": text, "prompt_token_ids": llm.tokenizer.encode(text, add_special_tokens=False)}
+    top_n = (body.top_logprobs or 0) if body.logprobs else None
+    params = sampling_params(llm, body, body.max_completion_tokens or body.max_tokens, None, top_n)
+    check_prompt(llm, prompt["prompt_token_ids"], params, "messages")
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    outputs = start_requests(engine, request_id, [prompt], params)
+    created = int(time.time())
+    prompt_tokens = len(prompt["prompt_token_ids"])
+    tracker = DeltaTracker(params.n)
+
+    def logprobs(token_ids: list[int], entries: SampleLogprobs | None) -> ChoiceLogprobs | None:
+        return None if top_n is None else _logprobs(token_ids, entries or [], top_n)
+
+    if body.stream:
+        async def chunks() -> AsyncIterator[str]:
+            def chunk(choices: list[ChatChunkChoice], **extra) -> str:
+                return ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices,
+                                           **extra).model_dump_json()
+
+            # OpenAI opens each choice with its role and an empty content.
+            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                         for i in range(params.n)])
+            async for _, output in outputs:
+                for d in tracker.deltas(0, output):
+                    yield chunk([ChatChunkChoice(
+                        index=d.index, delta=DeltaMessage(content=d.text if d.text or not d.finish_reason else None),
+                        logprobs=logprobs(d.token_ids, d.logprobs), finish_reason=d.finish_reason,
+                    )])
+            if body.stream_options and body.stream_options.include_usage:
+                yield chunk([], usage=usage(prompt_tokens, tracker.completion_tokens))
+
+        return StreamingResponse(sse_stream(chunks()), media_type="text/event-stream")
+
+    final = None
+    async for _, output in outputs:
+        final = output
+    choices = [
+        ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=logprobs(c.token_ids, c.logprobs),
+                   finish_reason=c.finish_reason)
+        for c in final.outputs
+    ]
+    completion_tokens = sum(len(c.token_ids) for c in final.outputs)
+    response = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices,
+                                      usage=usage(prompt_tokens, completion_tokens))
+    return JSONResponse(response.model_dump())

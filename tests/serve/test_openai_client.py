@@ -1,0 +1,107 @@
+"""The official openai client against a live server: the same text as LLM.generate / LLM.chat, streaming and
+not, n=2, stop strings, seeds, logprobs, usage in the last stream chunk, and 64 concurrent streams."""
+
+from __future__ import annotations
+
+import asyncio
+
+from microscale import SamplingParams
+
+pytest_plugins = ["live_server"]  # the server fixtures
+
+PROMPT = "def fibonacci(n):"
+CHAT = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "import os"}]
+
+
+def test_completion_equals_llm_generate(server, reference):
+    expected = reference.generate([PROMPT], SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)[0]
+    out = server.client().completions.create(model=server.model, prompt=PROMPT, max_tokens=24, temperature=0)
+    assert out.choices[0].text == expected.outputs[0].text
+    assert out.choices[0].finish_reason == expected.outputs[0].finish_reason
+    assert out.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert out.usage.completion_tokens == len(expected.outputs[0].token_ids)
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+
+def test_chat_equals_llm_chat_streamed_or_not(server, reference):
+    expected = reference.chat(CHAT, SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)[0].outputs[0]
+    client = server.client()
+    whole = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=24, temperature=0)
+    assert whole.choices[0].message.content == expected.text
+    assert whole.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model=server.model, messages=CHAT, max_completion_tokens=24,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    assert chunks[-2].choices[0].finish_reason == expected.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(expected.token_ids)
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_n2_seed_and_stop(server):
+    client = server.client()
+    kwargs = dict(model=server.model, prompt="import ", max_tokens=32, temperature=1.0, n=2, seed=7)
+    first = client.completions.create(**kwargs)
+    again = client.completions.create(**kwargs)
+    assert [c.index for c in first.choices] == [0, 1]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert first.choices[0].text != first.choices[1].text  # siblings draw different samples
+    stopped = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=64, temperature=0, stop=["\n"])
+    assert "\n" not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=64, temperature=0, stop="\n",
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == stopped.choices[0].text
+
+
+def test_logprobs(server, reference):
+    client = server.client()
+    out = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=3)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 8
+    assert all(v <= 0 for v in lp.token_logprobs) and all(len(t) >= 3 for t in lp.top_logprobs)
+    assert "".join(lp.tokens) == out.choices[0].text
+    echoed = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=3,
+                                       echo=True)
+    elp = echoed.choices[0].logprobs
+    n_prompt = echoed.usage.prompt_tokens
+    assert echoed.choices[0].text == PROMPT + out.choices[0].text
+    assert elp.token_logprobs[0] is None and elp.top_logprobs[0] is None
+    assert all(v <= 0 for v in elp.token_logprobs[1:n_prompt])
+    assert elp.token_logprobs[n_prompt:] == lp.token_logprobs
+    chat = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in content)
+    assert content[0].logprob == content[0].top_logprobs[0].logprob  # greedy picks the top token
+
+
+def test_prompt_forms(server, reference):
+    ids = reference.get_tokenizer().encode(PROMPT)
+    client = server.client()
+    by_text = client.completions.create(model=server.model, prompt=[PROMPT, "import os"], max_tokens=8, temperature=0)
+    by_ids = client.completions.create(model=server.model, prompt=ids, max_tokens=8, temperature=0)
+    by_id_lists = client.completions.create(model=server.model, prompt=[ids, ids], max_tokens=8, temperature=0)
+    assert [c.index for c in by_text.choices] == [0, 1]
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert [c.text for c in by_id_lists.choices] == [by_text.choices[0].text] * 2
+
+
+def test_64_concurrent_streams_match_greedy(server, reference):
+    prompts = [f"def function_{i}(x):\n    return x + {i}" for i in range(64)]
+    expected = reference.generate(prompts, SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)
+
+    async def stream(client, prompt: str) -> str:
+        chunks = await client.completions.create(model=server.model, prompt=prompt, max_tokens=24, temperature=0,
+                                                 stream=True)
+        return "".join([c.choices[0].text async for c in chunks])
+
+    async def run_all() -> list[str]:
+        async with server.async_client() as client:
+            return await asyncio.gather(*(stream(client, p) for p in prompts))
+
+    texts = asyncio.run(run_all())
+    assert texts == [o.outputs[0].text for o in expected]
+    server.wait_idle()
+    bm = server.engine.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
