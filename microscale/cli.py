@@ -1,5 +1,5 @@
-"""`microscale` command line: generate, chat, serve, quantize, eval (bench and monitor join as their issues
-land)."""
+"""`microscale` command line: generate, chat, serve, quantize, eval, monitor (bench joins as its issue
+lands)."""
 
 from __future__ import annotations
 
@@ -104,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=int, default=None, metavar="N",
                        help="answer 503 (Retry-After) while N requests wait for a slot (default: no limit)")
     serve.set_defaults(func=cmd_serve)
+
+    mon = sub.add_parser("monitor", help="live terminal dashboard of a running server's /metrics",
+                         description="Poll a microscale server's /metrics and show load, throughput and latencies.")
+    mon.add_argument("--server", default="http://127.0.0.1:23333", help="server URL (default http://127.0.0.1:23333)")
+    mon.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default 2)")
+    mon.add_argument("--window", type=float, default=60.0, help="seconds of history for latency quantiles (default 60)")
+    mon.add_argument("--once", action="store_true",
+                     help="print one snapshot and exit (rates over one interval, latencies since the server started)")
+    mon.set_defaults(func=cmd_monitor, verbose=False)
 
     quant = sub.add_parser("quantize", help="write a pre-quantized checkpoint",
                            description="Quantize a 16/32-bit checkpoint and write it as a Hugging Face folder: "
@@ -261,6 +270,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
         signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=10,
                 log_level="info" if args.verbose else "warning")
+
+
+def cmd_monitor(args: argparse.Namespace) -> None:
+    from microscale.monitor.dashboard import run_monitor
+
+    if args.interval <= 0 or args.window <= 0:
+        raise CLIError("--interval and --window must be positive")
+    sys.exit(run_monitor(args.server, args.interval, args.window, args.once))
 
 
 def _read_data(path: str, max_chars: int | None) -> str:

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from microscale import __version__
 from microscale.serve.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
@@ -63,6 +64,11 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
             reason = f"The engine loop has stopped: {engine.error!r}" if engine.error else "The engine is not running."
             return error_response(APIError(503, reason))
         return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        # Unauthenticated, as Prometheus scrapers expect; it reveals load, not content.
+        return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/version")
     async def version() -> dict[str, str]:

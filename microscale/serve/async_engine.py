@@ -11,12 +11,14 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from microscale.engine.engine import LLMEngine, PromptType
 from microscale.outputs import RequestOutput
 from microscale.sampling_params import SamplingParams
+from microscale.serve.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class AsyncEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.metrics = ServerMetrics(engine)
 
     # ---- lifecycle ------------------------------------------------------------------------------------
 
@@ -82,15 +85,20 @@ class AsyncEngine:
         """Outputs of one request as the engine produces them, the last one finished. Closing the iterator
         early (a client that went away) aborts the request, which frees its KV blocks."""
         self._check_accepting()
+        arrival = time.monotonic()
         stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
         with self._count_lock:
             self._num_queued += 1
-        self._submit(lambda: self._add(request_id, prompt, params))
+        self._submit(lambda: self._add(request_id, prompt, params, arrival))
         finished = False
         try:
             while True:
                 item = await stream.queue.get()
+                # Outputs are cumulative: when several steps' wait (a slow client, a busy event loop), only the
+                # latest matters, and one chunk carrying all their tokens costs the server a fraction of many.
+                while not stream.queue.empty() and not isinstance(item, BaseException) and not item.finished:
+                    item = stream.queue.get_nowait()
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -100,7 +108,7 @@ class AsyncEngine:
         finally:
             self._streams.pop(request_id, None)
             if not finished:
-                self._submit(lambda: self.engine.abort_request(request_id))
+                self._submit(lambda: self._abort(request_id))
 
     def check_admission(self, num_requests: int = 1) -> None:
         """Raise (before any work starts) unless num_requests more can be taken now."""
@@ -138,26 +146,38 @@ class AsyncEngine:
 
     # ---- the loop thread ------------------------------------------------------------------------------
 
-    def _add(self, request_id: str, prompt: PromptType, params: SamplingParams) -> None:
+    def _add(self, request_id: str, prompt: PromptType, params: SamplingParams, arrival: float) -> None:
         with self._count_lock:
             self._num_queued -= 1
         stream = self._streams.get(request_id)
         if stream is None:
             return  # the caller left before the request reached the engine
         try:
-            self.engine.add_request(request_id, prompt, params)
+            request = self.engine.add_request(request_id, prompt, params, arrival_time=arrival)
         except ValueError as e:
             stream.put(e)
+        else:
+            self.metrics.request_added(request)
+
+    def _abort(self, request_id: str) -> None:
+        request = self.engine.requests.get(request_id)
+        if request is not None:
+            self.engine.abort_request(request_id)
+            self.metrics.request_aborted(request)
 
     def _loop(self) -> None:
         try:
             while not self._stopping:
                 self._drain_inbox()
                 if not self.engine.has_unfinished_requests():
+                    self.metrics.record_stats()  # aborts free KV blocks with no step after them
                     self._wakeup.wait()
                     self._wakeup.clear()  # before draining: work submitted from now on sets it again
                     continue
-                for output in self.engine.step():
+                started = time.monotonic()
+                outputs = self.engine.step()
+                self.metrics.record_step(started, outputs)
+                for output in outputs:
                     stream = self._streams.get(output.request_id)
                     if stream is not None:
                         stream.put(output)
@@ -181,7 +201,7 @@ class AsyncEngine:
         self._stopping = True
         self._drain_inbox()
         for request_id in list(self.engine.requests):
-            self.engine.abort_request(request_id)
+            self._abort(request_id)
         reason = f"The engine loop has stopped: {self.error!r}" if self.error else "The server is shutting down."
         for stream in list(self._streams.values()):
             stream.put(EngineDeadError(reason))

@@ -19,6 +19,13 @@ _DONE = object()
 async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(stream index, output) from all streams as they come. Closing this early closes every stream (each
     aborts its request)."""
+    if len(streams) == 1:  # the common case (one prompt): no relay task and queue per token
+        try:
+            async for item in streams[0]:
+                yield 0, item
+        finally:
+            await streams[0].aclose()
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:

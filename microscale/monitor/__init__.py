@@ -1,0 +1,1 @@
+"""`microscale monitor`: a terminal dashboard over a running server's Prometheus metrics."""

@@ -1,0 +1,76 @@
+"""`microscale monitor` without a server: quantiles from histogram bucket deltas, counter rates, the rendered
+dashboard (GPU rows only when reported), and a clean failure when the server cannot be reached."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from rich.console import Console
+
+from microscale.cli import main
+from microscale.monitor.dashboard import render
+from microscale.monitor.scrape import Snapshot, parse, quantiles, rate
+
+P = "microscale:"
+
+
+def _metrics(ttft_buckets: dict[str, int], generated: int, extra: str = "") -> str:
+    lines = ["# TYPE microscale:time_to_first_token_seconds histogram"]
+    lines += [f'microscale:time_to_first_token_seconds_bucket{{le="{le}"}} {n}' for le, n in ttft_buckets.items()]
+    lines += [
+        f"microscale:time_to_first_token_seconds_count {max(ttft_buckets.values())}",
+        "# TYPE microscale:generation_tokens counter",
+        f"microscale:generation_tokens_total {generated}",
+        "# TYPE microscale:kv_cache_usage_perc gauge",
+        "microscale:kv_cache_usage_perc 0.25",
+    ]
+    return "\n".join(lines) + "\n" + extra
+
+
+OLDER = parse(_metrics({"0.1": 10, "0.2": 10, "0.4": 10, "+Inf": 10}, 100), at=0.0)
+NEWER = parse(_metrics({"0.1": 10, "0.2": 20, "0.4": 30, "+Inf": 30}, 600), at=2.0)
+
+
+def test_quantiles_come_from_the_bucket_deltas():
+    # The 20 new observations: 10 in (0.1, 0.2], 10 in (0.2, 0.4].
+    p50, p90, p99 = quantiles(NEWER, OLDER, f"{P}time_to_first_token_seconds", (0.5, 0.9, 0.99))
+    assert p50 == pytest.approx(0.2)
+    assert p90 == pytest.approx(0.2 + 0.2 * 0.8)
+    assert p99 == pytest.approx(0.2 + 0.2 * 0.98)
+    assert quantiles(NEWER, NEWER, f"{P}time_to_first_token_seconds", (0.5,)) == [None]
+
+
+def test_quantile_past_the_last_finite_bucket_is_that_bound():
+    newer = parse(_metrics({"0.1": 0, "+Inf": 4}, 0), at=1.0)
+    assert quantiles(newer, Snapshot(0.0), f"{P}time_to_first_token_seconds", (0.5,)) == [0.1]
+
+
+def test_rate_is_the_counter_delta_over_the_poll_interval():
+    assert rate(NEWER, OLDER, f"{P}generation_tokens_total") == 250
+    assert rate(NEWER, OLDER, f"{P}no_such_metric_total") is None
+
+
+def test_dashboard_shows_gpu_rows_only_when_reported():
+    console = Console(width=100, record=True)
+    console.print(render("http://x", OLDER, OLDER, NEWER, "last 60s"))
+    text = console.export_text()
+    assert "250.0" in text and "25.0%" in text and "200.0 / 360.0 / 396.0 ms" in text
+    assert "GPU" not in text
+    gpu = "microscale:gpu_utilization_perc 0.5\nmicroscale:gpu_memory_used_bytes 2147483648\n"
+    with_gpu = parse(_metrics({"0.1": 10, "0.2": 20, "0.4": 30, "+Inf": 30}, 600, gpu), at=2.0)
+    console.print(render("http://x", OLDER, OLDER, with_gpu, "last 60s"))
+    text = console.export_text()
+    assert "GPU utilisation" in text and "50%" in text and "2.00 GiB" in text
+
+
+def test_once_against_an_unreachable_server_fails_cleanly(capsys):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["monitor", "--server", f"http://127.0.0.1:{port}", "--once", "--interval", "0.01"])
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    assert f"cannot reach http://127.0.0.1:{port}/metrics" in captured.err
+    assert "Traceback" not in captured.err + captured.out
