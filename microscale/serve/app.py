@@ -3,9 +3,10 @@ errors."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager, suppress
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -19,6 +20,24 @@ from microscale.serve.errors import APIError, error_response, install_error_hand
 from microscale.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
 RETRY_AFTER_S = 1
+_DISCONNECT_POLL_S = 0.25
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
+    """Run a handler, but cancel it if the client goes away first: a non-streamed generation would otherwise run
+    to its end for nobody (cancelling aborts its requests and frees their KV blocks). Streamed responses are
+    returned at once; Starlette cancels their body when the client leaves."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
 def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None) -> FastAPI:
@@ -80,13 +99,13 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         return ModelList(data=[ModelCard(id=served_model_name, max_model_len=max_len)])
 
     @app.post("/v1/completions", dependencies=authed)
-    async def completions(body: CompletionRequest) -> Response:
+    async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        return await create_completion(engine, served_model_name, body)
+        return await _unless_disconnected(request, create_completion(engine, served_model_name, body))
 
     @app.post("/v1/chat/completions", dependencies=authed)
-    async def chat_completions(body: ChatCompletionRequest) -> Response:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        return await create_chat_completion(engine, served_model_name, body)
+        return await _unless_disconnected(request, create_chat_completion(engine, served_model_name, body))
 
     return app

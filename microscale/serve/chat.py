@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from microscale.outputs import SampleLogprobs
 from microscale.serve.async_engine import AsyncEngine
 from microscale.serve.errors import APIError
+from microscale.serve.harmony import HarmonyStream, split_harmony, uses_harmony
 from microscale.serve.params import check_prompt, sampling_params
 from microscale.serve.protocol import (
     AssistantMessage,
@@ -40,6 +42,13 @@ def _logprobs(token_ids: list[int], entries: SampleLogprobs, top_n: int) -> Choi
     return ChoiceLogprobs(content=content)
 
 
+def _message(tokenizer, text: str, token_ids: list[int], harmony: bool) -> AssistantMessage:
+    if not harmony:
+        return AssistantMessage(content=text)
+    split = split_harmony(tokenizer, token_ids)
+    return AssistantMessage(content=split.content, reasoning_content=split.reasoning or None)
+
+
 async def create_chat_completion(
     engine: AsyncEngine, model: str, body: ChatCompletionRequest
 ) -> JSONResponse | StreamingResponse:
@@ -63,6 +72,14 @@ async def create_chat_completion(
     def logprobs(token_ids: list[int], entries: SampleLogprobs | None) -> ChoiceLogprobs | None:
         return None if top_n is None else _logprobs(token_ids, entries or [], top_n)
 
+    harmony = HarmonyStream(llm.tokenizer) if uses_harmony(llm.tokenizer) else None
+
+    def delta_message(index: int, text: str, token_ids: list[int], finished: bool) -> DeltaMessage:
+        if harmony is None:
+            return DeltaMessage(content=text if text or not finished else None)
+        split = harmony.delta(index, token_ids, finished)
+        return DeltaMessage(content=split.content or None, reasoning_content=split.reasoning or None)
+
     if body.stream:
         async def chunks() -> AsyncIterator[str]:
             def chunk(choices: list[ChatChunkChoice], **extra) -> str:
@@ -73,10 +90,12 @@ async def create_chat_completion(
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                          for i in range(params.n)])
             async for _, output in outputs:
+                whole = {c.index: c.token_ids for c in output.outputs}
                 for d in tracker.deltas(0, output):
+                    delta = delta_message(d.index, d.text, whole[d.index], d.finish_reason is not None)
                     yield chunk([ChatChunkChoice(
-                        index=d.index, delta=DeltaMessage(content=d.text if d.text or not d.finish_reason else None),
-                        logprobs=logprobs(d.token_ids, d.logprobs), finish_reason=d.finish_reason,
+                        index=d.index, delta=delta, logprobs=logprobs(d.token_ids, d.logprobs),
+                        finish_reason=d.finish_reason,
                     )])
             if body.stream_options and body.stream_options.include_usage:
                 yield chunk([], usage=usage(prompt_tokens, tracker.completion_tokens))
@@ -84,11 +103,12 @@ async def create_chat_completion(
         return StreamingResponse(sse_stream(chunks()), media_type="text/event-stream")
 
     final = None
-    async for _, output in outputs:
-        final = output
+    async with aclosing(outputs):  # cancelled (the client left): the requests are aborted at once
+        async for _, output in outputs:
+            final = output
     choices = [
-        ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=logprobs(c.token_ids, c.logprobs),
-                   finish_reason=c.finish_reason)
+        ChatChoice(index=c.index, message=_message(llm.tokenizer, c.text, c.token_ids, harmony is not None),
+                   logprobs=logprobs(c.token_ids, c.logprobs), finish_reason=c.finish_reason)
         for c in final.outputs
     ]
     completion_tokens = sum(len(c.token_ids) for c in final.outputs)

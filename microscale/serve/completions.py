@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import torch
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -134,9 +135,10 @@ async def create_completion(
         return StreamingResponse(sse_stream(chunks()), media_type="text/event-stream")
 
     finals = {}
-    async for prompt_index, output in outputs:
-        if output.finished:
-            finals[prompt_index] = output
+    async with aclosing(outputs):  # cancelled (the client left): the requests are aborted at once
+        async for prompt_index, output in outputs:
+            if output.finished:
+                finals[prompt_index] = output
     choices = []
     for prompt_index in range(len(prompts)):
         for c in finals[prompt_index].outputs:

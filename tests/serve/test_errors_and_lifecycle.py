@@ -96,3 +96,46 @@ def test_disconnect_mid_stream_frees_blocks(server):
     server.wait_idle()
     assert not engine.requests
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "def main():"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+])
+def test_disconnect_during_a_non_streamed_request_aborts_it(server, path, body):
+    engine = server.engine.engine
+    generated_before = engine.num_generated_tokens
+    body = {**body, "max_tokens": 480, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up (and closes its connection) while it runs
+        httpx.post(f"{server.url}{path}", json=body, timeout=0.3, headers={"Authorization": f"Bearer {server.api_key}"})
+    server.wait_idle()
+    assert not engine.requests
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.num_generated_tokens - generated_before < 480  # aborted, not run to its end
+
+
+def test_health_fails_once_the_engine_loop_dies(pytestconfig, monkeypatch):
+    """A step that raises kills the loop: the request in flight gets a 503, /health turns 503, nothing leaks."""
+    from fastapi.testclient import TestClient
+
+    from microscale.config import EngineArgs
+    from microscale.engine.engine import LLMEngine
+    from microscale.serve.app import build_app
+    from microscale.serve.async_engine import AsyncEngine
+
+    model = pytestconfig.rootpath / "models" / "tiny-llama-pycode"
+    llm_engine = LLMEngine(EngineArgs(model=str(model), dtype="float32", max_model_len=128))
+    with TestClient(build_app(AsyncEngine(llm_engine), "tiny")) as client:
+        assert client.get("/health").status_code == 200
+
+        def broken_step():
+            raise RuntimeError("simulated device failure")
+
+        monkeypatch.setattr(llm_engine, "step", broken_step)
+        response = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4})
+        _assert_openai_error(response, 503)
+        health = client.get("/health")
+        assert health.status_code == 503 and "simulated device failure" in health.json()["error"]["message"]
+        _assert_openai_error(client.post("/v1/completions", json={"prompt": "hi"}), 503)
+    assert not llm_engine.requests
+    assert llm_engine.block_manager.num_free_blocks == llm_engine.block_manager.num_blocks
