@@ -268,6 +268,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # (aborting their requests).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
+    print(f"microscale: serving {args.served_model_name or args.model} at http://{args.host}:{args.port}/v1 "
+          "(OpenAI API; /metrics, /health; Ctrl-C stops)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=10,
                 log_level="info" if args.verbose else "warning")
 
