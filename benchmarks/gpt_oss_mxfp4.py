@@ -23,8 +23,9 @@ import warnings
 from pathlib import Path
 
 import torch
+from decode_timing import decode_tokens_per_s
 
-from microscale import LLM, SamplingParams
+from microscale import LLM
 from microscale.eval.perplexity import perplexity
 from microscale.layers.moe import FusedMoE
 from microscale.quant.export import quantize_checkpoint
@@ -105,15 +106,8 @@ def real_size(batch: int, new_tokens: int) -> dict:
     out = {"load_s": load_s, "rss_after_load_gib": rss_gib(), **expert_memory(llm)}
     prompt = list(range(1000, 1016))
     for n in sorted({1, batch}):
-        prompts = [{"prompt_token_ids": [t + i for t in prompt]} for i in range(n)]
-        times = {}
-        for tokens in (1, new_tokens):
-            params = SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0)
-            t0 = time.perf_counter()
-            llm.generate(prompts, params, use_tqdm=False)
-            times[tokens] = time.perf_counter() - t0
-        # Prefill + first token cancel out: the rest is (new_tokens - 1) decode steps of n sequences.
-        out[f"decode_tok_s_batch{n}"] = n * (new_tokens - 1) / (times[new_tokens] - times[1])
+        out[f"decode_tok_s_batch{n}"] = decode_tokens_per_s(llm, [[t + i for t in prompt] for i in range(n)],
+                                                            new_tokens)
     return out
 
 

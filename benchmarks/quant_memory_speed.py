@@ -14,12 +14,12 @@ import argparse
 import gc
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from decode_timing import decode_tokens_per_s
 
-from microscale import LLM, CalibConfig, SamplingParams
+from microscale import LLM, CalibConfig
 from microscale.models.loader import load_model_config
 from microscale.quant.kv_cache import make_kv_cache
 
@@ -54,17 +54,6 @@ def kv_tokens_per_gib(model_dir: Path) -> dict[str, float]:
     return out
 
 
-def decode_speed(llm: LLM, batch: int, tokens: int) -> float:
-    prompts = [{"prompt_token_ids": list(range(100 + i, 132 + i))} for i in range(batch)]
-    timings = {}
-    for n in (1, tokens):
-        params = SamplingParams(max_tokens=n, ignore_eos=True, temperature=0)
-        start = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        timings[n] = time.perf_counter() - start
-    return batch * (tokens - 1) / (timings[tokens] - timings[1])
-
-
 def run(model_dir: Path, dummy: bool, batch: int, tokens: int, calib: CalibConfig) -> dict:
     rows = {}
     for label, kwargs in WEIGHT_SCHEMES.items():
@@ -75,7 +64,8 @@ def run(model_dir: Path, dummy: bool, batch: int, tokens: int, calib: CalibConfi
             rows[label] = {"weights_gib": None}  # 32 GB does not fit this machine: computed below
             continue
         llm = LLM(str(model_dir), max_model_len=256, max_num_seqs=batch, kv_cache_memory=0.25, **kwargs, **extra)
-        rows[label] = {"weights_gib": weight_gib(llm), "decode_tok_s": decode_speed(llm, batch, tokens)}
+        rows[label] = {"weights_gib": weight_gib(llm), "decode_tok_s": decode_tokens_per_s(
+            llm, [list(range(100 + i, 132 + i)) for i in range(batch)], tokens)}
         del llm
         gc.collect()
     if rows["fp32"]["weights_gib"] is None:

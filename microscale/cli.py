@@ -13,6 +13,7 @@ from dataclasses import fields
 from typing import Any
 
 from microscale.config import EngineArgs
+from microscale.jsonl import json_lines
 from microscale.quant import known_quant_methods
 from microscale.quant.config import CalibConfig
 from microscale.quant.export import EXPORT_FORMATS
@@ -176,17 +177,11 @@ def _sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _read_prompts_file(path: str) -> Iterator[tuple[Any, dict[str, Any]]]:
     try:
-        lines = open(path, encoding="utf-8").read().splitlines()
+        text = open(path, encoding="utf-8").read()
     except OSError as e:
         raise CLIError(f"cannot read prompts file: {e}") from None
     sampling_keys = {f.name for f in fields(SamplingParams) if f.init}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CLIError(f"{path}:{number}: not JSON ({e.msg})") from None
+    for number, item in json_lines(text, path):
         if isinstance(item, str):
             yield item, {}
         elif isinstance(item, dict) and ("prompt" in item or "prompt_token_ids" in item):

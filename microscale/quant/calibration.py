@@ -7,7 +7,6 @@ per layer and KV head become the cache's static scales (INT8 per head, FP8 per t
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from microscale.jsonl import json_lines
 from microscale.layers.attention import Attention
 from microscale.quant.config import CalibConfig
 from microscale.quant.fp8 import Fp8StaticMethod, fp8_scale
@@ -38,13 +38,7 @@ def read_documents(path: str | Path) -> list[str]:
     if path.suffix != ".jsonl":
         return [raw] if raw.strip() else []
     docs = []
-    for number, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+    for number, item in json_lines(raw, str(path)):
         text = item if isinstance(item, str) else item.get("text") if isinstance(item, dict) else None
         if not isinstance(text, str):
             raise ValueError(f'{path}:{number}: expected a string or an object with a "text" string')
