@@ -11,28 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from microscale.quant.registry import Registry
+
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, int | None], None]
 
-_REGISTRY: dict[str, type[QuantMethod]] = {}
-
-
-def register_quant_method(name: str) -> Callable[[type[QuantMethod]], type[QuantMethod]]:
-    def wrap(cls: type[QuantMethod]) -> type[QuantMethod]:
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
-
-
-def known_quant_methods() -> list[str]:
-    return sorted(_REGISTRY)
+LINEAR_METHODS: Registry[type[QuantMethod]] = Registry("quantization")
+EXPERTS_METHODS: Registry[type[ExpertsQuantMethod]] = Registry("MoE experts quantization")
+register_quant_method = LINEAR_METHODS.register
+register_experts_method = EXPERTS_METHODS.register
+known_quant_methods = LINEAR_METHODS.names
 
 
 def get_quant_method(name: str | None, prequantized: bool = False) -> QuantMethod:
-    key = name or "none"
-    if key not in _REGISTRY:
-        raise ValueError(f"Unknown quantization {name!r}; known: {sorted(_REGISTRY)}.")
-    return _REGISTRY[key](prequantized)
+    return LINEAR_METHODS.get(name)(prequantized)
+
+
+def get_experts_method(name: str | None) -> ExpertsQuantMethod:
+    return EXPERTS_METHODS.get(name)()
 
 
 class QuantMethod(ABC):
@@ -87,28 +82,6 @@ class UnquantizedLinearMethod(QuantMethod):
 
 
 # ---- MoE experts ------------------------------------------------------------------------------------------
-
-_EXPERTS_REGISTRY: dict[str, type[ExpertsQuantMethod]] = {}
-
-
-def register_experts_method(name: str) -> Callable[[type[ExpertsQuantMethod]], type[ExpertsQuantMethod]]:
-    def wrap(cls: type[ExpertsQuantMethod]) -> type[ExpertsQuantMethod]:
-        _EXPERTS_REGISTRY[name] = cls
-        return cls
-
-    return wrap
-
-
-def has_experts_method(name: str) -> bool:
-    return name in _EXPERTS_REGISTRY
-
-
-def get_experts_method(name: str | None) -> ExpertsQuantMethod:
-    key = name or "none"
-    if key not in _EXPERTS_REGISTRY:
-        raise ValueError(f"Unknown MoE experts quantization {name!r}; known: {sorted(_EXPERTS_REGISTRY)}.")
-    return _EXPERTS_REGISTRY[key]()
-
 
 class ExpertsQuantMethod(ABC):
     """Storage of an MoE layer's experts: w13 [experts, 2 * intermediate, hidden] (gate rows, then up rows)

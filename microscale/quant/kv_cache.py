@@ -20,11 +20,11 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 
 import torch
 
 from microscale.quant import fp8
+from microscale.quant.registry import Registry
 
 INT8_MAX = 127
 _FP8 = getattr(torch, "float8_e4m3fn", None)
@@ -33,29 +33,16 @@ _FP8 = getattr(torch, "float8_e4m3fn", None)
 TOKEN_SCALE_DTYPE = torch.bfloat16
 _REQUANTIZE_BLOCKS = 256  # blocks re-quantised at once when static scales change under a filled cache
 
-_REGISTRY: dict[str, type[KVCache]] = {}
-
-
-def register_kv_cache(name: str) -> Callable[[type[KVCache]], type[KVCache]]:
-    def wrap(cls: type[KVCache]) -> type[KVCache]:
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
-
-
-def known_kv_cache_quants() -> list[str]:
-    return sorted(_REGISTRY)
+KV_CACHES: Registry[type[KVCache]] = Registry("kv_cache_quant")
+register_kv_cache = KV_CACHES.register
+known_kv_cache_quants = KV_CACHES.names
 
 
 def make_kv_cache(
     name: str | None, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
 ) -> KVCache:
     """An unallocated KV cache of scheme `name` (None: the model dtype) for one layer."""
-    key = name or "none"
-    if key not in _REGISTRY:
-        raise ValueError(f"Unknown kv_cache_quant {name!r}; known: {known_kv_cache_quants()}.")
-    return _REGISTRY[key](kv_heads, head_dim, dtype, device)
+    return KV_CACHES.get(name)(kv_heads, head_dim, dtype, device)
 
 
 def kv_scales_from_amax(
@@ -63,9 +50,9 @@ def kv_scales_from_amax(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Static scales from calibration's largest |k| and |v| per KV head ([kv_heads] each): per head for int8
     (amax / 127), one per tensor for fp8 (max over heads / 448)."""
-    cls = _REGISTRY.get(scheme)
+    cls = KV_CACHES.get(scheme) if scheme in KV_CACHES else None
     if cls is None or not issubclass(cls, QuantizedKVCache):
-        quantized = sorted(name for name, c in _REGISTRY.items() if issubclass(c, QuantizedKVCache))
+        quantized = sorted(name for name, c in KV_CACHES.items() if issubclass(c, QuantizedKVCache))
         raise ValueError(f"KV cache scheme {scheme!r} has no scales; known: {quantized}.")
     return cls.scales_from_amax(k_amax.float()), cls.scales_from_amax(v_amax.float())
 

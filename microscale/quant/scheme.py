@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from microscale.quant.base import (
+    EXPERTS_METHODS,
     ExpertsQuantMethod,
     QuantMethod,
     get_experts_method,
     get_quant_method,
-    has_experts_method,
     known_quant_methods,
 )
 
@@ -46,7 +46,7 @@ class QuantScheme:
         if chosen not in known_quant_methods():
             known = ", ".join(known_quant_methods())
             raise ValueError(f"Unknown quantization {quantization!r}; choose one of {known}.")
-        experts = chosen if has_experts_method(chosen) else "none"
+        experts = chosen if chosen in EXPERTS_METHODS else "none"
         method = (checkpoint_config or {}).get("quant_method")
         if method is None:
             return cls(linear=chosen, experts=experts)
