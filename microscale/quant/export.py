@@ -71,7 +71,8 @@ def _fp8_tensors(engine: LLMEngine) -> TensorTransform:
         yield name, layer.weight[offset : offset + rows].cpu()
         if engine.quant.linear == "fp8":
             yield f"{prefix}.weight_scale", layer.weight_scale[index].reshape(1).cpu()
-            yield f"{prefix}.input_scale", layer.input_scale.max().reshape(1).cpu()
+            # A copy per shard: safetensors refuses tensors that share storage.
+            yield f"{prefix}.input_scale", layer.activation_scale.reshape(1).clone().cpu()
         else:
             yield f"{prefix}.weight_scale", layer.weight_scale[offset : offset + rows].reshape(-1, 1).cpu()
 

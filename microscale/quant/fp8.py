@@ -12,6 +12,8 @@ which is what _scaled_mm computes (products of FP8 values accumulated in higher 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,6 +79,7 @@ def _unset(shape: tuple[int, ...]) -> nn.Parameter:
     return nn.Parameter(torch.full(shape, float("nan")), requires_grad=False)
 
 
+@functools.cache
 def _scaled_mm_available(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
@@ -86,15 +89,13 @@ def fp8_matmul(
     bias: torch.Tensor | None, out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """(x_q * x_scale) @ (w_q * w_scale)^T + bias. x_scale: [] or [tokens, 1]; w_scale: [] or [out]."""
-    tokens, out = x_q.shape[0], w_q.shape[0]
-    if _scaled_mm_available(x_q.device) and x_q.shape[1] % 16 == 0 and out % 16 == 0:
+    if _scaled_mm_available(x_q.device) and x_q.shape[1] % 16 == 0 and w_q.shape[0] % 16 == 0:
         scale_a = x_scale.reshape(-1, 1) if x_scale.numel() > 1 else x_scale.reshape(())
         scale_b = w_scale.reshape(1, -1) if w_scale.numel() > 1 else w_scale.reshape(())
         if scale_a.dim() == scale_b.dim():  # _scaled_mm takes both per-tensor or both row/column-wise
             return torch._scaled_mm(x_q, w_q.t(), scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype)
     y = F.linear(x_q.to(out_dtype), dequantize_fp8_weight(w_q, out_dtype))
     y = (y.float() * (x_scale.reshape(-1, 1) if x_scale.numel() > 1 else x_scale) * w_scale).to(out_dtype)
-    y = y.view(tokens, out)
     return y if bias is None else y + bias
 
 
@@ -152,6 +153,10 @@ class Fp8StaticMethod(_Fp8Method):
         # Row i of the weight uses the scale of its shard.
         layer.register_buffer("row_scale", torch.ones(sum(output_sizes)), persistent=False)
         layer.register_buffer("input_amax", torch.zeros(()), persistent=False)
+        # The one scale the input is quantized with (the shards' maximum), fixed once it is known, so the
+        # forward neither reduces nor checks it (a check would sync the host every call).
+        layer.register_buffer("activation_scale", torch.ones(()), persistent=False)
+        layer.has_input_scale = False
         layer.calibrating = False
 
     def quantize_weight(self, weight):
@@ -169,22 +174,29 @@ class Fp8StaticMethod(_Fp8Method):
 
     def process_weights_after_loading(self, layer) -> None:
         super().process_weights_after_loading(layer)
-        if self.prequantized and torch.isnan(layer.input_scale).any():
-            raise ValueError("An FP8 checkpoint lacks input_scale for some Linear layer (or one of its shards).")
         sizes = torch.tensor(layer.output_sizes, device=layer.weight_scale.device)
         layer.row_scale.copy_(torch.repeat_interleave(layer.weight_scale.data, sizes))
+        if not torch.isnan(layer.input_scale).any():  # from the checkpoint (or dummy weights)
+            self._fix_input_scale(layer)
+        elif self.prequantized:
+            raise ValueError("An FP8 checkpoint lacks input_scale for some Linear layer (or one of its shards).")
 
     def set_input_scale(self, layer, scale: torch.Tensor) -> None:
         layer.input_scale.data.fill_(scale.item())
+        self._fix_input_scale(layer)
+
+    def _fix_input_scale(self, layer) -> None:
+        layer.activation_scale.copy_(layer.input_scale.max())
+        layer.has_input_scale = True
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         if layer.calibrating:
             torch.maximum(layer.input_amax, x.detach().abs().amax().float(), out=layer.input_amax)
             weight = (dequantize_fp8_weight(layer.weight, torch.float32) * layer.row_scale[:, None]).to(x.dtype)
             return F.linear(x, weight, layer.bias)
-        scale = layer.input_scale.max()
-        if torch.isnan(scale):
+        if not layer.has_input_scale:
             raise RuntimeError("FP8 static activations need an input scale: calibrate, or load a checkpoint with one.")
+        scale = layer.activation_scale
         flat = x.reshape(-1, x.shape[-1])
         y = fp8_matmul(quantize_fp8(flat, scale), scale, layer.weight, layer.row_scale, layer.bias, x.dtype)
         return y.view(*x.shape[:-1], -1)

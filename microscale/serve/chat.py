@@ -74,9 +74,10 @@ async def create_chat_completion(
 
     harmony = HarmonyStream(llm.tokenizer) if uses_harmony(llm.tokenizer) else None
 
-    def delta_message(index: int, text: str, token_ids: list[int], finished: bool) -> DeltaMessage:
+    def delta_message(index: int, text: str, output, finished: bool) -> DeltaMessage:
         if harmony is None:
             return DeltaMessage(content=text if text or not finished else None)
+        token_ids = next(c.token_ids for c in output.outputs if c.index == index)
         split = harmony.delta(index, token_ids, finished)
         return DeltaMessage(content=split.content or None, reasoning_content=split.reasoning or None)
 
@@ -90,9 +91,8 @@ async def create_chat_completion(
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                          for i in range(params.n)])
             async for _, output in outputs:
-                whole = {c.index: c.token_ids for c in output.outputs}
                 for d in tracker.deltas(0, output):
-                    delta = delta_message(d.index, d.text, whole[d.index], d.finish_reason is not None)
+                    delta = delta_message(d.index, d.text, output, d.finish_reason is not None)
                     yield chunk([ChatChunkChoice(
                         index=d.index, delta=delta, logprobs=logprobs(d.token_ids, d.logprobs),
                         finish_reason=d.finish_reason,
