@@ -68,7 +68,4 @@ class Mxfp4LinearMethod(QuantMethod):
         shape = (blocks.shape[0], blocks.shape[1] * MXFP4_BLOCK)
         weight = unpack_mxfp4(blocks, layer.weight_scales, x.dtype,
                               out=scratch_buffer("mxfp4-linear", shape, x.dtype, blocks.device))
-        bias = layer.bias
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
-        return F.linear(x, weight, bias)
+        return F.linear(x, weight, layer.bias)  # the bias is created in the model dtype
