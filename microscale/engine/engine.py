@@ -307,9 +307,10 @@ class LLMEngine:
 
     def get_stats(self) -> dict[str, float]:
         bm = self.block_manager
+        running, waiting = self.scheduler.num_requests()
         return {
-            "num_requests_running": len(self.scheduler.running),
-            "num_requests_waiting": len(self.scheduler.waiting),
+            "num_requests_running": running,
+            "num_requests_waiting": waiting,
             "kv_cache_blocks_total": bm.num_blocks,
             "kv_cache_blocks_free": bm.num_free_blocks,
             "kv_cache_usage": 1 - bm.num_free_blocks / bm.num_blocks,

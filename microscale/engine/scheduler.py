@@ -8,6 +8,7 @@ the front of the queue, to be recomputed later (its tokens are kept, so its outp
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -45,6 +46,12 @@ class Scheduler:
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
+
+    def num_requests(self) -> tuple[int, int]:
+        """(running, waiting) requests: a request with any running sequence is running (n > 1 counts once)."""
+        running = {id(seq.request) for seq in self.running}
+        waiting = {id(seq.request) for seq in self.waiting} - running
+        return len(running), len(waiting)
 
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.config.max_num_batched_tokens
@@ -86,6 +93,8 @@ class Scheduler:
                 bm.record_prefix_lookup(seq.num_prompt_tokens, seq.num_computed_tokens)
                 seq.request.num_cached_tokens = max(seq.request.num_cached_tokens, seq.num_computed_tokens)
             seq.status = SequenceStatus.RUNNING
+            if seq.request.first_scheduled_time is None:
+                seq.request.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             scheduled.append(ScheduledChunk(seq, n))
             budget -= n

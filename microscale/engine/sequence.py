@@ -96,6 +96,7 @@ class Request:
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.first_scheduled_time: float | None = None  # left the waiting queue (end of queue time)
         self.first_token_time: float | None = None
         self.seqs: list[Sequence] = []
         # Siblings (n > 1) wait for the first sequence's prompt, then share its blocks.
@@ -108,6 +109,8 @@ class Request:
 
     def to_output(self) -> RequestOutput:
         metrics = {"arrival_time": self.arrival_time}
+        if self.first_scheduled_time is not None:
+            metrics["first_scheduled_time"] = self.first_scheduled_time
         if self.first_token_time is not None:
             metrics["first_token_time"] = self.first_token_time
         return RequestOutput(

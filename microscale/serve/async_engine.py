@@ -54,7 +54,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._num_queued = 0  # added by callers, not yet taken by the loop thread
         self._count_lock = threading.Lock()  # _num_queued moves on both threads
-        self._num_waiting = 0  # the scheduler's waiting queue after the last step
+        self._num_waiting = 0  # requests in the scheduler's waiting queue after the last step
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -181,7 +181,7 @@ class AsyncEngine:
                     stream = self._streams.get(output.request_id)
                     if stream is not None:
                         stream.put(output)
-                self._num_waiting = len(self.engine.scheduler.waiting)
+                self._num_waiting = self.engine.scheduler.num_requests()[1]
         except BaseException as e:
             logger.exception("engine loop died")
             self.error = e

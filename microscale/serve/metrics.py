@@ -19,7 +19,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from microscale.engine.engine import LLMEngine
-from microscale.engine.sequence import Request, SequenceStatus
+from microscale.engine.sequence import Request
 from microscale.outputs import RequestOutput
 
 PREFIX = "microscale:"
@@ -58,8 +58,8 @@ class ServerMetrics:
         for reason in FINISH_REASONS:
             self.request_success.labels(reason)  # exported at 0 from the start
         self.totals = {key: Counter(PREFIX + key, doc, registry=registry) for key, doc in _ENGINE_TOTALS.items()}
-        self.running = Gauge(f"{PREFIX}num_requests_running", "Sequences in the running batch.", registry=registry)
-        self.waiting = Gauge(f"{PREFIX}num_requests_waiting", "Sequences waiting to be scheduled.", registry=registry)
+        self.running = Gauge(f"{PREFIX}num_requests_running", "Requests in the running batch.", registry=registry)
+        self.waiting = Gauge(f"{PREFIX}num_requests_waiting", "Requests waiting to be scheduled.", registry=registry)
         self.kv_usage = Gauge(f"{PREFIX}kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).",
                               registry=registry)
 
@@ -103,10 +103,8 @@ class ServerMetrics:
         now = time.monotonic()
         self.step_time.observe(now - started)
         for request_id, request in list(self._unscheduled.items()):
-            # The engine keeps no "first scheduled" time: a request left the queue in the first step that
-            # admitted its first sequence, so queue time is exact to one step.
-            if request.seqs[0].status is not SequenceStatus.WAITING:
-                self.queue_time.observe(started - request.arrival_time)
+            if request.first_scheduled_time is not None:
+                self.queue_time.observe(request.first_scheduled_time - request.arrival_time)
                 del self._unscheduled[request_id]
         for output in outputs:
             self._record_output(output, now)

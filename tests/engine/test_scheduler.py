@@ -144,3 +144,30 @@ def test_admission_with_cached_prefix_waits_for_enough_blocks():
     sched.finish(hog, "stop")
     sched.finish(b, "abort")
     assert sched.block_manager.num_free_blocks == 6
+
+
+def test_first_scheduled_time_marks_the_end_of_queueing_and_survives_preemption():
+    sched = make_scheduler(max_num_seqs=1)
+    a, b = make_seq("a", 4), make_seq("b", 4, 100)
+    sched.add(a)
+    sched.add(b)
+    run_step(sched)
+    assert a.request.first_scheduled_time is not None and b.request.first_scheduled_time is None
+    assert a.request.first_scheduled_time >= a.request.arrival_time
+    admitted = a.request.first_scheduled_time
+    sched._preempt(sched.running.pop())  # back to the queue: queue time is not measured again
+    run_step(sched)
+    assert a.request.first_scheduled_time == admitted
+    assert a.request.to_output().metrics["first_scheduled_time"] == admitted
+
+
+def test_num_requests_counts_a_request_once_whatever_its_n():
+    sched = make_scheduler()
+    parent = make_seq("a", 4)
+    sibling = Sequence(parent.request, 1, detokenizer=None)
+    sched.add(parent)
+    sched.add(make_seq("b", 4, 100))
+    assert sched.num_requests() == (0, 2)
+    run_step(sched)
+    sched.add_forked([sibling])
+    assert sched.num_requests() == (2, 0)  # a's sibling waits while its parent runs: a counts as running
