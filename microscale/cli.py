@@ -1,5 +1,4 @@
-"""`microscale` command line: generate, chat, serve, quantize, eval, monitor (bench joins as its issue
-lands)."""
+"""`microscale` command line: generate, chat, serve, bench, quantize, eval, monitor."""
 
 from __future__ import annotations
 
@@ -12,6 +11,8 @@ from collections.abc import Iterator
 from dataclasses import fields
 from typing import Any
 
+from microscale.bench import BenchError
+from microscale.bench.cli import add_bench_parser
 from microscale.config import EngineArgs
 from microscale.jsonl import json_lines
 from microscale.quant import known_quant_methods
@@ -105,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=int, default=None, metavar="N",
                        help="answer 503 (Retry-After) while N requests wait for a slot (default: no limit)")
     serve.set_defaults(func=cmd_serve)
+
+    add_bench_parser(sub)
 
     mon = sub.add_parser("monitor", help="live terminal dashboard of a running server's /metrics",
                          description="Poll a microscale server's /metrics and show load, throughput and latencies.")
@@ -375,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("microscale").setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
         args.func(args)
-    except (CLIError, ValueError) as e:
+    except (CLIError, ValueError, BenchError) as e:
         print(f"microscale {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
