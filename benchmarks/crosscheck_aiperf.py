@@ -31,14 +31,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def bench_serve(args: argparse.Namespace, url: str, requests: list) -> dict:
-    run = run_load(LoadSettings(url, args.served_name, args.concurrency, seed=args.seed, prompt_format="text"),
+    run = run_load(LoadSettings(url, args.model, args.concurrency, seed=args.seed, prompt_format="text"),
                    requests)
     return {"output_tokens_per_s": run["output_tokens_per_s"], "ttft_mean_ms": run["ttft_ms"]["mean"],
             "ttft_p50_ms": run["ttft_ms"]["p50"]}
 
 
 def run_aiperf(args: argparse.Namespace, url: str, out: Path) -> dict:
-    cmd = [args.aiperf, "profile", "--model", args.served_name, "--url", url, "--endpoint-type", "completions",
+    cmd = [args.aiperf, "profile", "--model", args.model, "--url", url, "--endpoint-type", "completions",
            "--streaming", "--concurrency", str(args.concurrency), "--request-count", str(args.num_prompts),
            "--warmup-request-count", "1", "--isl", str(args.input_len), "--prompt-input-tokens-stddev", "0",
            "--osl", str(args.output_len), "--osl-stddev", "0", "--extra-inputs", "ignore_eos:true",
@@ -87,12 +87,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs of each tool, alternating")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    args.served_name, args.max_model_len, args.server_cpus = args.model, 1024, None
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     requests = load_dataset(args.dataset_path, Tokenizer.from_pretrained(args.model), num_prompts=args.num_prompts,
                             input_len=args.input_len, output_len=args.output_len, seed=args.seed).requests
-    server = start_server(args, port)
+    server = start_server(args.model, args.dtype, port, args.concurrency)
     ours, theirs = [], []
     try:  # alternate the tools, so that a slow spell of this shared machine hits both
         for _ in range(args.repeats):

@@ -40,11 +40,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "microscale", "serve", args.model, "--port", str(port), "--dtype", args.dtype,
-           "--max-num-seqs", str(args.concurrency), "--max-model-len", str(args.max_model_len)]
-    if args.server_cpus:
-        cmd = ["taskset", "-c", args.server_cpus, *cmd]
+def start_server(model: str, dtype: str, port: int, max_num_seqs: int, max_model_len: int = 1024,
+                 cpus: str | None = None) -> subprocess.Popen:
+    """`microscale serve MODEL` on loopback (pinned to `cpus` with taskset when given), once /health answers."""
+    cmd = [sys.executable, "-m", "microscale", "serve", model, "--port", str(port), "--dtype", dtype,
+           "--max-num-seqs", str(max_num_seqs), "--max-model-len", str(max_model_len)]
+    if cpus:
+        cmd = ["taskset", "-c", cpus, *cmd]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:
@@ -85,12 +87,12 @@ def main() -> None:
                             input_len=d.input_len, output_len=d.output_len, seed=d.seed,
                             range_ratio=d.range_ratio).requests
     port = free_port()
-    server = start_server(args, port)
+    server = start_server(args.model, args.dtype, port, args.concurrency, args.max_model_len, args.server_cpus)
     if args.client_cpus:
         os.sched_setaffinity(0, {int(c) for c in args.client_cpus.split(",")})
     try:
         base = LoadSettings(f"http://127.0.0.1:{port}", args.model, 1, seed=args.seed)
-        low_load = run_load(base, [r for r in requests[: args.ttft_requests]])
+        low_load = run_load(base, requests[: args.ttft_requests])
         client_cpu = time.process_time()
         served = run_load(LoadSettings(base.base_url, args.model, args.concurrency, seed=args.seed), requests)
         client_cpu = time.process_time() - client_cpu
