@@ -206,7 +206,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise CLIError(f"{args.prompts_file} holds no prompts")
         prompts, per_prompt = [p for p, _ in pairs], [o for _, o in pairs]
     llm = LLM(args.model, **_engine_kwargs(args))
-    params = [llm.engine.default_sampling_params(**{**overrides, **own}) for own in per_prompt]
+    params = [llm.engine.inputs.default_sampling_params(**{**overrides, **own}) for own in per_prompt]
     outputs = llm.generate(prompts, params, use_tqdm=args.prompts_file is not None)
     if args.prompt is not None and args.output is None:
         print(args.prompt + outputs[0].outputs[0].text)
@@ -225,7 +225,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     engine = LLMEngine(EngineArgs(model=args.model, **_engine_kwargs(args)))
     if not engine.tokenizer.chat_template:
         raise CLIError("this model's tokenizer_config.json has no chat_template; use `microscale generate`")
-    params = engine.default_sampling_params(**_sampling_overrides(args))
+    params = engine.inputs.default_sampling_params(**_sampling_overrides(args))
     messages = [{"role": "system", "content": args.system}] if args.system else []
     turn = 0
     print("microscale chat: an empty line or Ctrl-D exits.", file=sys.stderr)
@@ -255,12 +255,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     import uvicorn
 
-    from microscale.engine.engine import LLMEngine
     from microscale.serve.app import build_app
     from microscale.serve.async_engine import AsyncEngine
 
-    engine = LLMEngine(EngineArgs(model=args.model, **_engine_kwargs(args)))
-    app = build_app(AsyncEngine(engine, args.max_waiting), args.served_model_name or args.model, args.api_key)
+    engine = AsyncEngine(EngineArgs(model=args.model, **_engine_kwargs(args)), args.max_waiting)
+    engine.start()
+    app = build_app(engine, args.served_model_name or args.model, args.api_key)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler it found:
     # ignoring it there makes that shutdown exit 0. In-flight streams get 10 s before they are cancelled
     # (aborting their requests).

@@ -50,15 +50,15 @@ class LLM:
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if sampling_params is None:
-            sampling_params = self.engine.default_sampling_params()
+            sampling_params = self.engine.inputs.default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"Got {len(prompts)} prompts but {len(sampling_params)} sampling params.")
         # Tokenize and check every prompt before any starts, so a bad one fails the call cleanly.
-        tokenized = [self.engine.tokenize_prompt(p) for p in prompts]
+        tokenized = [self.engine.inputs.tokenize_prompt(p) for p in prompts]
         for _, ids in tokenized:
-            self.engine.validate_prompt(ids)
+            self.engine.inputs.validate_prompt(ids)
         order = {}
         for i, ((text, ids), params) in enumerate(zip(tokenized, sampling_params)):
             request_id = str(next(self._ids))

@@ -4,40 +4,28 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import torch
 
 from microscale.config import EngineArgs, SchedulerConfig, resolve_dtype
 from microscale.engine.block_manager import BlockManager
 from microscale.engine.detokenizer import IncrementalDetokenizer
+from microscale.engine.inputs import InputProcessor, PromptType
 from microscale.engine.model_runner import ModelRunner
 from microscale.engine.scheduler import ScheduledChunk, Scheduler
 from microscale.engine.sequence import Request, Sequence
 from microscale.layers.sampler import Sampler, SamplerOutput, SamplingBatch
-from microscale.models.loader import load_generation_config, load_model, load_model_config, resolve_model_path
-from microscale.outputs import Logprob, RequestOutput
+from microscale.models.loader import load_model
+from microscale.outputs import Logprob, RequestOutput, SampleLogprobs
 from microscale.quant.calibration import calibrate
 from microscale.quant.kv_cache import kv_scales_from_amax
 from microscale.quant.scheme import QuantScheme
 from microscale.sampling_params import SamplingParams
-from microscale.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 _GIB = 1 << 30
 _DEFAULT_CPU_KV_GIB = 4.0
-# generation_config.json keys that become the default SamplingParams (as vLLM does).
-_GENERATION_DEFAULTS = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "min_p": "min_p",
-    "repetition_penalty": "repetition_penalty",
-    "max_new_tokens": "max_tokens",
-}
-
-PromptType = str | list[int] | dict[str, Any]
 
 
 class LLMEngine:
@@ -45,16 +33,12 @@ class LLMEngine:
         torch.manual_seed(args.seed)
         self.args = args
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model_dir = resolve_model_path(args.model)
-        self.model_config = cfg = load_model_config(model_dir)
-        self.tokenizer = Tokenizer.from_pretrained(resolve_model_path(args.tokenizer) if args.tokenizer else model_dir)
-        generation_config = load_generation_config(model_dir)
-        self.eos_token_ids = self._eos_ids(generation_config)
-        self.generation_defaults = {
-            ours: generation_config[key] for key, ours in _GENERATION_DEFAULTS.items() if key in generation_config
-        }
+        # Tokenizer, model config, generation defaults and prompt checks (shared with the server's front).
+        self.inputs = inputs = InputProcessor(args)
+        self.model_config = cfg = inputs.model_config
+        self.tokenizer, self.eos_token_ids = inputs.tokenizer, inputs.eos_token_ids
+        model_dir, max_model_len = inputs.model_dir, inputs.max_model_len
         self.dtype = resolve_dtype(args.dtype, cfg.checkpoint_dtype, self.device)
-        max_model_len = args.max_model_len or cfg.max_position_embeddings
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len)
         started = time.perf_counter()
         self.quant = QuantScheme.resolve(args.quantization, cfg.hf_config.get("quantization_config"))
@@ -98,14 +82,6 @@ class LLMEngine:
         for layer, scales in kv_scales.items():
             self.runner.set_kv_scales(layer, scales["k_scale"], scales["v_scale"])
 
-    def _eos_ids(self, generation_config: dict[str, Any]) -> list[int]:
-        eos = generation_config.get("eos_token_id")
-        if eos is not None:
-            return [eos] if isinstance(eos, int) else list(eos)
-        if self.model_config.eos_token_ids:
-            return self.model_config.eos_token_ids
-        return [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
-
     def _num_kv_blocks(self) -> int:
         args, sched = self.args, self.scheduler_config
         block_bytes = self.runner.kv_block_bytes(args.block_size)
@@ -134,31 +110,15 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------------
 
-    def default_sampling_params(self, **overrides: Any) -> SamplingParams:
-        return SamplingParams(**{**self.generation_defaults, **overrides})
-
-    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                return self.tokenize_prompt(prompt["prompt"])
-            raise ValueError("A prompt dict needs 'prompt' or 'prompt_token_ids'.")
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
-        raise ValueError(f"A prompt must be a string, a list of token ids or a dict, not {type(prompt).__name__}.")
-
     def add_request(
         self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
         arrival_time: float | None = None,
     ) -> Request:
         if request_id in self.requests:
             raise ValueError(f"Request id {request_id!r} is already in use.")
-        params = params or self.default_sampling_params()
-        text, ids = self.tokenize_prompt(prompt)
-        self.validate_prompt(ids)
+        params = params or self.inputs.default_sampling_params()
+        text, ids = self.inputs.tokenize_prompt(prompt)
+        self.inputs.validate_prompt(ids)
         request = Request(request_id, text, ids, params, arrival_time)
         request.seqs = [
             Sequence(request, i, IncrementalDetokenizer(
@@ -172,28 +132,16 @@ class LLMEngine:
         self.num_prompt_tokens += len(ids)
         return request
 
-    def validate_prompt(self, ids: list[int], room_to_generate: bool = True) -> None:
-        """A clear ValueError for token ids the engine cannot take: empty, too long, outside the vocabulary."""
-        max_len = self.scheduler_config.max_model_len
-        if not ids:
-            raise ValueError("The prompt is empty.")
-        if len(ids) > max_len or (room_to_generate and len(ids) == max_len):
-            raise ValueError(
-                f"The prompt has {len(ids)} tokens; max_model_len is {max_len}"
-                + (", which leaves no room to generate." if room_to_generate else ".")
-            )
-        vocab = self.model_config.vocab_size
-        if any(t < 0 or t >= vocab for t in ids):
-            raise ValueError(f"Prompt token ids must be in [0, {vocab}).")
-
-    def abort_request(self, request_id: str) -> None:
+    def abort_request(self, request_id: str) -> Request | None:
+        """Finish the request's running sequences with "abort" (freeing their blocks); None if unknown."""
         request = self.requests.pop(request_id, None)
         if request is None:
-            return
+            return None
         for seq in request.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
         request.unforked = []
+        return request
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -203,7 +151,7 @@ class LLMEngine:
         device (row i predicts token i + 1), for scoring and perplexity. Runs the engine's own prefill path in
         chunks of max_num_batched_tokens, on KV blocks borrowed for the call (nothing enters the prefix cache)."""
         ids = list(token_ids)
-        self.validate_prompt(ids, room_to_generate=False)
+        self.inputs.validate_prompt(ids, room_to_generate=False)
         request = Request("prompt-logits", None, ids, SamplingParams(max_tokens=1))
         seq = Sequence(request, 0, IncrementalDetokenizer(self.tokenizer, ids))
         if not self.block_manager.can_allocate(seq, len(ids)):
@@ -219,10 +167,32 @@ class LLMEngine:
             self.block_manager.free(seq)
         return torch.cat(rows)
 
+    def prompt_logprobs(self, token_ids: list[int], top_n: int) -> SampleLogprobs:
+        """Per prompt token after the first (which has none): its logprob, rank and the top_n, in the shape of
+        generated tokens' logprobs (OpenAI's echo + logprobs; lm-eval's loglikelihood tasks read them)."""
+        logprobs = torch.log_softmax(self.prompt_logits(token_ids)[:-1], dim=-1)
+        targets = torch.tensor(token_ids[1:], device=logprobs.device)
+        chosen = logprobs.gather(1, targets[:, None])[:, 0]
+        ranks = ((logprobs > chosen[:, None]).sum(dim=1) + 1).tolist()
+        top, top_ids = logprobs.topk(max(top_n, 1), dim=-1)
+        chosen, top, top_ids = chosen.tolist(), top[:, :top_n].tolist(), top_ids[:, :top_n].tolist()
+        decode = self.tokenizer.decode
+        entries = []
+        for row, token in enumerate(token_ids[1:]):
+            entry = {token: Logprob(chosen[row], ranks[row], decode([token]))}
+            for rank, (tid, lp) in enumerate(zip(top_ids[row], top[row]), 1):
+                entry.setdefault(tid, Logprob(lp, rank, decode([tid])))
+            entries.append(entry)
+        return entries
+
     # ---- the step -------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        return [request.to_output() for request in self.step_requests()]
+
+    @torch.inference_mode()
+    def step_requests(self) -> list[Request]:
+        """One step; the requests that got a token in it (finished ones are no longer in self.requests)."""
         preemptions_before = self.scheduler.num_preemptions
         chunks = self.scheduler.schedule()
         if not chunks:
@@ -250,12 +220,10 @@ class LLMEngine:
             self._append_token(seq, token_ids[row], logprobs, row, now)
             touched[seq.request.request_id] = seq.request
         self.num_generated_tokens += len(seqs)
-        outputs = []
         for request in touched.values():
-            outputs.append(request.to_output())
             if request.finished:
                 del self.requests[request.request_id]
-        return outputs
+        return list(touched.values())
 
     def _append_token(self, seq: Sequence, token: int, logprobs: dict | None, row: int, now: float) -> None:
         seq.token_ids.append(token)

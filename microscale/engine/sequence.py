@@ -107,12 +107,16 @@ class Request:
     def finished(self) -> bool:
         return all(seq.is_finished for seq in self.seqs)
 
-    def to_output(self) -> RequestOutput:
+    def to_metrics(self) -> dict[str, float]:
+        """Its timestamps so far (time.monotonic()): arrival, first scheduled, first token."""
         metrics = {"arrival_time": self.arrival_time}
         if self.first_scheduled_time is not None:
             metrics["first_scheduled_time"] = self.first_scheduled_time
         if self.first_token_time is not None:
             metrics["first_token_time"] = self.first_token_time
+        return metrics
+
+    def to_output(self) -> RequestOutput:
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
@@ -120,5 +124,5 @@ class Request:
             outputs=[seq.to_completion_output() for seq in self.seqs],
             finished=self.finished,
             num_cached_tokens=self.num_cached_tokens,
-            metrics=metrics,
+            metrics=self.to_metrics(),
         )

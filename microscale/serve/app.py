@@ -41,11 +41,10 @@ async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> R
 
 
 def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None) -> FastAPI:
-    """The engine loop starts with the app and stops (aborting what is in flight) when the server shuts down."""
+    """Over a started engine, which stops (aborting what is in flight) when the server shuts down."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        engine.start()
         try:
             yield
         finally:
@@ -80,7 +79,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
     @app.get("/health")
     async def health() -> Response:
         if not engine.is_running:
-            reason = f"The engine loop has stopped: {engine.error!r}" if engine.error else "The engine is not running."
+            reason = f"The engine has stopped: {engine.error}" if engine.error else "The engine is not running."
             return error_response(APIError(503, reason))
         return Response(status_code=200)
 
@@ -95,8 +94,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
 
     @app.get("/v1/models", dependencies=authed)
     async def models() -> ModelList:
-        max_len = engine.engine.scheduler_config.max_model_len
-        return ModelList(data=[ModelCard(id=served_model_name, max_model_len=max_len)])
+        return ModelList(data=[ModelCard(id=served_model_name, max_model_len=engine.inputs.max_model_len)])
 
     @app.post("/v1/completions", dependencies=authed)
     async def completions(body: CompletionRequest, request: Request) -> Response:

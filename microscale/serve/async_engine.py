@@ -1,28 +1,34 @@
-"""AsyncEngine: one LLMEngine stepped by a background thread, streaming outputs to asyncio callers.
+"""AsyncEngine: the server front's handle on an engine process, streaming its outputs to asyncio callers.
 
-Only the loop thread touches the engine's state (requests, KV blocks); callers on the event loop hand it work
-through a thread-safe inbox and get outputs back through per-request asyncio queues, so torch work never
-blocks the event loop and the engine needs no locks.
+The engine (model, KV cache, scheduler) lives in a spawned process (serve/engine_core.py), so torch work
+never competes with the event loop for the GIL. This side keeps what needs no model: the tokenizer and
+prompt checks (`inputs`), the metrics, and one stream per request. A sender thread writes to the engine's
+pipe (a busy engine never blocks the event loop); a reader thread takes its reports and hands each request's
+delta to the event loop that waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import multiprocessing
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
-from microscale.engine.engine import LLMEngine, PromptType
-from microscale.outputs import RequestOutput
+from microscale.config import EngineArgs
+from microscale.engine.inputs import InputProcessor
+from microscale.outputs import CompletionOutput, RequestOutput
 from microscale.sampling_params import SamplingParams
+from microscale.serve.engine_core import RequestDelta, StepReport, run_engine_core
 from microscale.serve.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
+_STARTUP_POLL_S = 0.1
 
 
 class EngineOverloadedError(Exception):
@@ -30,181 +36,231 @@ class EngineOverloadedError(Exception):
 
 
 class EngineDeadError(Exception):
-    """The engine loop has stopped (an error in a step, or shutdown)."""
+    """The engine process has stopped (an error in a step, a crash, or shutdown)."""
+
+
+def _remote_error(error_type: str, message: str) -> Exception:
+    """The engine process's exception as the front should raise it: ValueErrors stay the caller's fault."""
+    return ValueError(message) if error_type == "ValueError" else RuntimeError(f"{error_type}: {message}")
 
 
 class _Stream:
-    """Where one request's outputs go: an asyncio queue on the caller's loop, filled from the loop thread."""
+    """Where one request's deltas go: an asyncio queue on the caller's loop, filled from the reader thread."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.queue: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
 
-    def put(self, item: RequestOutput | BaseException) -> None:
+    def put(self, item: RequestDelta | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+def _apply(output: RequestOutput, delta: RequestDelta) -> None:
+    for d in delta.completions:
+        c = output.outputs[d.index]
+        c.token_ids.extend(d.token_ids)
+        c.text += d.text
+        if d.logprobs is not None:
+            if c.logprobs is None:
+                c.logprobs = []
+            c.logprobs.extend(d.logprobs)
+        c.cumulative_logprob, c.finish_reason, c.stop_reason = d.cumulative_logprob, d.finish_reason, d.stop_reason
+    output.finished = delta.finished
+    output.num_cached_tokens = delta.num_cached_tokens
+    output.metrics = delta.metrics
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_waiting: int | None = None) -> None:
-        self.engine = engine
-        # Requests allowed to wait for a slot (in the scheduler or not yet handed to it); None: no limit.
+    def __init__(self, args: EngineArgs, max_waiting: int | None = None) -> None:
+        self.args = args
+        self.inputs = InputProcessor(args)  # fails here, before any process starts, on a bad model path
+        # Requests allowed to wait for a slot (in the scheduler or on their way to it); None: no limit.
         self.max_waiting = max_waiting
-        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._wakeup = threading.Event()
+        self.metrics = ServerMetrics(self.inputs.max_model_len)
+        self.latest_stats: dict[str, float] = {}  # the engine's stats in its last report
+        self.error: str | None = None
+        self.process: multiprocessing.process.BaseProcess | None = None
         self._streams: dict[str, _Stream] = {}
-        self._num_queued = 0  # added by callers, not yet taken by the loop thread
-        self._count_lock = threading.Lock()  # _num_queued moves on both threads
-        self._num_waiting = 0  # requests in the scheduler's waiting queue after the last step
+        self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._call_ids = itertools.count()
+        self._num_sent = 0  # requests sent to the engine process (it reports how many it received)
+        self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
         self._stopping = False
-        self._thread: threading.Thread | None = None
-        self.error: BaseException | None = None
-        self.metrics = ServerMetrics(engine)
 
     # ---- lifecycle ------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="microscale-engine", daemon=True)
-        self._thread.start()
+        """Spawn the engine process and wait until its model is loaded; its load errors are raised here."""
+        ctx = multiprocessing.get_context("spawn")  # fork after torch has started threads can deadlock
+        to_engine_read, to_engine = ctx.Pipe(duplex=False)
+        from_engine, from_engine_write = ctx.Pipe(duplex=False)
+        log_level = logging.getLogger("microscale").getEffectiveLevel()
+        self.process = ctx.Process(target=run_engine_core, name="microscale-engine", daemon=True,
+                                   args=(self.args, to_engine_read, from_engine_write, log_level))
+        self.process.start()
+        # Only the engine process holds these ends now, so each side sees EOF when the other dies.
+        to_engine_read.close()
+        from_engine_write.close()
+        self._to_engine, self._from_engine = to_engine, from_engine
+        while not from_engine.poll(_STARTUP_POLL_S):
+            if not self.process.is_alive():
+                raise RuntimeError(f"The engine process exited (code {self.process.exitcode}) while loading the model.")
+        message = from_engine.recv()
+        if message[0] == "failed":
+            self.process.join()
+            raise _remote_error(*message[1:])
+        self._record_stats(message[1])
+        self._threads = [threading.Thread(target=self._send_loop, name="microscale-engine-send", daemon=True),
+                         threading.Thread(target=self._read_loop, name="microscale-engine-read", daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return (self.process is not None and self.process.is_alive() and self.error is None
+                and not self._stopping and all(t.is_alive() for t in self._threads))
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop taking requests, abort the ones in flight (their streams end), and stop the loop thread."""
+        """Stop taking requests and stop the engine process (it aborts what is in flight; open streams end)."""
+        if self.process is None or self._stopping:
+            return
         self._stopping = True
-        self._wakeup.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._outbox.put(("shutdown",))
+        self._outbox.put(None)
+        self.process.join(timeout)
+        if self.process.is_alive():
+            logger.warning("the engine process did not stop in %.0f s; terminating it", timeout)
+            self.process.terminate()
+            self.process.join(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
 
     # ---- calls from the event loop --------------------------------------------------------------------
 
     async def generate(
-        self, request_id: str, prompt: PromptType, params: SamplingParams
+        self, request_id: str, prompt: dict[str, Any], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as the engine produces them, the last one finished. Closing the iterator
-        early (a client that went away) aborts the request, which frees its KV blocks."""
+        """Cumulative outputs of one request ({"prompt", "prompt_token_ids"}) as the engine produces them, the
+        last one finished. The same object grows from one yield to the next. Closing the iterator early (a
+        client that went away) aborts the request, which frees its KV blocks."""
         self._check_accepting()
-        arrival = time.monotonic()
         stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
-        with self._count_lock:
-            self._num_queued += 1
-        self._submit(lambda: self._add(request_id, prompt, params, arrival))
-        finished = False
+        self._num_sent += 1
+        self._outbox.put(("add", request_id, prompt, params, time.monotonic()))
+        output = RequestOutput(request_id, prompt.get("prompt"), prompt["prompt_token_ids"],
+                               [CompletionOutput(i, "", []) for i in range(params.n)], finished=False)
         try:
             while True:
                 item = await stream.queue.get()
-                # Outputs are cumulative: when several steps' wait (a slow client, a busy event loop), only the
-                # latest matters, and one chunk carrying all their tokens costs the server a fraction of many.
-                while not stream.queue.empty() and not isinstance(item, BaseException) and not item.finished:
+                # Several steps may be waiting (a slow client, a busy event loop): one chunk carries them all.
+                while True:
+                    if isinstance(item, BaseException):
+                        raise item
+                    _apply(output, item)
+                    if stream.queue.empty():
+                        break
                     item = stream.queue.get_nowait()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
+                yield output
+                if output.finished:
                     return
         finally:
             self._streams.pop(request_id, None)
-            if not finished:
-                self._submit(lambda: self._abort(request_id))
+            if not output.finished:
+                self._outbox.put(("abort", request_id))
 
     def check_admission(self, num_requests: int = 1) -> None:
         """Raise (before any work starts) unless num_requests more can be taken now."""
         self._check_accepting()
-        waiting = self._num_waiting + self._num_queued
+        stats = self.latest_stats
+        waiting = stats["num_requests_waiting"] + self._num_sent - stats["requests_received"]
         if self.max_waiting is not None and waiting + num_requests > self.max_waiting:
             raise EngineOverloadedError(f"{waiting} requests are waiting (limit {self.max_waiting}); retry later.")
 
-    async def run(self, fn: Callable[[LLMEngine], T]) -> T:
-        """fn(engine) on the loop thread, between steps (for work that uses the model, like prompt logits)."""
+    async def call(self, method: str, *args: Any) -> Any:
+        """engine.method(*args) in the engine process, between steps (work that uses the model, like prompt
+        logprobs)."""
         self._check_accepting()
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-
-        def call() -> None:
-            try:
-                result = fn(self.engine)
-            except Exception as e:
-                loop.call_soon_threadsafe(_settle, future, None, e)
-            else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
-
-        self._submit(call)
-        return await future
+        call_id = next(self._call_ids)
+        future = loop.create_future()
+        self._calls[call_id] = (loop, future)
+        self._outbox.put(("call", call_id, method, args))
+        try:
+            return await future
+        finally:
+            self._calls.pop(call_id, None)
 
     def _check_accepting(self) -> None:
         if self.error is not None:
-            raise EngineDeadError(f"The engine loop has stopped: {self.error!r}")
+            raise EngineDeadError(f"The engine has stopped: {self.error}")
         if not self.is_running:
             raise EngineDeadError("The engine is not running (shutting down).")
 
-    def _submit(self, work: Callable[[], None]) -> None:
-        self._inbox.put(work)
-        self._wakeup.set()
+    # ---- the sender and reader threads ----------------------------------------------------------------
 
-    # ---- the loop thread ------------------------------------------------------------------------------
-
-    def _add(self, request_id: str, prompt: PromptType, params: SamplingParams, arrival: float) -> None:
-        with self._count_lock:
-            self._num_queued -= 1
-        stream = self._streams.get(request_id)
-        if stream is None:
-            return  # the caller left before the request reached the engine
-        try:
-            request = self.engine.add_request(request_id, prompt, params, arrival_time=arrival)
-        except ValueError as e:
-            stream.put(e)
-        else:
-            self.metrics.request_added(request)
-
-    def _abort(self, request_id: str) -> None:
-        request = self.engine.requests.get(request_id)
-        if request is not None:
-            self.engine.abort_request(request_id)
-            self.metrics.request_aborted(request)
-
-    def _loop(self) -> None:
-        try:
-            while not self._stopping:
-                self._drain_inbox()
-                if not self.engine.has_unfinished_requests():
-                    self.metrics.record_stats()  # aborts free KV blocks with no step after them
-                    self._wakeup.wait()
-                    self._wakeup.clear()  # before draining: work submitted from now on sets it again
-                    continue
-                started = time.monotonic()
-                outputs = self.engine.step()
-                self.metrics.record_step(started, outputs)
-                for output in outputs:
-                    stream = self._streams.get(output.request_id)
-                    if stream is not None:
-                        stream.put(output)
-                self._num_waiting = self.engine.scheduler.num_requests()[1]
-        except BaseException as e:
-            logger.exception("engine loop died")
-            self.error = e
-        finally:
-            self._stop_all()
-
-    def _drain_inbox(self) -> None:
-        while True:
+    def _send_loop(self) -> None:
+        while (message := self._outbox.get()) is not None:
             try:
-                work = self._inbox.get_nowait()
-            except queue.Empty:
+                self._to_engine.send(message)
+            except OSError:  # the engine process is gone; the reader thread reports it
                 return
-            work()
 
-    def _stop_all(self) -> None:
-        """Abort everything in flight and end every open stream with EngineDeadError."""
-        self._stopping = True
-        self._drain_inbox()
-        for request_id in list(self.engine.requests):
-            self._abort(request_id)
-        reason = f"The engine loop has stopped: {self.error!r}" if self.error else "The server is shutting down."
-        for stream in list(self._streams.values()):
-            stream.put(EngineDeadError(reason))
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                message = self._from_engine.recv()
+                kind = message[0]
+                if kind == "report":
+                    self._on_report(message[1])
+                elif kind == "rejected":
+                    self._fail_stream(message[1], ValueError(message[2]))
+                elif kind == "reply":
+                    self._on_reply(*message[1:])
+                elif kind == "dead":
+                    self.error = message[1]
+                    return
+        except (EOFError, OSError):
+            if not self._stopping:
+                self.process.join(1.0)
+                self.error = f"the engine process exited (code {self.process.exitcode})."
+        finally:
+            self._end_all()
+
+    def _on_report(self, report: StepReport) -> None:
+        self._record_stats(report.stats)
+        self.metrics.record_report(report)
+        for delta in report.deltas:
+            stream = self._streams.get(delta.request_id)
+            if stream is not None:
+                stream.put(delta)
+
+    def _record_stats(self, stats: dict[str, float]) -> None:
+        self.latest_stats = {"requests_received": 0, **stats}
+        self.metrics.record_stats(self.latest_stats)
+
+    def _on_reply(self, call_id: int, result: Any, error: tuple[str, str] | None) -> None:
+        pending = self._calls.get(call_id)
+        if pending is None:
+            return  # the caller left
+        loop, future = pending
+        outcome = _remote_error(*error) if error is not None else None
+        loop.call_soon_threadsafe(_settle, future, result, outcome)
+
+    def _fail_stream(self, request_id: str, error: BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put(error)
+
+    def _end_all(self) -> None:
+        """End every open stream and pending call with EngineDeadError."""
+        self._outbox.put(None)
+        reason = f"The engine has stopped: {self.error}" if self.error else "The server is shutting down."
+        for request_id in list(self._streams):
+            self._fail_stream(request_id, EngineDeadError(reason))
+        for loop, future in list(self._calls.values()):
+            loop.call_soon_threadsafe(_settle, future, None, EngineDeadError(reason))
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -52,17 +52,17 @@ def _message(tokenizer, text: str, token_ids: list[int], harmony: bool) -> Assis
 async def create_chat_completion(
     engine: AsyncEngine, model: str, body: ChatCompletionRequest
 ) -> JSONResponse | StreamingResponse:
-    llm = engine.engine
+    inputs = engine.inputs
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     try:
-        text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        text = inputs.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except ValueError as e:
         raise APIError(400, str(e), "messages") from None
     # The template already holds any BOS token it wants.
-    prompt = {"prompt": text, "prompt_token_ids": llm.tokenizer.encode(text, add_special_tokens=False)}
+    prompt = {"prompt": text, "prompt_token_ids": inputs.tokenizer.encode(text, add_special_tokens=False)}
     top_n = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(llm, body, body.max_completion_tokens or body.max_tokens, None, top_n)
-    check_prompt(llm, prompt["prompt_token_ids"], params, "messages")
+    params = sampling_params(inputs, body, body.max_completion_tokens or body.max_tokens, None, top_n)
+    check_prompt(inputs, prompt["prompt_token_ids"], params, "messages")
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     outputs = start_requests(engine, request_id, [prompt], params)
     created = int(time.time())
@@ -72,7 +72,7 @@ async def create_chat_completion(
     def logprobs(token_ids: list[int], entries: SampleLogprobs | None) -> ChoiceLogprobs | None:
         return None if top_n is None else _logprobs(token_ids, entries or [], top_n)
 
-    harmony = HarmonyStream(llm.tokenizer) if uses_harmony(llm.tokenizer) else None
+    harmony = HarmonyStream(inputs.tokenizer) if uses_harmony(inputs.tokenizer) else None
 
     def delta_message(index: int, text: str, output, finished: bool) -> DeltaMessage:
         if harmony is None:
@@ -107,7 +107,7 @@ async def create_chat_completion(
         async for _, output in outputs:
             final = output
     choices = [
-        ChatChoice(index=c.index, message=_message(llm.tokenizer, c.text, c.token_ids, harmony is not None),
+        ChatChoice(index=c.index, message=_message(inputs.tokenizer, c.text, c.token_ids, harmony is not None),
                    logprobs=logprobs(c.token_ids, c.logprobs), finish_reason=c.finish_reason)
         for c in final.outputs
     ]

@@ -7,11 +7,10 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-import torch
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from microscale.engine.engine import LLMEngine
-from microscale.outputs import Logprob, SampleLogprobs
+from microscale.engine.inputs import InputProcessor
+from microscale.outputs import SampleLogprobs
 from microscale.serve.async_engine import AsyncEngine
 from microscale.serve.errors import APIError
 from microscale.serve.params import check_prompt, sampling_params
@@ -21,7 +20,7 @@ from microscale.serve.streaming import DeltaTracker, sse_stream, start_requests,
 _DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
 
-def _prompts(engine: LLMEngine, prompt: str | list) -> list[dict]:
+def _prompts(inputs: InputProcessor, prompt: str | list) -> list[dict]:
     """Each prompt as {"prompt": text, "prompt_token_ids": ids}."""
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
@@ -32,38 +31,20 @@ def _prompts(engine: LLMEngine, prompt: str | list) -> list[dict]:
         if isinstance(p, str):
             if not p:
                 raise APIError(400, "prompt must not be empty.", "prompt")
-            out.append({"prompt": p, "prompt_token_ids": engine.tokenizer.encode(p)})
+            out.append({"prompt": p, "prompt_token_ids": inputs.tokenizer.encode(p)})
         else:
-            out.append({"prompt": engine.tokenizer.decode(p) if p else "", "prompt_token_ids": list(p)})
+            out.append({"prompt": inputs.tokenizer.decode(p) if p else "", "prompt_token_ids": list(p)})
     return out
 
 
-def _prompt_logprobs(engine: LLMEngine, ids: list[int], top_n: int) -> SampleLogprobs:
-    """Per prompt token after the first (which has none): its logprob and the top_n, as the engine reports
-    generated tokens' (the first token's entry is filled in as None by the caller)."""
-    logprobs = torch.log_softmax(engine.prompt_logits(ids)[:-1], dim=-1)
-    targets = torch.tensor(ids[1:], device=logprobs.device)
-    chosen = logprobs.gather(1, targets[:, None])[:, 0]
-    ranks = (logprobs > chosen[:, None]).sum(dim=1) + 1
-    top, top_ids = logprobs.topk(max(top_n, 1), dim=-1)
-    decode = engine.tokenizer.decode
-    entries = []
-    for row, token in enumerate(ids[1:]):
-        entry = {token: Logprob(chosen[row].item(), int(ranks[row]), decode([token]))}
-        for rank, (tid, lp) in enumerate(zip(top_ids[row, :top_n].tolist(), top[row, :top_n].tolist()), 1):
-            entry.setdefault(tid, Logprob(lp, rank, decode([tid])))
-        entries.append(entry)
-    return entries
-
-
 def _logprobs(
-    engine: LLMEngine, token_ids: list[int], entries: SampleLogprobs, top_n: int, offset: int,
+    inputs: InputProcessor, token_ids: list[int], entries: SampleLogprobs, top_n: int, offset: int,
     first_is_none: bool = False,
 ) -> CompletionLogprobs:
     """OpenAI's legacy format; offset: where the first token's text starts in the choice's text."""
     result = CompletionLogprobs()
     for i, token in enumerate(token_ids):
-        text = engine.tokenizer.decode([token])
+        text = inputs.tokenizer.decode([token])
         result.tokens.append(text)
         result.text_offset.append(offset)
         offset += len(text)
@@ -88,18 +69,21 @@ def _merge_logprobs(first: CompletionLogprobs, second: CompletionLogprobs) -> Co
 async def create_completion(
     engine: AsyncEngine, model: str, body: CompletionRequest
 ) -> JSONResponse | StreamingResponse:
-    llm = engine.engine
-    prompts = _prompts(llm, body.prompt)
-    params = sampling_params(llm, body, body.max_tokens, _DEFAULT_MAX_TOKENS, body.logprobs)
+    inputs = engine.inputs
+    prompts = _prompts(inputs, body.prompt)
+    params = sampling_params(inputs, body, body.max_tokens, _DEFAULT_MAX_TOKENS, body.logprobs)
     for p in prompts:
-        check_prompt(llm, p["prompt_token_ids"], params, "prompt")
+        check_prompt(inputs, p["prompt_token_ids"], params, "prompt")
     # Echoed prompts carry their own logprobs (lm-eval's loglikelihood tasks read them).
     echoed: list[CompletionLogprobs | None] = [None] * len(prompts)
     if body.echo and body.logprobs is not None:
         for i, p in enumerate(prompts):
             ids = p["prompt_token_ids"]
-            entries = await engine.run(lambda e, ids=ids: _prompt_logprobs(e, ids, body.logprobs))
-            echoed[i] = _logprobs(llm, ids, entries, body.logprobs, 0, first_is_none=True)
+            try:
+                entries = await engine.call("prompt_logprobs", ids, body.logprobs)
+            except ValueError as e:  # no KV cache room for the prompt right now
+                raise APIError(400, str(e), "prompt") from None
+            echoed[i] = _logprobs(inputs, ids, entries, body.logprobs, 0, first_is_none=True)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     outputs = start_requests(engine, request_id, prompts, params)
     created = int(time.time())
@@ -112,7 +96,7 @@ async def create_completion(
         logprobs = None
         if body.logprobs is not None:
             start = offset + (len(prompt["prompt"]) if echo else 0)
-            logprobs = _logprobs(llm, token_ids, entries, body.logprobs, start)
+            logprobs = _logprobs(inputs, token_ids, entries, body.logprobs, start)
             if echo:
                 logprobs = _merge_logprobs(echoed[index // params.n], logprobs)
         return CompletionChoice(index=index, text=(prompt["prompt"] if echo else "") + text, logprobs=logprobs,

@@ -1,26 +1,22 @@
 """Prometheus metrics of one server, names as vLLM's with a `microscale:` prefix.
 
-Engine totals and gauges are read from `LLMEngine.get_stats()` after each step; per-request latencies come
-from the engine's own timestamps (time.monotonic()); process and GPU memory are read when /metrics is
-scraped. Every `record_*` / `request_*` method runs on the engine loop thread; `render` may run anywhere
-(prometheus_client's values are thread-safe). Each server gets its own registry, so several apps can live
-in one process (as in the tests).
+Everything comes from the engine process's StepReports: engine totals and gauges from each report's stats,
+per-request latencies from the engine's own timestamps (time.monotonic(), one clock for both processes).
+`record_*` methods run on the engine client's reader thread; `render` may run anywhere (prometheus_client's
+values are thread-safe). Each server gets its own registry, so several apps can live in one process (as in
+the tests).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 
-import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from microscale.engine.engine import LLMEngine
-from microscale.engine.sequence import Request
-from microscale.outputs import RequestOutput
+from microscale.serve.engine_core import RequestDelta, StepReport, resident_memory_bytes
 
 PREFIX = "microscale:"
 FINISH_REASONS = ("stop", "length", "abort")
@@ -50,8 +46,7 @@ def _token_buckets(max_len: int) -> list[int]:
 
 
 class ServerMetrics:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+    def __init__(self, max_model_len: int) -> None:
         self.registry = registry = CollectorRegistry()
         self.request_success = Counter(f"{PREFIX}request_success", "Finished sequences, by finish reason.",
                                        ["finished_reason"], registry=registry)
@@ -72,100 +67,79 @@ class ServerMetrics:
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", _REQUEST_BUCKETS)
         self.queue_time = histogram("request_queue_time_seconds", "Arrival to the start of its first scheduled step.",
                                     _REQUEST_BUCKETS)
-        tokens = _token_buckets(engine.scheduler_config.max_model_len)
+        tokens = _token_buckets(max_model_len)
         self.prompt_len = histogram("request_prompt_tokens", "Prompt length of finished requests.", tokens)
         self.generation_len = histogram("request_generation_tokens", "Tokens generated per finished sequence.",
                                         tokens)
         self.step_time = histogram("engine_step_seconds", "Duration of one engine step.", _LATENCY_BUCKETS)
-        registry.register(_SystemCollector(engine.device))
-        stats = engine.get_stats()
-        self._last_totals = {key: stats[key] for key in _ENGINE_TOTALS}
-        self._unscheduled: dict[str, Request] = {}
+        self.system = _SystemCollector()
+        registry.register(self.system)
+        self._last_totals: dict[str, float] | None = None
         self._progress: dict[str, tuple[float, int]] = {}  # request id -> (time of its last token, tokens so far)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    # ---- engine loop thread ---------------------------------------------------------------------------
+    # ---- the engine client's reader thread ------------------------------------------------------------
 
-    def request_added(self, request: Request) -> None:
-        self._unscheduled[request.request_id] = request
-
-    def request_aborted(self, request: Request) -> None:
-        """After engine.abort_request: its unfinished sequences now end with "abort"."""
-        self._unscheduled.pop(request.request_id, None)
-        self._progress.pop(request.request_id, None)
-        for seq in request.seqs:
-            self.request_success.labels(seq.finish_reason).inc()
-
-    def record_step(self, started: float, outputs: list[RequestOutput]) -> None:
-        """After one engine.step() that began at `started` (time.monotonic())."""
+    def record_report(self, report: StepReport) -> None:
         now = time.monotonic()
-        self.step_time.observe(now - started)
-        for request_id, request in list(self._unscheduled.items()):
-            if request.first_scheduled_time is not None:
-                self.queue_time.observe(request.first_scheduled_time - request.arrival_time)
-                del self._unscheduled[request_id]
-        for output in outputs:
-            self._record_output(output, now)
-        self.record_stats()
+        if report.step_seconds is not None:
+            self.step_time.observe(report.step_seconds)
+        for delta in report.deltas:
+            self._record_delta(delta, now)
+        self.record_stats(report.stats)
 
-    def record_stats(self) -> None:
+    def record_stats(self, stats: dict[str, float]) -> None:
         """Counters move by the engine totals' growth; gauges take the engine's current state."""
-        stats = self.engine.get_stats()
-        for key, counter in self.totals.items():
-            counter.inc(stats[key] - self._last_totals[key])
-            self._last_totals[key] = stats[key]
+        if self._last_totals is not None:
+            for key, counter in self.totals.items():
+                counter.inc(stats[key] - self._last_totals[key])
+        self._last_totals = {key: stats[key] for key in _ENGINE_TOTALS}
         self.running.set(stats["num_requests_running"])
         self.waiting.set(stats["num_requests_waiting"])
         self.kv_usage.set(stats["kv_cache_usage"])
+        self.system.engine_stats = stats
 
-    def _record_output(self, output: RequestOutput, now: float) -> None:
-        num_tokens = sum(len(c.token_ids) for c in output.outputs)
-        last_time, last_tokens = self._progress.get(output.request_id, (0.0, 0))
+    def _record_delta(self, delta: RequestDelta, now: float) -> None:
+        num_tokens = sum(c.num_output_tokens for c in delta.completions)
+        last_time, last_tokens = self._progress.get(delta.request_id, (0.0, 0))
         if num_tokens > last_tokens:
             if last_tokens == 0:
-                self.ttft.observe(output.metrics["first_token_time"] - output.metrics["arrival_time"])
+                self.ttft.observe(delta.metrics["first_token_time"] - delta.metrics["arrival_time"])
+                if "first_scheduled_time" in delta.metrics:
+                    self.queue_time.observe(delta.metrics["first_scheduled_time"] - delta.metrics["arrival_time"])
             else:
                 self.itl.observe(now - last_time)
-            self._progress[output.request_id] = (now, num_tokens)
-        if not output.finished:
+            self._progress[delta.request_id] = (now, num_tokens)
+        if not delta.finished:
             return
-        del self._progress[output.request_id]
-        self.e2e.observe(now - output.metrics["arrival_time"])
-        self.prompt_len.observe(len(output.prompt_token_ids))
-        for completion in output.outputs:
+        self._progress.pop(delta.request_id, None)
+        for completion in delta.completions:
             self.request_success.labels(completion.finish_reason).inc()
-            self.generation_len.observe(len(completion.token_ids))
+        if all(c.finish_reason == "abort" for c in delta.completions):
+            return  # a client that left: its latencies say nothing about the server
+        self.e2e.observe(now - delta.metrics["arrival_time"])
+        self.prompt_len.observe(delta.num_prompt_tokens)
+        for completion in delta.completions:
+            self.generation_len.observe(completion.num_output_tokens)
 
 
 class _SystemCollector(Collector):
-    """Process resident memory (Linux /proc), and GPU memory/utilisation when the engine runs on CUDA."""
+    """Resident memory of both server processes (this front and the engine), and GPU memory/utilisation as
+    the engine process last reported them."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device if device.type == "cuda" else None
+    def __init__(self) -> None:
+        self.engine_stats: dict[str, float] = {}
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        rss = _resident_memory_bytes()
+        stats = self.engine_stats
+        rss = resident_memory_bytes()
         if rss is not None:
-            yield GaugeMetricFamily(f"{PREFIX}process_resident_memory_bytes", "Resident memory of the server.",
-                                    value=rss)
-        if self.device is None:
-            return
-        free, total = torch.cuda.mem_get_info(self.device)
-        yield GaugeMetricFamily(f"{PREFIX}gpu_memory_used_bytes", "GPU memory in use (all processes).",
-                                value=total - free)
-        try:
-            utilization = torch.cuda.utilization(self.device)
-        except Exception:  # needs pynvml (or amdsmi); without it the gauge is left out
-            return
-        yield GaugeMetricFamily(f"{PREFIX}gpu_utilization_perc", "GPU busy fraction (0..1) over the last sample.",
-                                value=utilization / 100)
-
-
-def _resident_memory_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return None
+            rss += stats.get("resident_memory_bytes", 0)
+            yield GaugeMetricFamily(f"{PREFIX}process_resident_memory_bytes",
+                                    "Resident memory of the server (front and engine processes).", value=rss)
+        for key, doc in (("gpu_memory_used_bytes", "GPU memory in use (all processes)."),
+                         ("gpu_utilization_perc", "GPU busy fraction (0..1) over the last sample.")):
+            if key in stats:
+                yield GaugeMetricFamily(PREFIX + key, doc, value=stats[key])

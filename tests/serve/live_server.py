@@ -1,6 +1,7 @@
 """Fixtures (imported by the test modules: a conftest here would shadow tests/conftest.py's module name):
-a real server on a free loopback port (uvicorn in a thread, so tests can look at its engine), shared by
-the module, plus an offline LLM with the same engine knobs to compare against."""
+a real server on a free loopback port (uvicorn in a thread, its engine in its own process as in production;
+tests read the engine's state from the stats it reports), shared by the module, plus an offline LLM with the
+same engine knobs to compare against."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import uvicorn
 
 from microscale import LLM
 from microscale.config import EngineArgs
-from microscale.engine.engine import LLMEngine
 from microscale.serve.app import build_app
 from microscale.serve.async_engine import AsyncEngine
 
@@ -42,18 +42,24 @@ class RunningServer:
     def async_client(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
-    def wait_idle(self, timeout: float = 10.0) -> None:
-        """Until the engine holds no request (aborts reach the loop thread asynchronously)."""
+    def wait_idle(self, timeout: float = 10.0) -> dict[str, float]:
+        """The engine's stats once it reports no request (aborts reach it asynchronously) and no KV block in
+        use; fails after `timeout`."""
         deadline = time.monotonic() + timeout
-        while self.engine.engine.requests and time.monotonic() < deadline:
+        while True:
+            stats = self.engine.latest_stats
+            busy = stats["num_requests_running"] + stats["num_requests_waiting"]
+            if not busy and stats["kv_cache_blocks_free"] == stats["kv_cache_blocks_total"]:
+                return stats
+            assert time.monotonic() < deadline, f"the engine is not idle: {stats}"
             time.sleep(0.02)
-        time.sleep(0.05)  # let the loop thread finish the step it may be in
 
 
 @pytest.fixture(scope="module")
 def server(pytestconfig):
     model = pytestconfig.rootpath / "models" / "tiny-llama-pycode"
-    engine = AsyncEngine(LLMEngine(EngineArgs(model=str(model), **ENGINE_KNOBS)))
+    engine = AsyncEngine(EngineArgs(model=str(model), **ENGINE_KNOBS))
+    engine.start()
     port = _free_port()
     config = uvicorn.Config(build_app(engine, MODEL_NAME, API_KEY), host="127.0.0.1", port=port, log_level="warning",
                             timeout_graceful_shutdown=2)
@@ -68,7 +74,7 @@ def server(pytestconfig):
     uv.should_exit = True
     thread.join(10)
     assert not thread.is_alive()
-    assert not engine.is_running, "the engine loop thread should stop with the server"
+    assert not engine.is_running and not engine.process.is_alive(), "the engine should stop with the server"
 
 
 @pytest.fixture(scope="module")
