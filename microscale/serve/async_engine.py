@@ -55,6 +55,11 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+def _deliver(items: list[tuple[_Stream, RequestDelta]]) -> None:
+    for stream, delta in items:
+        stream.queue.put_nowait(delta)
+
+
 def _apply(output: RequestOutput, delta: RequestDelta) -> None:
     for d in delta.completions:
         c = output.outputs[d.index]
@@ -231,10 +236,14 @@ class AsyncEngine:
     def _on_report(self, report: StepReport) -> None:
         self._record_stats(report.stats)
         self.metrics.record_report(report)
+        # One wake-up per event loop and step, not one per request (each costs the loop a self-pipe read).
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestDelta]]] = {}
         for delta in report.deltas:
             stream = self._streams.get(delta.request_id)
             if stream is not None:
-                stream.put(delta)
+                by_loop.setdefault(stream.loop, []).append((stream, delta))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, items)
 
     def _record_stats(self, stats: dict[str, float]) -> None:
         self.latest_stats = {"requests_received": 0, **stats}
