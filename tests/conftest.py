@@ -11,6 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton kernels run on CPU tensors through Triton's interpreter. Read when a kernel is defined (@triton.jit),
+# so it must be set before microscale.kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Tiny models: torch's intra-op threads cost far more than they save (and thrash on a busy 2-core machine).
 torch.set_num_threads(int(os.environ.get("MICROSCALE_TEST_THREADS", "1")))
 
