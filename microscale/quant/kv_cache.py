@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 
@@ -80,6 +81,24 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return (q.float() * scale.float()[..., None]).to(dtype)
 
 
+@dataclass
+class KernelKV:
+    """One layer's cache as kernels take it. keys/values: [num_blocks, block_size, kv_heads, head_dim] as
+    stored (model dtype, int8 or float8_e4m3fn). Scales: None (not quantised) or [num_blocks, block_size,
+    kv_heads] (float32 or bfloat16, possibly a zero-stride view): a slot's value is stored.float() * scale."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    k_scale: torch.Tensor | None
+    v_scale: torch.Tensor | None
+
+
+def _slot_view(scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    if scale.dim() == 3:
+        return scale
+    return scale.reshape(1, 1, -1).expand(shape)
+
+
 # ---- storage -----------------------------------------------------------------------------------------------
 
 
@@ -124,6 +143,10 @@ class KVCache(ABC):
     def set_scales(self, k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
         raise ValueError("The KV cache is not quantised (kv_cache_quant=None): it has no scales to set.")
 
+    def kernel_operands(self) -> KernelKV:
+        """What attention kernels read: the stored keys and values, and their dequantisation scales."""
+        return KernelKV(self.data[0], self.data[1], None, None)
+
 
 @register_kv_cache("none")
 class UnquantizedKVCache(KVCache):
@@ -164,6 +187,10 @@ class QuantizedKVCache(KVCache):
     def _read_scales(self, half: int, blocks: torch.Tensor) -> torch.Tensor:
         return self.static_scales[half]
 
+    def _slot_scales(self, half: int) -> torch.Tensor:
+        """The scales of every slot: [num_blocks, block_size, kv_heads], or static ones that broadcast to it."""
+        return self.static_scales[half]
+
     def write(self, k, v, blocks, offsets):
         stored = []
         for half, x in enumerate((k, v)):
@@ -179,6 +206,12 @@ class QuantizedKVCache(KVCache):
             for half in (0, 1)
         )
         return k, v
+
+    def kernel_operands(self) -> KernelKV:
+        shape = self.data.shape[1:4]
+        k_scale, v_scale = (self._slot_scales(half) for half in (0, 1))
+        # Per-head [kv_heads] or per-tensor [] scales broadcast to every slot as zero-stride views.
+        return KernelKV(self.data[0], self.data[1], _slot_view(k_scale, shape), _slot_view(v_scale, shape))
 
     def set_scales(self, k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
         """Static scales (float32, `static_shape`). Tokens the cache already holds are re-quantised with them,
@@ -253,6 +286,9 @@ class Int8KVCache(QuantizedKVCache):
         if not self.dynamic:
             return super()._read_scales(half, blocks)
         return self.token_scales[half].index_select(0, blocks)
+
+    def _slot_scales(self, half):
+        return super()._slot_scales(half) if not self.dynamic else self.token_scales[half]
 
     def _use_static(self, scales: torch.Tensor) -> None:
         super()._use_static(scales)
