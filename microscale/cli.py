@@ -42,6 +42,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
                    help="dummy: random weights of the right shapes (for benchmarks)")
     g.add_argument("--seed", type=int, default=0, help="global random seed")
+    g.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="kernels for attention, norms, activations (default auto: Triton on a GPU, else torch)")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     g.add_argument("-v", "--verbose", action="store_true", help="log engine details (KV cache size, ...)")
     _add_quant_args(p)
 

@@ -207,6 +207,11 @@ class EngineArgs:
     kv_cache_quant: str | None = None
     # Calibration for static scales (FP8 activations, KV cache); see microscale.quant.config.CalibConfig.
     calib_config: CalibConfig | None = None
+    # Kernels for attention, KV cache writes, norms and activations: "auto" (Triton on a GPU, else the torch
+    # reference), "torch", or "triton" (on a CPU only under TRITON_INTERPRET=1, for tests).
+    kernel_backend: str = "auto"
+    # Decode steps replay CUDA graphs captured at start-up (Triton kernels on a GPU); True: always eager.
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         # Fail early, naming the knob, on cache settings the engine cannot use (block_size=0 would divide by 0).
@@ -214,5 +219,7 @@ class EngineArgs:
             raise ValueError(f"block_size must be positive, got {self.block_size}.")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be positive GiB, got {self.kv_cache_memory}.")
+        if self.kernel_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"kernel_backend must be auto, torch or triton, got {self.kernel_backend!r}.")
         if not 0 < self.cache_max_entry_count <= 1:
             raise ValueError(f"cache_max_entry_count must be in (0, 1], got {self.cache_max_entry_count}.")

@@ -36,6 +36,9 @@ class DecodeBatch:
     keys: torch.Tensor | None = None  # [layers, rows, kv_heads, capacity, head_dim] (the buffer itself)
     values: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None  # [size, max_blocks] int64, padded with 0
+    context_lens: torch.Tensor | None = None  # [size] keys per sequence (positions + 1), with block_tables
+    # Split-K partitions for decode kernels; None: chosen from `length` (CUDA graphs fix it at capture).
+    num_splits: int | None = None
     # Masks depend only on the step, not the layer: build each window's mask once and share it.
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -53,6 +56,17 @@ class DecodeBatch:
 
 
 @dataclass
+class PrefillBatch:
+    """Every prefill chunk of the step as tensors, for kernels that take them all in one launch. Query
+    offsets count from the first prefill token."""
+
+    block_tables: torch.Tensor  # [chunks, max_blocks] int64, padded with 0
+    query_starts: torch.Tensor  # [chunks + 1]
+    context_starts: torch.Tensor  # [chunks]
+    max_query_len: int
+
+
+@dataclass
 class AttentionMetadata:
     """The flat batch holds the decode tokens first (one per sequence), then the prefill chunks."""
 
@@ -60,3 +74,22 @@ class AttentionMetadata:
     slot_offsets: torch.Tensor  # [num_tokens] its position inside the block
     decode: DecodeBatch | None
     prefills: list[PrefillChunk]
+    _prefill_batch: PrefillBatch | None = field(default=None, repr=False)
+
+    def prefill_batch(self) -> PrefillBatch:
+        """Built on first use and shared by every layer."""
+        if self._prefill_batch is None:
+            device = self.slot_blocks.device
+            first = self.prefills[0].query_start
+            width = max(len(c.block_table) for c in self.prefills)
+            tables = torch.zeros(len(self.prefills), width, dtype=torch.int64, device=device)
+            for row, chunk in enumerate(self.prefills):
+                tables[row, : len(chunk.block_table)] = chunk.block_table
+            starts = [c.query_start - first for c in self.prefills] + [self.prefills[-1].query_start - first
+                                                                       + self.prefills[-1].query_len]
+            self._prefill_batch = PrefillBatch(
+                tables, torch.tensor(starts, device=device),
+                torch.tensor([c.context_start for c in self.prefills], device=device),
+                max(c.query_len for c in self.prefills),
+            )
+        return self._prefill_batch

@@ -12,6 +12,8 @@ from microscale.quant.kv_cache import KVCache
 
 class TorchAttentionBackend:
     name = "torch"
+    # On a CPU, decodes read a contiguous copy of each context (attention/decode_buffer.py) when it fits.
+    uses_decode_buffer = True
 
     @staticmethod
     def unavailable_reason(device: torch.device) -> str | None:

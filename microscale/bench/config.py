@@ -35,6 +35,8 @@ class EngineSection:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # default: the longest prompt + output of the workload
     device: str | None = None
+    kernel_backend: str = "auto"  # microscale: auto | torch | triton
+    enforce_eager: bool = False  # microscale: no CUDA graphs for decode steps
     vllm_python: str | None = None  # the python of a virtualenv with vLLM, when it is not importable here
 
 
@@ -111,8 +113,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return float(value)
         if kind is str and isinstance(value, (str, Path)):
             return str(value)
-    wanted = " or ".join("null" if k is type(None) else {int: "an integer", float: "a number", str: "a string"}[k]
-                         for k in options)
+        if kind is bool and isinstance(value, bool):
+            return value
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    wanted = " or ".join("null" if k is type(None) else names[k] for k in options)
     raise BenchConfigError(f"'{key}' must be {wanted}, got {value!r} ({type(value).__name__}).")
 
 
@@ -133,6 +137,8 @@ def _check_values(config: BenchConfig) -> None:
         raise BenchConfigError(f"'data.range_ratio' must be in [0, 1), got {d.range_ratio}.")
     if e.load_format not in ("auto", "safetensors", "dummy"):
         raise BenchConfigError(f"'engine.load_format' must be auto, safetensors or dummy, got {e.load_format!r}.")
+    if e.kernel_backend not in ("auto", "torch", "triton"):
+        raise BenchConfigError(f"'engine.kernel_backend' must be auto, torch or triton, got {e.kernel_backend!r}.")
     if e.backend == "transformers" and (e.quant != "none" or e.kv_cache_quant != "none"):
         raise BenchConfigError("'engine.backend: transformers' is the unquantized baseline: set quant and "
                                "kv_cache_quant to none.")
@@ -147,8 +153,11 @@ def add_override_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...
         for f in fields(cls):
             options = typing.get_args(hints[f.name]) or (hints[f.name],)
             kind = next(k for k in options if k is not type(None))
-            group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"{section}__{f.name}", type=kind,
-                               default=None, help=f"{section}.{f.name} (default: {f.default!r})")
+            flag, dest, doc = f"--{f.name.replace('_', '-')}", f"{section}__{f.name}", f"{section}.{f.name}"
+            if kind is bool:  # a switch: present means true (None: the YAML's or the default)
+                group.add_argument(flag, dest=dest, action="store_const", const=True, default=None, help=doc)
+                continue
+            group.add_argument(flag, dest=dest, type=kind, default=None, help=f"{doc} (default: {f.default!r})")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:

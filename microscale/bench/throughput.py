@@ -56,7 +56,7 @@ def _run_microscale(config: BenchConfig, requests: list[BenchRequest]) -> dict[s
         max_num_batched_tokens=e.max_num_batched_tokens, max_model_len=max_model_len(config, requests),
         kv_cache_memory=e.kv_cache_memory, cache_max_entry_count=e.cache_max_entry_count,
         quantization=_scheme(e.quant), kv_cache_quant=_scheme(e.kv_cache_quant), load_format=e.load_format,
-        seed=config.data.seed, device=e.device,
+        seed=config.data.seed, device=e.device, kernel_backend=e.kernel_backend, enforce_eager=e.enforce_eager,
     )
     engine = llm.engine
     warm = [{"prompt_token_ids": r.prompt_token_ids} for r in requests[:2]]

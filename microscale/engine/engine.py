@@ -55,11 +55,13 @@ class LLMEngine:
         logger.info("loaded %s (%s, %s) in %.1fs", cfg.architecture, self.dtype, self.device, elapsed)
         kv_cache_quant = args.kv_cache_quant or self.quant.checkpoint_kv_cache
         self.runner = ModelRunner(
-            model, cfg, self.device, self.dtype, args.max_num_seqs, max_model_len, kv_cache_quant=kv_cache_quant
+            model, cfg, self.device, self.dtype, args.max_num_seqs, max_model_len, kv_cache_quant=kv_cache_quant,
+            kernel_backend=args.kernel_backend,
         )
         self._apply_checkpoint_kv_scales(kv_scales, kv_cache_quant)
         num_blocks = self._num_kv_blocks()
         self.runner.allocate_kv_cache(num_blocks, args.block_size)
+        self.graph_capture_seconds = self._capture_decode_graphs()
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.sampler = Sampler()
@@ -71,6 +73,16 @@ class LLMEngine:
             if kv_cache_quant is not None:
                 for layer, (k_amax, v_amax) in kv_amax.items():
                     self.runner.set_kv_scales(layer, *kv_scales_from_amax(kv_cache_quant, k_amax, v_amax))
+
+    def _capture_decode_graphs(self) -> float | None:
+        """On a GPU with the Triton kernels, unless enforce_eager: decode steps replay CUDA graphs."""
+        if self.args.enforce_eager or self.device.type != "cuda":
+            return None
+        reason = self.runner.graphs_unavailable_reason()
+        if reason is not None:
+            logger.info("decode steps run eagerly: %s", reason)
+            return None
+        return self.runner.enable_decode_graphs()
 
     def _apply_checkpoint_kv_scales(self, kv_scales: dict, kv_cache_quant: str | None) -> None:
         """Static FP8 KV scales a pre-quantized checkpoint carries (used when its KV cache is FP8)."""

@@ -16,8 +16,10 @@ from microscale.attention.decode_buffer import DecodeBuffer
 from microscale.attention.metadata import AttentionMetadata, DecodeBatch, PrefillChunk
 from microscale.attention.selector import select_attention_backend
 from microscale.config import ModelConfig
+from microscale.engine.cuda_graphs import CudaGraph, DecodeGraphs
 from microscale.engine.scheduler import ScheduledChunk
 from microscale.layers.attention import Attention
+from microscale.layers.moe import FusedMoE
 from microscale.quant.kv_cache import make_kv_cache
 
 logger = logging.getLogger(__name__)
@@ -26,14 +28,18 @@ logger = logging.getLogger(__name__)
 class ModelRunner:
     def __init__(
         self, model: nn.Module, config: ModelConfig, device: torch.device, dtype: torch.dtype, max_num_seqs: int,
-        max_model_len: int, kv_cache_quant: str | None = None,
+        max_model_len: int, kv_cache_quant: str | None = None, kernel_backend: str = "auto",
     ) -> None:
         self.model = model
         self.config = config
         self.device = device
         self.dtype = dtype
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
-        backend = select_attention_backend(device)
+        self.attention_backend = backend = select_attention_backend(device, kernel_backend)
+        # Norms and activations follow the attention backend's kernel family.
+        for module in model.modules():
+            if hasattr(module, "kernel_backend"):
+                module.kernel_backend = backend.name
         # One cache per layer, in layer order; storage comes with allocate_kv_cache, once the engine has sized it.
         self.kv_caches = [
             make_kv_cache(kv_cache_quant, config.num_key_value_heads, config.head_dim, dtype, device)
@@ -46,6 +52,8 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.decode_buffer: DecodeBuffer | None = None
+        self.decode_graphs: DecodeGraphs | None = None
+        self.scratch_block = 0
 
     def kv_block_bytes(self, block_size: int) -> int:
         """Bytes one block of `block_size` tokens takes across all layers (keys and values as stored, with any
@@ -65,16 +73,19 @@ class ModelRunner:
             self.decode_buffer.drop_rows()  # they hold values read with the old scales
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        """num_blocks for the block manager; paged kernels get one more, a scratch block no sequence owns
+        (padded rows of CUDA-graph decode steps write there)."""
         cfg = self.config
+        self.scratch_block = num_blocks
         for cache in self.kv_caches:
-            cache.allocate(num_blocks, block_size)
+            cache.allocate(num_blocks + (0 if self.attention_backend.uses_decode_buffer else 1), block_size)
         self.block_size = block_size
         # The persistent decode buffer pads every row to the longest context: use it only where it can never
         # outgrow the paged cache's tokens, and only on CPU (a GPU's memory is already given to the paged cache,
         # and its attention kernels read blocks in place); otherwise decodes read the paged blocks. It holds the
         # model dtype, so beside a quantised cache it may take more bytes than the cache itself.
         fits = self.max_num_seqs * self.max_model_len <= num_blocks * block_size
-        if fits and self.device.type == "cpu":
+        if fits and self.device.type == "cpu" and self.attention_backend.uses_decode_buffer:
             self.decode_buffer = DecodeBuffer(
                 cfg.num_hidden_layers, self.max_num_seqs, cfg.num_key_value_heads, cfg.head_dim, self.max_model_len,
                 self.dtype, self.device,
@@ -135,11 +146,30 @@ class ModelRunner:
                 sampling.append(c)
         return self._tensor(input_ids), self._tensor(positions), meta, sample_rows, sampling
 
+    def graphs_unavailable_reason(self) -> str | None:
+        if self.attention_backend.uses_decode_buffer:
+            return f"the {self.attention_backend.name} attention backend is not graph-safe (Triton's is)"
+        if any(isinstance(m, FusedMoE) for m in self.model.modules()):
+            return "MoE routing reads expert counts back to the host (the fused MoE kernel will not)"
+        return None
+
+    def enable_decode_graphs(self, graph_type: type = CudaGraph) -> float:
+        """Capture decode steps at bucketed batch sizes (after allocate_kv_cache); returns the seconds taken."""
+        reason = self.graphs_unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"Decode graphs cannot be used: {reason}.")
+        self.decode_graphs = DecodeGraphs(self.model, self.max_num_seqs, self.max_model_len, self.block_size,
+                                          self.scratch_block, self.device, graph_type)
+        with torch.inference_mode():
+            return self.decode_graphs.capture()
+
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[ScheduledChunk]]:
         """Run one step; returns the logits of the sampling chunks, and those chunks in the same order."""
         input_ids, positions, meta, sample_rows, sampling = self.prepare(chunks)
-        hidden = self.model(input_ids, positions, meta)
+        hidden = None if self.decode_graphs is None else self.decode_graphs.run(input_ids, positions, meta)
+        if hidden is None:
+            hidden = self.model(input_ids, positions, meta)
         return self.model.compute_logits(hidden[self._tensor(sample_rows)]), sampling
 
     @torch.inference_mode()
@@ -160,6 +190,7 @@ class ModelRunner:
             width = max(len(c.seq.block_table) for c in decodes)
             tables = [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in decodes]
             batch.block_tables = self._tensor(tables)
+            batch.context_lens = batch.positions + 1
         return batch
 
     def _tensor(self, values: list) -> torch.Tensor:

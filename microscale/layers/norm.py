@@ -15,6 +15,7 @@ class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, dtype: torch.dtype, float32_weight: bool = False) -> None:
         super().__init__()
         self.eps = eps
+        self.kernel_backend = "torch"  # "triton": one fused kernel (microscale/kernels/norm.py); set by the runner
         self.float32_weight = float32_weight
         weight_dtype = torch.float32 if float32_weight else dtype
         self.weight = nn.Parameter(torch.ones(size, dtype=weight_dtype), requires_grad=False)
@@ -29,7 +30,22 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.kernel_backend == "triton":
+            return self._fused(x, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
+
+    def _fused(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        from microscale.kernels.norm import rms_norm
+
+        size = x.shape[-1]
+        flat = rms_norm(x.reshape(-1, size), self.weight, self.eps, self.float32_weight,
+                        None if residual is None else residual.reshape(-1, size))
+        if residual is None:
+            return flat.view(x.shape)
+        out, new_residual = flat
+        return out.view(x.shape), new_residual.view(x.shape)

@@ -18,6 +18,7 @@ later read of the cache gives, so every path computes the same result.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -91,6 +92,8 @@ class KernelKV:
     values: torch.Tensor
     k_scale: torch.Tensor | None
     v_scale: torch.Tensor | None
+    # The scales are per-token storage that a write fills (int8 without static scales).
+    dynamic_int8: bool = False
 
 
 def _slot_view(scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -289,6 +292,9 @@ class Int8KVCache(QuantizedKVCache):
 
     def _slot_scales(self, half):
         return super()._slot_scales(half) if not self.dynamic else self.token_scales[half]
+
+    def kernel_operands(self) -> KernelKV:
+        return dataclasses.replace(super().kernel_operands(), dynamic_int8=self.dynamic)
 
     def _use_static(self, scales: torch.Tensor) -> None:
         super()._use_static(scales)

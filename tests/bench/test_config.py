@@ -45,6 +45,10 @@ def test_flags_override_the_yaml_and_none_keeps_it(tmp_path):
     config = load_config(write(tmp_path, SEED_SHAPE), overrides_from_args(args))
     assert config.engine.max_batch_size == 8 and config.engine.kv_cache_memory == 2.0
     assert config.data.dataset_path == "data/x.txt" and config.data.output_len == 256  # untouched by flags
+    assert config.engine.enforce_eager is False  # a switch left out keeps the default
+    switched = load_config(None, overrides_from_args(parser.parse_args(["--enforce-eager", "--kernel-backend",
+                                                                        "torch"])))
+    assert switched.engine.enforce_eager is True and switched.engine.kernel_backend == "torch"
 
 
 def test_no_yaml_gives_the_defaults():
@@ -71,6 +75,8 @@ def test_no_yaml_gives_the_defaults():
         ("data:\n  range_ratio: 1.5\n", "'data.range_ratio' must be in [0, 1)"),
         ("engine:\n  cache_max_entry_count: 0\n", "'engine.cache_max_entry_count' must be in (0, 1]"),
         ("engine:\n  backend: transformers\n  quant: fp8\n", "unquantized baseline"),
+        ("engine:\n  enforce_eager: 'no'\n", "'engine.enforce_eager' must be true or false, got 'no'"),
+        ("engine:\n  kernel_backend: cuda\n", "'engine.kernel_backend' must be auto, torch or triton"),
     ],
 )
 def test_bad_settings_name_the_key(tmp_path, text, message):

@@ -1,0 +1,57 @@
+"""Attention over the paged KV cache with Triton kernels: the new keys/values are scattered (and quantised)
+into their slots, then decodes (split-K over the block table) and prefill chunks (varlen, one launch) read
+the cache in place, dequantising on the fly. Must match the torch reference backend."""
+
+from __future__ import annotations
+
+import torch
+
+from microscale.attention.metadata import AttentionMetadata
+from microscale.kernels.decode_attention import paged_decode_attention
+from microscale.kernels.kv_cache_write import write_kv_cache
+from microscale.kernels.prefill_attention import paged_prefill_attention
+from microscale.kernels.selector import triton_unavailable_reason
+from microscale.quant.kv_cache import KVCache
+
+
+class TritonAttentionBackend:
+    name = "triton"
+    # Decodes read paged blocks in place: no contiguous per-sequence copy of the context is kept.
+    uses_decode_buffer = False
+
+    @staticmethod
+    def unavailable_reason(device: torch.device) -> str | None:
+        return triton_unavailable_reason(device)
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None,
+        layer_index: int,
+        sinks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        cache = kv_cache.kernel_operands()
+        write_kv_cache(k, v, cache.keys, cache.values, meta.slot_blocks, meta.slot_offsets, cache.k_scale,
+                       cache.v_scale, dynamic_int8=cache.dynamic_int8)
+        out = torch.empty_like(q)
+        reads = dict(scale=scale, window=window, sinks=sinks, k_scale=cache.k_scale, v_scale=cache.v_scale)
+        decoded = 0
+        if meta.decode is not None:
+            batch = meta.decode
+            decoded = batch.size
+            out[:decoded] = paged_decode_attention(
+                q[:decoded], cache.keys, cache.values, batch.block_tables, batch.context_lens,
+                num_splits=batch.num_splits, **reads,
+            )
+        if meta.prefills:
+            chunks = meta.prefill_batch()
+            out[decoded:] = paged_prefill_attention(
+                q[decoded:], cache.keys, cache.values, chunks.block_tables, chunks.query_starts, chunks.context_starts,
+                chunks.max_query_len, **reads,
+            )
+        return out.flatten(1)

@@ -1,0 +1,184 @@
+"""KV cache write: store new tokens' keys and values in their paged slots, quantising on the way as
+`microscale.quant.kv_cache` does (model dtype as is; int8 with dynamic per-token or static per-head scales; fp8
+E4M3 with a per-tensor scale). One program per (token, KV head) writes both the key and the value vector.
+
+Also holds the rounding helpers the other kernels share. Every cast that rounds is done explicitly in float32
+with torch's rounding (nearest, ties to even), so the final cast is exact: the compiled kernel and Triton's CPU
+interpreter (whose float32 -> bfloat16 cast truncates and whose float8 cast rounds ties away and loses the carry
+into the exponent) then store the same bits as torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Globals read inside kernels must be constexpr.
+INT8_MAX = tl.constexpr(127.0)
+FP8_MAX = tl.constexpr(448.0)
+
+# How a float32 value is rounded before it is stored in a floating dtype (a constexpr of the kernels).
+F32, BF16, F16 = 0, 1, 2
+_ROUNDING = {torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16}
+
+_NONE, _INT8_STATIC, _INT8_DYNAMIC, _FP8 = 0, 1, 2, 3
+
+
+def rounding_of(dtype: torch.dtype) -> int:
+    if dtype not in _ROUNDING:
+        raise ValueError(f"Triton kernels take float32, bfloat16 or float16 activations, got {dtype}.")
+    return _ROUNDING[dtype]
+
+
+@triton.jit
+def round_half_even(y):
+    """Nearest integer, ties to even (torch.round); libdevice's rint is not available in the interpreter.
+    floor(y + 0.5) would be wrong for the float just below 0.5, where y + 0.5 rounds up to 1."""
+    r = tl.floor(y)
+    frac = y - r  # exact
+    odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+    return tl.where((frac > 0.5) | ((frac == 0.5) & odd), r + 1.0, r)
+
+
+@triton.jit
+def round_to(y, KIND: tl.constexpr):
+    """y (float32) rounded to the nearest value of the dtype KIND names, still as float32."""
+    if KIND == 1:
+        # bfloat16: add half an ulp (minus one unless the kept lsb is odd) and cut the low 16 bits.
+        bits = y.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        y = bits.to(tl.float32, bitcast=True)
+    elif KIND == 2:
+        y = y.to(tl.float16).to(tl.float32)  # numpy's cast, used by the interpreter, rounds to nearest even
+    return y
+
+
+@triton.jit
+def quantize_fp8(y):
+    """(y).clamp(-448, 448).to(float8_e4m3fn) as torch computes it (ties to even), as float8e4nv."""
+    y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+    bits = y.to(tl.int32, bitcast=True)
+    mag_bits = bits & 0x7FFFFFFF
+    sign = bits ^ mag_bits
+    # Normal E4M3 values keep 3 mantissa bits; below 2^-6 the grid is the fixed subnormal step 2^-9.
+    normal = (mag_bits + 0x7FFFF + ((mag_bits >> 20) & 1)) & -1048576
+    mag = mag_bits.to(tl.float32, bitcast=True)
+    subnormal = (round_half_even(mag * 512.0) * (1.0 / 512.0)).to(tl.int32, bitcast=True)
+    mag_bits = tl.where(mag < 0.015625, subnormal, normal)
+    return (mag_bits | sign).to(tl.float32, bitcast=True).to(tl.float8e4nv)
+
+
+@triton.jit
+def _write_half(
+    x_ptr, x_stride_t, x_stride_h,
+    cache_ptr, c_stride_b, c_stride_s, c_stride_h,
+    scale_ptr, s_stride_b, s_stride_s, s_stride_h,
+    token, head, block, offset, head_dim,
+    MODE: tl.constexpr, SCALE_ROUNDING: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    d = tl.arange(0, BLOCK_D)
+    mask = d < head_dim
+    x = tl.load(x_ptr + token * x_stride_t + head * x_stride_h + d, mask=mask, other=0.0).to(tl.float32)
+    dst = cache_ptr + block * c_stride_b + offset * c_stride_s + head * c_stride_h + d
+    if MODE == 0:
+        tl.store(dst, x.to(cache_ptr.dtype.element_ty), mask=mask)  # exact: x came in that dtype
+    else:
+        scale_slot = scale_ptr + block * s_stride_b + offset * s_stride_s + head * s_stride_h
+        if MODE == 2:
+            amax = tl.max(tl.abs(x), axis=0)
+            # int8_token_scales: amax / 127 rounded to the storage dtype; an all-zero vector gets 1.
+            scale = round_to(tl.where(amax > 0, tl.math.div_rn(amax, INT8_MAX), 1.0), SCALE_ROUNDING)
+            tl.store(scale_slot, scale.to(scale_ptr.dtype.element_ty))
+        else:
+            scale = tl.load(scale_slot).to(tl.float32)
+        # Correctly rounded division, as torch's: `/` may compile to an approximate one.
+        y = tl.math.div_rn(x, scale)
+        if MODE == 3:
+            tl.store(dst, quantize_fp8(y), mask=mask)
+        else:
+            # Clamping first gives the same result as torch's round-then-clamp (both are monotone).
+            q = round_half_even(tl.minimum(tl.maximum(y, -INT8_MAX), INT8_MAX))
+            tl.store(dst, q.to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _kv_cache_write_kernel(
+    k_ptr, v_ptr, x_stride_t, x_stride_h,
+    key_ptr, value_ptr, c_stride_b, c_stride_s, c_stride_h,
+    k_scale_ptr, v_scale_ptr, s_stride_b, s_stride_s, s_stride_h,
+    blocks_ptr, offsets_ptr, head_dim,
+    MODE: tl.constexpr, SCALE_ROUNDING: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    block = tl.load(blocks_ptr + token).to(tl.int64)
+    offset = tl.load(offsets_ptr + token).to(tl.int64)
+    token = token.to(tl.int64)
+    _write_half(k_ptr, x_stride_t, x_stride_h, key_ptr, c_stride_b, c_stride_s, c_stride_h,
+                k_scale_ptr, s_stride_b, s_stride_s, s_stride_h,
+                token, head, block, offset, head_dim, MODE, SCALE_ROUNDING, BLOCK_D)
+    _write_half(v_ptr, x_stride_t, x_stride_h, value_ptr, c_stride_b, c_stride_s, c_stride_h,
+                v_scale_ptr, s_stride_b, s_stride_s, s_stride_h,
+                token, head, block, offset, head_dim, MODE, SCALE_ROUNDING, BLOCK_D)
+
+
+def _mode(cache_dtype: torch.dtype, has_scales: bool, dynamic_int8: bool) -> int:
+    if not has_scales:
+        if dynamic_int8:
+            raise ValueError("dynamic_int8 needs the per-token scale storage as k_scale and v_scale.")
+        return _NONE
+    if cache_dtype == torch.int8:
+        return _INT8_DYNAMIC if dynamic_int8 else _INT8_STATIC
+    if cache_dtype == getattr(torch, "float8_e4m3fn", None) and not dynamic_int8:
+        return _FP8
+    raise ValueError(f"No KV cache quantisation stores {cache_dtype} (dynamic_int8={dynamic_int8}).")
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor,
+    key_cache: torch.Tensor, value_cache: torch.Tensor,
+    slot_blocks: torch.Tensor, slot_offsets: torch.Tensor,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    dynamic_int8: bool = False,
+) -> None:
+    """Store k, v [T, kv_heads, head_dim] (model dtype) in slots (slot_blocks[t], slot_offsets[t]) of the caches
+    [num_blocks, block_size, kv_heads, head_dim] (storage dtype), as `QuantizedKVCache.write` does.
+
+    k_scale, v_scale: None (caches in the model dtype) or [num_blocks, block_size, kv_heads], as
+    `KVCache.kernel_operands()` gives them. With dynamic_int8 they are the per-token scale storage: each
+    (token, head) scale is computed and stored there; otherwise each slot's scale is read (zero-stride views of
+    per-head or per-tensor scales are fine)."""
+    mode = _mode(key_cache.dtype, k_scale is not None, dynamic_int8)
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("Give both k_scale and v_scale, or neither.")
+    T, kv_heads, head_dim = k.shape
+    if v.shape != k.shape or v.stride() != k.stride() or k.stride(-1) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    if key_cache.shape != value_cache.shape or key_cache.stride() != value_cache.stride():
+        raise ValueError("key_cache and value_cache must have the same shape and strides.")
+    if key_cache.shape[2:] != (kv_heads, head_dim) or key_cache.stride(-1) != 1:
+        raise ValueError(f"Cache of shape {tuple(key_cache.shape)} (last dim contiguous) cannot hold k of shape "
+                         f"{tuple(k.shape)}.")
+    if mode == _NONE and key_cache.dtype != k.dtype:
+        raise ValueError(f"An unquantised cache stores the model dtype {k.dtype}, not {key_cache.dtype}.")
+    if T == 0:
+        return
+    slot_blocks, slot_offsets = slot_blocks.contiguous(), slot_offsets.contiguous()  # read at stride 1
+    if mode == _NONE:
+        k_scale = v_scale = key_cache  # never read: any pointer will do
+        scale_strides = (0, 0, 0)
+    else:
+        if k_scale.shape != key_cache.shape[:3] or v_scale.shape != k_scale.shape:
+            raise ValueError(f"Scales must be [num_blocks, block_size, kv_heads] = {tuple(key_cache.shape[:3])}.")
+        if v_scale.stride() != k_scale.stride():
+            raise ValueError("k_scale and v_scale must have the same strides.")
+        scale_strides = k_scale.stride()
+    scale_rounding = rounding_of(k_scale.dtype) if mode == _INT8_DYNAMIC else F32
+    _kv_cache_write_kernel[(T, kv_heads)](
+        k, v, k.stride(0), k.stride(1),
+        key_cache, value_cache, *key_cache.stride()[:3],
+        k_scale, v_scale, *scale_strides,
+        slot_blocks, slot_offsets, head_dim,
+        MODE=mode, SCALE_ROUNDING=scale_rounding, BLOCK_D=triton.next_power_of_2(head_dim),
+    )

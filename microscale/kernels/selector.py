@@ -1,0 +1,38 @@
+"""Which kernel family runs the hot ops (attention, KV cache writes, norms, activations): Triton kernels or
+the torch reference. One knob, `kernel_backend`, forces a family for every op that has it."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+KERNEL_BACKENDS = ("auto", "torch", "triton")
+
+
+def interpreting() -> bool:
+    """Triton kernels run on CPU tensors through Triton's interpreter (slowly: for tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'microscale[triton]')"
+    if device.type == "cuda" or interpreting():
+        return None
+    return f"Triton kernels need a CUDA device; on {device.type} they run only under TRITON_INTERPRET=1 (tests)"
+
+
+def resolve_kernel_backend(requested: str, device: torch.device) -> str:
+    """"torch" or "triton". auto: Triton on a GPU, the torch reference elsewhere (the interpreter is for tests)."""
+    if requested not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel_backend must be one of {', '.join(KERNEL_BACKENDS)}, got {requested!r}.")
+    if requested == "torch":
+        return "torch"
+    reason = triton_unavailable_reason(device)
+    if requested == "triton":
+        if reason is not None:
+            raise ValueError(f"kernel_backend='triton' cannot run here: {reason}.")
+        return "triton"
+    return "triton" if reason is None and device.type == "cuda" else "torch"
