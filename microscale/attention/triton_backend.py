@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from microscale.attention.metadata import AttentionMetadata
-from microscale.kernels.decode_attention import paged_decode_attention
+from microscale.kernels.decode_attention import choose_num_splits, paged_decode_attention
 from microscale.kernels.kv_cache_write import write_kv_cache
 from microscale.kernels.prefill_attention import paged_prefill_attention
 from microscale.kernels.selector import triton_unavailable_reason
@@ -44,9 +44,11 @@ class TritonAttentionBackend:
         if meta.decode is not None:
             batch = meta.decode
             decoded = batch.size
+            # From the host-side longest context: the kernel would otherwise read context_lens back (a sync).
+            splits = batch.num_splits or choose_num_splits(batch.length, decoded, k.shape[1], window)
             out[:decoded] = paged_decode_attention(
-                q[:decoded], cache.keys, cache.values, batch.block_tables, batch.context_lens,
-                num_splits=batch.num_splits, **reads,
+                q[:decoded], cache.keys, cache.values, batch.block_tables, batch.context_lens, num_splits=splits,
+                **reads,
             )
         if meta.prefills:
             chunks = meta.prefill_batch()

@@ -22,9 +22,6 @@ from microscale.attention.metadata import AttentionMetadata, DecodeBatch
 
 logger = logging.getLogger(__name__)
 
-_SPLIT_TOKENS = 512  # keys per split-K partition at max_model_len (the graphs keep the split count fixed)
-_MAX_SPLITS = 16
-
 
 def bucket_sizes(max_batch: int) -> list[int]:
     """Powers of two up to 32, then steps of 16 (vLLM's spacing), always ending at max_batch."""
@@ -68,14 +65,14 @@ class EagerReplay:
 
 class DecodeGraphs:
     def __init__(
-        self, model: nn.Module, max_batch: int, max_model_len: int, block_size: int, scratch_block: int,
-        device: torch.device, graph_type: type = CudaGraph,
+        self, model: nn.Module, max_batch: int, max_model_len: int, block_size: int, kv_heads: int,
+        scratch_block: int, device: torch.device, graph_type: type = CudaGraph,
     ) -> None:
         self.model = model
         self.buckets = bucket_sizes(max_batch)
         self.max_model_len = max_model_len
         self.scratch_block = scratch_block
-        self.num_splits = min(_MAX_SPLITS, -(-max_model_len // _SPLIT_TOKENS))
+        self.kv_heads = kv_heads
         max_blocks = -(-max_model_len // block_size)
 
         def buffer(*shape: int, fill: int = 0) -> torch.Tensor:
@@ -105,9 +102,13 @@ class DecodeGraphs:
         return elapsed
 
     def _metadata(self, size: int) -> AttentionMetadata:
+        from microscale.kernels.decode_attention import choose_num_splits  # imports triton: only when capturing
+
+        # The split count is part of the graph: sized for the longest context a replay may see.
         decode = DecodeBatch(
             size=size, positions=self.positions[:size], length=self.max_model_len,
-            block_tables=self.block_tables[:size], context_lens=self.context_lens[:size], num_splits=self.num_splits,
+            block_tables=self.block_tables[:size], context_lens=self.context_lens[:size],
+            num_splits=choose_num_splits(self.max_model_len, size, self.kv_heads),
         )
         return AttentionMetadata(self.slot_blocks[:size], self.slot_offsets[:size], decode, [])
 

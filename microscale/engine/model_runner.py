@@ -159,7 +159,7 @@ class ModelRunner:
         if reason is not None:
             raise ValueError(f"Decode graphs cannot be used: {reason}.")
         self.decode_graphs = DecodeGraphs(self.model, self.max_num_seqs, self.max_model_len, self.block_size,
-                                          self.scratch_block, self.device, graph_type)
+                                          self.config.num_key_value_heads, self.scratch_block, self.device, graph_type)
         with torch.inference_mode():
             return self.decode_graphs.capture()
 

@@ -22,9 +22,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Context positions per tile. Under the interpreter a smaller tile makes tiny test contexts span several tiles.
 _BLOCK_N = 16 if _INTERPRET else 64
-# Query heads per KV head from which the score and value products use tl.dot (the group padded to >= 16 rows);
-# smaller groups multiply elementwise and reduce with tl.sum, which wastes no rows.
-_DOT_MIN_GROUP = 8
+# 8 warps: no register spills for 64 x 128 tiles in any storage dtype (checked by compiling for sm_90; not yet
+# timed on a GPU).
+_NUM_WARPS = 8
+# Query heads per KV head from which the score and value products use tl.dot (the group padded to >= 16 rows).
+# A single head (MHA) multiplies elementwise and reduces with tl.sum, wasting no rows; for larger groups the
+# broadcast product's registers grow with the group.
+_DOT_MIN_GROUP = 2
 # Choosing num_splits: enough programs to fill the GPU, each split at least this many positions.
 _TARGET_PROGRAMS = 264
 _MIN_SPLIT_LEN = 256
@@ -84,25 +88,26 @@ def _split_kernel(
         slot = pos % block_size
         kv_ok = ok[:, None] & dim_ok[None, :]
         k = tl.load(k_ptr + block[:, None] * sk_b + slot[:, None] * sk_s + kvh * sk_h + dims[None, :] * sk_d,
-                    mask=kv_ok, other=0.0).to(tl.float32)
+                    mask=kv_ok, other=0.0)
         v = tl.load(v_ptr + block[:, None] * sv_b + slot[:, None] * sv_s + kvh * sv_h + dims[None, :] * sv_d,
-                    mask=kv_ok, other=0.0).to(tl.float32)
+                    mask=kv_ok, other=0.0)
         if QUANT:
             # Strided loads: a per-head or per-tensor scale arrives as a zero-stride view of every slot.
             k_s = tl.load(ks_ptr + block * sks_b + slot * sks_s + kvh * sks_h, mask=ok, other=0.0).to(tl.float32)
             v_s = tl.load(vs_ptr + block * svs_b + slot * svs_s + kvh * svs_h, mask=ok, other=0.0).to(tl.float32)
-            k = k * k_s[:, None]
-            v = v * v_s[:, None]
+            k = k.to(tl.float32) * k_s[:, None]
+            v = v.to(tl.float32) * v_s[:, None]
 
         if USE_DOT:
             if DOT_FP32:
                 # float32 stays exact (ieee, not tf32).
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+                scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
             else:
-                # The model dtype on tensor cores, as the torch backend computes it.
+                # The model dtype on tensor cores, as the torch backend computes it; unquantised K/V need no
+                # conversion at all (fewer registers).
                 scores = tl.dot(q_raw, tl.trans(k.to(q_raw.dtype)))
         else:
-            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
+            scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
         scores = tl.where(ok[None, :], scores * scale, float("-inf"))
 
         # Every tile has at least one position in range, so m_new is finite and no -inf - -inf arises.
@@ -112,11 +117,11 @@ def _split_kernel(
         s_sum = s_sum * alpha + tl.sum(p, axis=1)
         if USE_DOT:
             if DOT_FP32:
-                pv = tl.dot(p, v, input_precision="ieee")
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
             else:
                 pv = tl.dot(p.to(q_raw.dtype), v.to(q_raw.dtype))
         else:
-            pv = tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
         acc = acc * alpha[:, None] + pv
         m = m_new
 
@@ -216,10 +221,11 @@ def paged_decode_attention(
         q, keys, values, ks, vs, block_tables, context_lens,
         m, s_sum, acc,
         scale, window if window is not None else 0, block_size, num_splits,
-        *q.stride(), *keys.stride(), *values.stride(), *ks_strides, *vs_strides, *block_tables.stride(), context_lens.stride(0),
+        *q.stride(), *keys.stride(), *values.stride(), *ks_strides, *vs_strides,
+        *block_tables.stride(), context_lens.stride(0),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_N=_BLOCK_N,
         HAS_WINDOW=window is not None, QUANT=quant, USE_DOT=use_dot,
-        DOT_FP32=_INTERPRET or q.dtype == torch.float32,
+        DOT_FP32=_INTERPRET or q.dtype == torch.float32, num_warps=_NUM_WARPS,
     )
     _reduce_kernel[(n, num_heads)](
         m, s_sum, acc, sinks if sinks is not None else m, out,

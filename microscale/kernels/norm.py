@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from microscale.kernels.kv_cache_write import quantize_fp8, round_to, rounding_of
+from microscale.kernels.rounding import quantize_fp8, round_to, rounding_of
 
 _FP8 = getattr(torch, "float8_e4m3fn", None)
 
