@@ -36,10 +36,12 @@ class ModelRunner:
         self.dtype = dtype
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
         self.attention_backend = backend = select_attention_backend(device, kernel_backend)
-        # Norms and activations follow the attention backend's kernel family.
+        # Norms, activations, quantized matmuls and MoE follow the attention backend's kernel family.
         for module in model.modules():
             if hasattr(module, "kernel_backend"):
                 module.kernel_backend = backend.name
+            if hasattr(module, "select_kernels"):
+                module.select_kernels(backend.name, device)
         # One cache per layer, in layer order; storage comes with allocate_kv_cache, once the engine has sized it.
         self.kv_caches = [
             make_kv_cache(kv_cache_quant, config.num_key_value_heads, config.head_dim, dtype, device)
@@ -149,8 +151,8 @@ class ModelRunner:
     def graphs_unavailable_reason(self) -> str | None:
         if self.attention_backend.uses_decode_buffer:
             return f"the {self.attention_backend.name} attention backend is not graph-safe (Triton's is)"
-        if any(isinstance(m, FusedMoE) for m in self.model.modules()):
-            return "MoE routing reads expert counts back to the host (the fused MoE kernel will not)"
+        if any(isinstance(m, FusedMoE) and not m.fused for m in self.model.modules()):
+            return "the reference MoE reads expert counts back to the host (the fused MoE kernel does not)"
         return None
 
     def enable_decode_graphs(self, graph_type: type = CudaGraph) -> float:

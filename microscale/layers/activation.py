@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from microscale.quant.fp8 import quantize_fp8
+
 
 class SiluAndMul(nn.Module):
     """SwiGLU: x holds [gate | up] along the last dim; returns silu(gate) * up."""
@@ -12,13 +14,20 @@ class SiluAndMul(nn.Module):
         super().__init__()
         self.kernel_backend = "torch"  # "triton": one fused pass (microscale/kernels/activation.py)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fp8_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """With fp8_scale, the product comes out quantised for an FP8 Linear (one fused pass with Triton)."""
         if self.kernel_backend == "triton":
             from microscale.kernels.activation import silu_and_mul
 
-            return silu_and_mul(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], x.shape[-1] // 2)
+            flat = silu_and_mul(x.reshape(-1, x.shape[-1]), fp8_scale)
+            return flat.view(*x.shape[:-1], x.shape[-1] // 2)
         gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        out = F.silu(gate) * up
+        return out if fp8_scale is None else quantize_fp8(out, fp8_scale)
+
+    def kernel_spec(self) -> tuple[str, float, float]:
+        """How fused kernels (the MoE's) name this activation."""
+        return ("silu", 0.0, 0.0)
 
 
 class ClampedSwiGLU(nn.Module):
@@ -40,3 +49,6 @@ class ClampedSwiGLU(nn.Module):
         gate = gate.clamp(max=self.limit)
         up = up.clamp(min=-self.limit, max=self.limit)
         return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+    def kernel_spec(self) -> tuple[str, float, float]:
+        return ("clamped_swiglu", self.limit, self.alpha)

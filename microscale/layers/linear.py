@@ -40,5 +40,8 @@ class Linear(nn.Module):
         layer stores it; returns the parameter names filled."""
         return self.quant_method.load_weight(self, name, loaded, shard)
 
+    def select_kernels(self, family: str, device: torch.device) -> None:
+        self.quant_method.select_kernel(self, family, device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x)

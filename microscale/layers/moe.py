@@ -29,6 +29,10 @@ class FusedMoE(nn.Module):
         self.activation = activation
         self.quant_method = quant_method or UnquantizedExpertsMethod()
         self.quant_method.create_weights(self, num_experts, hidden_size, intermediate_size, bias, dtype)
+        self.fused = False  # the runner turns on the fused Triton kernel (microscale/kernels/fused_moe.py)
+
+    def select_kernels(self, family: str, device: torch.device) -> None:
+        self.fused = family == "triton"
 
     def load_weight(self, name: str, loaded: torch.Tensor, shard: int | None = None) -> list[str]:
         return self.quant_method.load_weight(self, name, loaded)
@@ -36,6 +40,11 @@ class FusedMoE(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x: [tokens, hidden]; weights, expert_ids: [tokens, top_k]. Sum over each token's experts of
         weight * expert(x)."""
+        if self.fused:
+            from microscale.kernels.fused_moe import fused_moe
+
+            return fused_moe(x, weights, expert_ids, **self.quant_method.fused_operands(self),
+                             w13_bias=self.w13_bias, w2_bias=self.w2_bias, activation=self.activation.kernel_spec())
         flat_ids = expert_ids.flatten()
         order = flat_ids.argsort(stable=True)  # assignments grouped by expert, tokens in order within each
         tokens = order // self.top_k

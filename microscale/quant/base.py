@@ -59,9 +59,21 @@ class QuantMethod(ABC):
     def process_weights_after_loading(self, layer: nn.Module) -> None:  # noqa: B027 - optional hook
         """Repack or quantize weights once the checkpoint is loaded."""
 
+    def select_kernel(self, layer: nn.Module, family: str, device: torch.device) -> None:  # noqa: B027 - optional
+        """Pick the matmul kernel for `apply` from this scheme's ordered candidates ("torch" lists only the
+        reference; "triton" lists the fast kernels first). Called once by the model runner."""
+
     @abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """y = x @ W^T + b, in whatever form the weights are stored."""
+
+    def static_fp8_input_scale(self, layer: nn.Module) -> torch.Tensor | None:
+        """The fixed scale this layer quantises its input to FP8 with, when it has one: the op before it may
+        then emit FP8 directly (fused) and call `apply_fp8_input`. None: it takes 16-bit input."""
+        return None
+
+    def apply_fp8_input(self, layer: nn.Module, x_q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} takes no FP8 input.")
 
 
 @register_quant_method("none")
@@ -110,6 +122,10 @@ class ExpertsQuantMethod(ABC):
     def expert_weights(self, layer: nn.Module, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(w13, w2) of one expert in `dtype`, ready for F.linear."""
 
+    @abstractmethod
+    def fused_operands(self, layer: nn.Module) -> dict[str, torch.Tensor | None]:
+        """All experts as the fused MoE kernel takes them: w13, w2, and w13_scales / w2_scales when packed."""
+
 
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor) -> None:
     if param.shape != loaded.shape:
@@ -137,3 +153,6 @@ class UnquantizedExpertsMethod(ExpertsQuantMethod):
 
     def expert_weights(self, layer, expert, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return layer.w13[expert], layer.w2[expert]
+
+    def fused_operands(self, layer) -> dict[str, torch.Tensor | None]:
+        return {"w13": layer.w13, "w2": layer.w2, "w13_scales": None, "w2_scales": None}

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from microscale.kernels.candidates import Candidate, always, pick_kernel
+from microscale.kernels.selector import triton_unavailable_reason
 from microscale.quant.base import QuantMethod, register_quant_method
 from microscale.quant.scratch import scratch_buffer
 
@@ -80,23 +82,60 @@ def _unset(shape: tuple[int, ...]) -> nn.Parameter:
 
 
 @functools.cache
-def _scaled_mm_available(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+def _scaled_mm_unavailable_reason(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"needs a CUDA device, not {device.type}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        return f"needs compute capability 8.9+ (this GPU is {capability[0]}.{capability[1]})"
+    return None
 
 
 def fp8_matmul(
     x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     bias: torch.Tensor | None, out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """(x_q * x_scale) @ (w_q * w_scale)^T + bias. x_scale: [] or [tokens, 1]; w_scale: [] or [out]."""
-    if _scaled_mm_available(x_q.device) and x_q.shape[1] % 16 == 0 and w_q.shape[0] % 16 == 0:
+    """(x_q * x_scale) @ (w_q * w_scale)^T + bias. x_scale: [] or [tokens, 1]; w_scale: [] or [out].
+    torch._scaled_mm where it can run, else the reference."""
+    if _scaled_mm_unavailable_reason(x_q.device) is None and x_q.shape[1] % 16 == 0 and w_q.shape[0] % 16 == 0:
         scale_a = x_scale.reshape(-1, 1) if x_scale.numel() > 1 else x_scale.reshape(())
         scale_b = w_scale.reshape(1, -1) if w_scale.numel() > 1 else w_scale.reshape(())
         if scale_a.dim() == scale_b.dim():  # _scaled_mm takes both per-tensor or both row/column-wise
             return torch._scaled_mm(x_q, w_q.t(), scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype)
-    y = F.linear(x_q.to(out_dtype), dequantize_fp8_weight(w_q, out_dtype))
+    return fp8_matmul_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+
+
+def fp8_matmul_reference(
+    x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+    bias: torch.Tensor | None, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The oracle: exact FP8 -> out_dtype conversions, one matmul, then the scales. float16 outputs are
+    accumulated in float32: one product of raw E4M3 values reaches 448² = 200704, past float16's range."""
+    compute = torch.float32 if out_dtype == torch.float16 else out_dtype
+    y = F.linear(x_q.to(compute), dequantize_fp8_weight(w_q, compute))
     y = (y.float() * (x_scale.reshape(-1, 1) if x_scale.numel() > 1 else x_scale) * w_scale).to(out_dtype)
     return y if bias is None else y + bias
+
+
+def _triton_unavailable_reason(device: torch.device) -> str | None:
+    reason = triton_unavailable_reason(device)
+    if reason is not None:
+        return reason
+    from microscale.kernels.fp8_gemm import fp8_gemm_unavailable_reason
+
+    return fp8_gemm_unavailable_reason(device)
+
+
+def _triton_matmul(*args) -> torch.Tensor:
+    from microscale.kernels.fp8_gemm import fp8_gemm
+
+    return fp8_gemm(*args)
+
+
+# In order of preference where the fast family is allowed; the reference alone otherwise.
+_SCALED_MM = Candidate("torch._scaled_mm (cuBLAS FP8)", _scaled_mm_unavailable_reason, fp8_matmul)
+_TRITON = Candidate("triton FP8 GEMM", _triton_unavailable_reason, _triton_matmul)
+_REFERENCE = Candidate("torch reference (dequantise, then matmul)", always, fp8_matmul_reference)
 
 
 class _Fp8Method(QuantMethod):
@@ -133,6 +172,10 @@ class _Fp8Method(QuantMethod):
 
     def store_weight_scale(self, layer, scale: torch.Tensor, shard: int | None) -> None:
         raise NotImplementedError
+
+    def select_kernel(self, layer, family, device) -> None:
+        candidates = [_SCALED_MM, _TRITON, _REFERENCE] if family == "triton" else [_REFERENCE]
+        layer.fp8_matmul = pick_kernel("FP8 linear", candidates, device).fn
 
     def process_weights_after_loading(self, layer) -> None:
         if torch.isnan(layer.weight_scale).any():
@@ -189,6 +232,16 @@ class Fp8StaticMethod(_Fp8Method):
         layer.activation_scale.copy_(layer.input_scale.max())
         layer.has_input_scale = True
 
+    def static_fp8_input_scale(self, layer) -> torch.Tensor | None:
+        return layer.activation_scale if layer.has_input_scale and not layer.calibrating else None
+
+    def apply_fp8_input(self, layer, x_q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """x_q: the input already quantised with static_fp8_input_scale (e.g. by a fused activation)."""
+        flat = x_q.reshape(-1, x_q.shape[-1])
+        scale = layer.activation_scale
+        y = _matmul(layer)(flat, scale, layer.weight, layer.row_scale, layer.bias, out_dtype)
+        return y.view(*x_q.shape[:-1], -1)
+
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         if layer.calibrating:
             torch.maximum(layer.input_amax, x.detach().abs().amax().float(), out=layer.input_amax)
@@ -196,10 +249,7 @@ class Fp8StaticMethod(_Fp8Method):
             return F.linear(x, weight, layer.bias)
         if not layer.has_input_scale:
             raise RuntimeError("FP8 static activations need an input scale: calibrate, or load a checkpoint with one.")
-        scale = layer.activation_scale
-        flat = x.reshape(-1, x.shape[-1])
-        y = fp8_matmul(quantize_fp8(flat, scale), scale, layer.weight, layer.row_scale, layer.bias, x.dtype)
-        return y.view(*x.shape[:-1], -1)
+        return self.apply_fp8_input(layer, quantize_fp8(x, layer.activation_scale), x.dtype)
 
 
 @register_quant_method("fp8-dynamic")
@@ -220,5 +270,10 @@ class Fp8DynamicMethod(_Fp8Method):
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         scale = fp8_scale(flat.abs().amax(dim=1, keepdim=True))
-        y = fp8_matmul(quantize_fp8(flat, scale), scale, layer.weight, layer.weight_scale, layer.bias, x.dtype)
+        y = _matmul(layer)(quantize_fp8(flat, scale), scale, layer.weight, layer.weight_scale, layer.bias, x.dtype)
         return y.view(*x.shape[:-1], -1)
+
+
+def _matmul(layer):
+    """The kernel the runner picked, or (a layer used on its own) torch._scaled_mm where it runs."""
+    return getattr(layer, "fp8_matmul", fp8_matmul)

@@ -40,6 +40,10 @@ class Mxfp4ExpertsMethod(ExpertsQuantMethod):
             copy_checked(scales[expert], expert_scales)
         return [f"{name}_blocks", f"{name}_scales"]
 
+    def fused_operands(self, layer) -> dict[str, torch.Tensor | None]:
+        return {"w13": layer.w13_blocks, "w2": layer.w2_blocks, "w13_scales": layer.w13_scales,
+                "w2_scales": layer.w2_scales}
+
     def expert_weights(self, layer, expert, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Valid until the next call (of any layer): they are decoded into shared scratch buffers."""
         return tuple(

@@ -1,5 +1,6 @@
-"""The "mxfp4" Linear method: weight-only W4A16. Weights are stored as MXFP4 (about 4.25 bits each) and
-dequantised to the activation dtype for every matmul (torch reference; a fused Triton kernel comes later)."""
+"""The "mxfp4" Linear method: weight-only W4A16. Weights are stored as MXFP4 (about 4.25 bits each). The Triton
+GEMM dequantises them in registers (microscale/kernels/mxfp4_gemm.py); the torch reference unpacks the whole
+weight to the activation dtype for every matmul."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from microscale.kernels.candidates import Candidate, always, pick_kernel
+from microscale.kernels.selector import triton_unavailable_reason
 from microscale.quant.base import QuantMethod, register_quant_method
 from microscale.quant.mxfp4 import MXFP4_BLOCK, pack_mxfp4, unpack_mxfp4
 from microscale.quant.scratch import scratch_buffer
@@ -63,9 +66,28 @@ class Mxfp4LinearMethod(QuantMethod):
         scales.weight_loader(scales, packed_scales, shard)
         return list(_PACKED_NAMES)
 
+    def select_kernel(self, layer, family, device) -> None:
+        candidates = [_TRITON, _REFERENCE] if family == "triton" else [_REFERENCE]
+        layer.mxfp4_matmul = pick_kernel("MXFP4 linear", candidates, device).fn
+
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        blocks = layer.weight_blocks
-        shape = (blocks.shape[0], blocks.shape[1] * MXFP4_BLOCK)
-        weight = unpack_mxfp4(blocks, layer.weight_scales, x.dtype,
-                              out=scratch_buffer("mxfp4-linear", shape, x.dtype, blocks.device))
-        return F.linear(x, weight, layer.bias)  # the bias is created in the model dtype
+        return getattr(layer, "mxfp4_matmul", _reference_matmul)(layer, x)
+
+
+def _reference_matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    blocks = layer.weight_blocks
+    shape = (blocks.shape[0], blocks.shape[1] * MXFP4_BLOCK)
+    weight = unpack_mxfp4(blocks, layer.weight_scales, x.dtype,
+                          out=scratch_buffer("mxfp4-linear", shape, x.dtype, blocks.device))
+    return F.linear(x, weight, layer.bias)  # the bias is created in the model dtype
+
+
+def _triton_matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from microscale.kernels.mxfp4_gemm import mxfp4_linear
+
+    flat = x.reshape(-1, x.shape[-1])
+    return mxfp4_linear(flat, layer.weight_blocks, layer.weight_scales, layer.bias).view(*x.shape[:-1], -1)
+
+
+_TRITON = Candidate("triton MXFP4 GEMM (dequantised in registers)", triton_unavailable_reason, _triton_matmul)
+_REFERENCE = Candidate("torch (unpack, then F.linear)", always, _reference_matmul)
