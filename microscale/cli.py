@@ -45,6 +45,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"],
                    help="kernels for attention, norms, activations (default auto: Triton on a GPU, else torch)")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    g.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=1, metavar="N",
+                   help="split the model over N ranks (GPUs, or shares of the CPU); under torchrun, its world size")
     g.add_argument("-v", "--verbose", action="store_true", help="log engine details (KV cache size, ...)")
     _add_quant_args(p)
 
@@ -275,6 +277,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
                 log_level="info" if args.verbose else "warning")
 
 
+def _run_as_torchrun_worker(args: argparse.Namespace) -> bool:
+    """Under torchrun every rank runs the same command; ranks other than 0 serve rank 0's engine as
+    tensor-parallel workers instead (and return once it shuts down)."""
+    from microscale.distributed.workers import run_worker, torchrun_rank
+
+    launched = torchrun_rank()
+    if getattr(args, "tensor_parallel_size", 1) <= 1 or launched is None or launched[0] == 0:
+        return False
+    run_worker(EngineArgs(model=args.model, **_engine_kwargs(args)), *launched)
+    return True
+
+
 def cmd_monitor(args: argparse.Namespace) -> None:
     from microscale.monitor.dashboard import run_monitor
 
@@ -380,6 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.getLogger("microscale").setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
+        if _run_as_torchrun_worker(args):
+            return
         args.func(args)
     except (CLIError, ValueError, BenchError) as e:
         print(f"microscale {args.command}: error: {e}", file=sys.stderr)

@@ -212,6 +212,8 @@ class EngineArgs:
     kernel_backend: str = "auto"
     # Decode steps replay CUDA graphs captured at start-up (Triton kernels on a GPU); True: always eager.
     enforce_eager: bool = False
+    # Ranks the model is split over (one process each: a GPU each, or a share of the CPU's cores).
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         # Fail early, naming the knob, on cache settings the engine cannot use (block_size=0 would divide by 0).

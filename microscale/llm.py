@@ -22,7 +22,7 @@ class LLM:
 
     Engine knobs are keyword arguments: dtype, max_num_seqs, max_num_batched_tokens, max_model_len,
     block_size, kv_cache_memory (GiB), cache_max_entry_count, enable_prefix_caching, seed, load_format, device,
-    kernel_backend ("auto", "torch", "triton"), enforce_eager (no CUDA graphs).
+    kernel_backend ("auto", "torch", "triton"), enforce_eager (no CUDA graphs), tensor_parallel_size.
     Quantization: `quant_config=QuantConfig(quant_algo=..., kv_cache_quant_algo=...)` (or the scheme names as
     `quantization=` / `kv_cache_quant=`), and `calib_config=CalibConfig(...)` for static scales.
     """
@@ -38,6 +38,10 @@ class LLM:
             engine_kwargs.update(quantization=quant_config.quantization, kv_cache_quant=quant_config.kv_cache_quant)
         self.engine = LLMEngine(EngineArgs(model=str(model), calib_config=calib_config, **engine_kwargs))
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (they also stop when this process exits)."""
+        self.engine.shutdown()
 
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer

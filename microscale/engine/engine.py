@@ -7,25 +7,21 @@ import time
 
 import torch
 
-from microscale.config import EngineArgs, SchedulerConfig, resolve_dtype
+from microscale.config import EngineArgs, SchedulerConfig
+from microscale.distributed.workers import start_tensor_parallel
 from microscale.engine.block_manager import BlockManager
 from microscale.engine.detokenizer import IncrementalDetokenizer
 from microscale.engine.inputs import InputProcessor, PromptType
-from microscale.engine.model_runner import ModelRunner
 from microscale.engine.scheduler import ScheduledChunk, Scheduler
 from microscale.engine.sequence import Request, Sequence
+from microscale.engine.shard import build_shard
 from microscale.layers.sampler import Sampler, SamplerOutput, SamplingBatch
-from microscale.models.loader import load_model
 from microscale.outputs import Logprob, RequestOutput, SampleLogprobs
 from microscale.quant.calibration import calibrate
 from microscale.quant.kv_cache import kv_scales_from_amax
-from microscale.quant.scheme import QuantScheme
 from microscale.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-_GIB = 1 << 30
-_DEFAULT_CPU_KV_GIB = 4.0
 
 
 class LLMEngine:
@@ -37,30 +33,18 @@ class LLMEngine:
         self.inputs = inputs = InputProcessor(args)
         self.model_config = cfg = inputs.model_config
         self.tokenizer, self.eos_token_ids = inputs.tokenizer, inputs.eos_token_ids
-        model_dir, max_model_len = inputs.model_dir, inputs.max_model_len
-        self.dtype = resolve_dtype(args.dtype, cfg.checkpoint_dtype, self.device)
+        max_model_len = inputs.max_model_len
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len)
-        started = time.perf_counter()
-        self.quant = QuantScheme.resolve(args.quantization, cfg.hf_config.get("quantization_config"))
-        # Dummy weights come with dummy scales (benchmarks of shapes, not of accuracy).
-        if self.quant.needs_calibration and args.calib_config is None and args.load_format != "dummy":
-            raise ValueError(
-                "FP8 with static activation scales needs calibration data: pass calib_config=CalibConfig("
-                "calib_dataset=...) (CLI: --calib-data FILE), use fp8-dynamic, or load a pre-quantized FP8 checkpoint."
-            )
-        model, kv_scales = load_model(
-            model_dir, cfg, self.dtype, self.device, max_model_len, self.quant, args.load_format, args.seed
-        )
-        elapsed = time.perf_counter() - started
-        logger.info("loaded %s (%s, %s) in %.1fs", cfg.architecture, self.dtype, self.device, elapsed)
-        kv_cache_quant = args.kv_cache_quant or self.quant.checkpoint_kv_cache
-        self.runner = ModelRunner(
-            model, cfg, self.device, self.dtype, args.max_num_seqs, max_model_len, kv_cache_quant=kv_cache_quant,
-            kernel_backend=args.kernel_backend,
-        )
-        self._apply_checkpoint_kv_scales(kv_scales, kv_cache_quant)
-        num_blocks = self._num_kv_blocks()
-        self.runner.allocate_kv_cache(num_blocks, args.block_size)
+        # Tensor parallel: the other ranks start (and join the group) before any shard is built.
+        self.workers = start_tensor_parallel(args, cfg, self.device)
+        try:
+            shard = build_shard(args, inputs, self.device)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.runner, self.dtype, self.quant = shard.runner, shard.dtype, shard.quant
+        self.runner.workers = self.workers
+        kv_cache_quant, num_blocks = shard.kv_cache_quant, shard.num_blocks
         self.graph_capture_seconds = self._capture_decode_graphs()
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
@@ -76,49 +60,13 @@ class LLMEngine:
 
     def _capture_decode_graphs(self) -> float | None:
         """On a GPU with the Triton kernels, unless enforce_eager: decode steps replay CUDA graphs."""
-        if self.args.enforce_eager or self.device.type != "cuda":
-            return None
+        if self.args.enforce_eager or self.device.type != "cuda" or self.workers is not None:
+            return None  # (tensor parallel: the workers run eagerly)
         reason = self.runner.graphs_unavailable_reason()
         if reason is not None:
             logger.info("decode steps run eagerly: %s", reason)
             return None
         return self.runner.enable_decode_graphs()
-
-    def _apply_checkpoint_kv_scales(self, kv_scales: dict, kv_cache_quant: str | None) -> None:
-        """Static FP8 KV scales a pre-quantized checkpoint carries (used when its KV cache is FP8)."""
-        if not kv_scales:
-            return
-        if kv_cache_quant != "fp8":
-            logger.warning("the checkpoint's FP8 KV cache scales are unused (KV cache: %s)", kv_cache_quant or "none")
-            return
-        for layer, scales in kv_scales.items():
-            self.runner.set_kv_scales(layer, scales["k_scale"], scales["v_scale"])
-
-    def _num_kv_blocks(self) -> int:
-        args, sched = self.args, self.scheduler_config
-        block_bytes = self.runner.kv_block_bytes(args.block_size)
-        blocks_per_seq = -(-sched.max_model_len // args.block_size)
-        if args.kv_cache_memory is not None:
-            budget = args.kv_cache_memory * _GIB
-        elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = free * args.cache_max_entry_count
-        else:
-            # No more than every sequence slot could ever use.
-            budget = min(_DEFAULT_CPU_KV_GIB * _GIB, sched.max_num_seqs * blocks_per_seq * block_bytes)
-        num_blocks = int(budget // block_bytes)
-        if num_blocks < blocks_per_seq:
-            raise ValueError(
-                f"The KV cache budget ({budget / _GIB:.3f} GiB = {num_blocks} blocks of {args.block_size} tokens) "
-                f"cannot hold one sequence of max_model_len={sched.max_model_len} tokens; raise kv_cache_memory / "
-                f"cache_max_entry_count or lower max_model_len."
-            )
-        logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens, %.3f GiB (%s)",
-            num_blocks, args.block_size, num_blocks * args.block_size, num_blocks * block_bytes / _GIB,
-            self.runner.kv_cache_description(),
-        )
-        return num_blocks
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -284,6 +232,12 @@ class LLMEngine:
         if seq.num_tokens >= self.scheduler_config.max_model_len:
             return "length"
         return None
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers and leave their group (nothing to do on one device)."""
+        if self.workers is not None:
+            self.workers.shutdown()
+            self.workers = None
 
     def get_stats(self) -> dict[str, float]:
         bm = self.block_manager

@@ -8,6 +8,7 @@ the sampled ids leave the device.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,11 +17,15 @@ from microscale.attention.decode_buffer import DecodeBuffer
 from microscale.attention.metadata import AttentionMetadata, DecodeBatch, PrefillChunk
 from microscale.attention.selector import select_attention_backend
 from microscale.config import ModelConfig
+from microscale.distributed.parallel_state import tp_size
 from microscale.engine.cuda_graphs import CudaGraph, DecodeGraphs
 from microscale.engine.scheduler import ScheduledChunk
 from microscale.layers.attention import Attention
 from microscale.layers.moe import FusedMoE
 from microscale.quant.kv_cache import make_kv_cache
+
+if TYPE_CHECKING:
+    from microscale.distributed.workers import Workers
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +48,9 @@ class ModelRunner:
             if hasattr(module, "select_kernels"):
                 module.select_kernels(backend.name, device)
         # One cache per layer, in layer order; storage comes with allocate_kv_cache, once the engine has sized it.
-        self.kv_caches = [
-            make_kv_cache(kv_cache_quant, config.num_key_value_heads, config.head_dim, dtype, device)
-            for _ in self.attention_layers
+        self.kv_caches = [  # this rank's KV heads under tensor parallelism
+            make_kv_cache(kv_cache_quant, layer.num_kv_heads, layer.head_dim, dtype, device)
+            for layer in self.attention_layers
         ]
         for layer, cache in zip(self.attention_layers, self.kv_caches):
             layer.backend = backend
@@ -55,6 +60,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.decode_buffer: DecodeBuffer | None = None
         self.decode_graphs: DecodeGraphs | None = None
+        self.workers: Workers | None = None  # rank 0 under tensor parallelism (set by the engine)
         self.scratch_block = 0
 
     def kv_block_bytes(self, block_size: int) -> int:
@@ -87,7 +93,8 @@ class ModelRunner:
         # and its attention kernels read blocks in place); otherwise decodes read the paged blocks. It holds the
         # model dtype, so beside a quantised cache it may take more bytes than the cache itself.
         fits = self.max_num_seqs * self.max_model_len <= num_blocks * block_size
-        if fits and self.device.type == "cpu" and self.attention_backend.uses_decode_buffer:
+        # Under tensor parallelism workers see no sequences to keep rows for: decodes read paged blocks.
+        if fits and self.device.type == "cpu" and self.attention_backend.uses_decode_buffer and tp_size() == 1:
             self.decode_buffer = DecodeBuffer(
                 cfg.num_hidden_layers, self.max_num_seqs, cfg.num_key_value_heads, cfg.head_dim, self.max_model_len,
                 self.dtype, self.device,
@@ -165,21 +172,34 @@ class ModelRunner:
         with torch.inference_mode():
             return self.decode_graphs.capture()
 
-    @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[ScheduledChunk]]:
         """Run one step; returns the logits of the sampling chunks, and those chunks in the same order."""
         input_ids, positions, meta, sample_rows, sampling = self.prepare(chunks)
-        hidden = None if self.decode_graphs is None else self.decode_graphs.run(input_ids, positions, meta)
-        if hidden is None:
-            hidden = self.model(input_ids, positions, meta)
-        return self.model.compute_logits(hidden[self._tensor(sample_rows)]), sampling
+        return self.forward_logits(input_ids, positions, meta, self._tensor(sample_rows)), sampling
 
-    @torch.inference_mode()
     def execute_all_logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Run one step; returns the logits of every token of the flat batch (decodes first, then prefill
         chunks), e.g. to score a prompt."""
         input_ids, positions, meta, _, _ = self.prepare(chunks)
-        return self.model.compute_logits(self.model(input_ids, positions, meta))
+        return self.forward_logits(input_ids, positions, meta, None)
+
+    @torch.inference_mode()
+    def forward_logits(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, rows: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One forward and the logits of `rows` (None: every token). Under tensor parallelism rank 0 first
+        broadcasts these inputs, and every rank runs the same forward on its shard (workers discard the logits)."""
+        if self.workers is not None:
+            self.workers.send(("execute", input_ids, positions, meta, rows))
+        try:
+            hidden = None if self.decode_graphs is None else self.decode_graphs.run(input_ids, positions, meta)
+            if hidden is None:
+                hidden = self.model(input_ids, positions, meta)
+            return self.model.compute_logits(hidden if rows is None else hidden[rows])
+        except RuntimeError as e:
+            if self.workers is not None:  # a collective failed: say which rank died
+                raise self.workers.failure(e) from e
+            raise
 
     def _decode_batch(self, decodes: list[ScheduledChunk], positions: list[int]) -> DecodeBatch | None:
         if not decodes:

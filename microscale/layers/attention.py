@@ -5,6 +5,8 @@ from torch import nn
 
 from microscale.attention.metadata import AttentionMetadata
 from microscale.attention.torch_backend import TorchAttentionBackend
+from microscale.distributed.parallel_state import tp_rank
+from microscale.quant.base import copy_checked
 from microscale.quant.kv_cache import KVCache
 
 
@@ -27,6 +29,13 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(num_heads), requires_grad=False) if sinks else None
         self.backend: TorchAttentionBackend | None = None
         self.kv_cache: KVCache | None = None  # bound by the model runner
+
+    def load_weight(self, name: str, loaded: torch.Tensor, shard: int | None = None) -> list[str]:
+        """The checkpoint's sinks cover every head; a tensor-parallel rank keeps those of its heads."""
+        if name != "sinks" or self.sinks is None:
+            raise ValueError(f"Checkpoint tensor {name!r} has no place in an attention layer.")
+        copy_checked(self.sinks, loaded.narrow(0, tp_rank() * self.num_heads, self.num_heads))
+        return ["sinks"]
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.backend.forward(

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from microscale.distributed.parallel_state import tp_rank, tp_size
 from microscale.quant.base import ExpertsQuantMethod, UnquantizedExpertsMethod
 
 
@@ -35,7 +36,25 @@ class FusedMoE(nn.Module):
         self.fused = family == "triton"
 
     def load_weight(self, name: str, loaded: torch.Tensor, shard: int | None = None) -> list[str]:
-        return self.quant_method.load_weight(self, name, loaded)
+        return self.quant_method.load_weight(self, name, self._rank_slice(name, loaded))
+
+    def _rank_slice(self, name: str, loaded: torch.Tensor) -> torch.Tensor:
+        """Tensor parallel over the intermediate dim: this rank's gate and up rows of w13 (dim 1: gate rows,
+        then up rows), its input columns of w2 (dim 2; packed MXFP4 counts them in 32-value groups), and the
+        down bias on rank 0 only (the ranks' outputs are summed). Slices are contiguous: MXFP4 packs them."""
+        n, rank = tp_size(), tp_rank()
+        if n == 1:
+            return loaded
+        if name.startswith("w13"):
+            half = loaded.shape[1] // 2
+            part = half // n
+            return torch.cat((loaded.narrow(1, rank * part, part), loaded.narrow(1, half + rank * part, part)), dim=1)
+        if name == "w2_bias":
+            return loaded if rank == 0 else torch.zeros_like(loaded)
+        if name.startswith("w2"):
+            part = loaded.shape[2] // n
+            return loaded.narrow(2, rank * part, part).contiguous()
+        return loaded
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x: [tokens, hidden]; weights, expert_ids: [tokens, top_k]. Sum over each token's experts of

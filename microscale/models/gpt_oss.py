@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from microscale.config import ModelConfig
+from microscale.distributed.parallel_state import all_reduce, tp_size
 from microscale.layers.activation import ClampedSwiGLU
 from microscale.layers.linear import Linear
 from microscale.layers.moe import FusedMoE, route_top_k
@@ -32,14 +33,16 @@ class GptOssMLP(nn.Module):
         hf = cfg.hf_config
         activation = ClampedSwiGLU(hf.get("swiglu_limit", _DEFAULT_SWIGLU_LIMIT),
                                    hf.get("swiglu_alpha", _DEFAULT_SWIGLU_ALPHA))
+        # Tensor parallel: every rank routes (the router is replicated) and runs its slice of every expert's
+        # intermediate dim; the partial outputs are summed.
         self.experts = FusedMoE(
-            cfg.num_experts, self.top_k, cfg.hidden_size, cfg.intermediate_size, True, dtype, activation,
-            quant.experts_method(),
+            cfg.num_experts, self.top_k, cfg.hidden_size, cfg.intermediate_size // tp_size(), True, dtype,
+            activation, quant.experts_method(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, expert_ids = route_top_k(self.router(x), self.top_k)
-        return self.experts(x, weights, expert_ids)
+        return all_reduce(self.experts(x, weights, expert_ids))
 
 
 def _deinterleave(tensor: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,10 @@ from torch import nn
 
 from microscale.attention.metadata import AttentionMetadata
 from microscale.config import ModelConfig
+from microscale.distributed.parallel_state import tp_rank, tp_size
 from microscale.layers.activation import SiluAndMul
 from microscale.layers.attention import Attention
+from microscale.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from microscale.layers.linear import Linear
 from microscale.layers.norm import RMSNorm
 from microscale.layers.rotary import RotaryEmbedding
@@ -36,14 +38,20 @@ class LlamaAttention(nn.Module):
         self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, dtype: torch.dtype, quant: QuantScheme
     ) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        # Tensor parallel: this rank's query heads, and its KV heads (replicated when there are fewer KV heads
+        # than ranks: rank r then serves the KV head its query heads use).
+        n, rank = tp_size(), tp_rank()
+        self.num_heads = cfg.num_attention_heads // n
+        self.num_kv_heads = max(1, cfg.num_key_value_heads // n)
         self.head_dim = cfg.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        first_kv_head = rank * cfg.num_key_value_heads // n
+        kv_start = first_kv_head * self.head_dim
         self.qkv_proj = Linear(
-            cfg.hidden_size, [q_size, kv_size, kv_size], cfg.qkv_bias, dtype, quant.linear_method()
+            cfg.hidden_size, [q_size, kv_size, kv_size], cfg.qkv_bias, dtype, quant.linear_method(),
+            parallel="column", shard_starts=[rank * q_size, kv_start, kv_start],
         )
-        self.o_proj = Linear(q_size, cfg.hidden_size, cfg.o_proj_bias, dtype, quant.linear_method())
+        self.o_proj = Linear(q_size, cfg.hidden_size, cfg.o_proj_bias, dtype, quant.linear_method(), parallel="row")
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.rotary = rotary
@@ -67,19 +75,19 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, quant: QuantScheme) -> None:
         super().__init__()
-        inter = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, [inter, inter], cfg.mlp_bias, dtype, quant.linear_method())
-        self.down_proj = Linear(inter, cfg.hidden_size, cfg.mlp_bias, dtype, quant.linear_method())
+        inter = cfg.intermediate_size // tp_size()
+        self.gate_up_proj = Linear(cfg.hidden_size, [inter, inter], cfg.mlp_bias, dtype, quant.linear_method(),
+                                   parallel="column")
+        self.down_proj = Linear(inter, cfg.hidden_size, cfg.mlp_bias, dtype, quant.linear_method(), parallel="row")
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        down = self.down_proj
-        scale = down.quant_method.static_fp8_input_scale(down)
+        scale = self.down_proj.static_fp8_input_scale()
         if scale is None:
-            return down(self.act(self.gate_up_proj(x)))
+            return self.down_proj(self.act(self.gate_up_proj(x)))
         # FP8 down projection with a static input scale: the activation quantises as it computes (SwiGLU +
         # FP8 quantisation fused, in TensorRT-LLM's terms), saving a pass over the intermediate activations.
-        return down.quant_method.apply_fp8_input(down, self.act(self.gate_up_proj(x), scale), x.dtype)
+        return self.down_proj.forward_fp8(self.act(self.gate_up_proj(x), scale), x.dtype)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -112,8 +120,7 @@ class LlamaModel(nn.Module):
         make_mlp: Callable[[], nn.Module], float32_norms: bool,
     ) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
         rotary = RotaryEmbedding(cfg.head_dim, cfg.rope, max_position, cfg.max_position_embeddings)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(cfg, i, rotary, dtype, quant, make_mlp(), float32_norms)
@@ -141,8 +148,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(
             cfg, dtype, max_position, quant, lambda: self.make_mlp(cfg, dtype, quant), self.float32_norms
         )
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
-        self.lm_head.weight.requires_grad_(False)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from microscale.distributed.parallel_state import all_reduce_max
 from microscale.kernels.candidates import Candidate, always, pick_kernel
 from microscale.kernels.selector import triton_unavailable_reason
 from microscale.quant.base import QuantMethod, register_quant_method
@@ -269,7 +270,10 @@ class Fp8DynamicMethod(_Fp8Method):
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        scale = fp8_scale(flat.abs().amax(dim=1, keepdim=True))
+        amax = flat.abs().amax(dim=1, keepdim=True)
+        if getattr(layer, "parallel", None) == "row":  # a rank sees a slice of each token: scale by the whole
+            all_reduce_max(amax)
+        scale = fp8_scale(amax)
         y = _matmul(layer)(quantize_fp8(flat, scale), scale, layer.weight, layer.weight_scale, layer.bias, x.dtype)
         return y.view(*x.shape[:-1], -1)
 

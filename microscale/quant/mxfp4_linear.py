@@ -54,7 +54,7 @@ class Mxfp4LinearMethod(QuantMethod):
         if name != "weight":
             return super().load_weight(layer, name, loaded, shard)
         blocks, scales = layer.weight_blocks, layer.weight_scales
-        input_size = scales.shape[1] * MXFP4_BLOCK
+        input_size = layer.checkpoint_input_size
         if not loaded.is_floating_point() or loaded.dim() != 2 or loaded.shape[1] != input_size:
             raise ValueError(
                 f"An MXFP4 Linear takes a floating weight [rows, {input_size}]; got {loaded.dtype} "

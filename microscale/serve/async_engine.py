@@ -10,6 +10,7 @@ delta to the event loop that waits for it.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import logging
 import multiprocessing
@@ -101,9 +102,12 @@ class AsyncEngine:
         to_engine_read, to_engine = ctx.Pipe(duplex=False)
         from_engine, from_engine_write = ctx.Pipe(duplex=False)
         log_level = logging.getLogger("microscale").getEffectiveLevel()
-        self.process = ctx.Process(target=run_engine_core, name="microscale-engine", daemon=True,
+        # Not a daemon: a daemonic process may not start children (its tensor-parallel workers). shutdown() runs
+        # at exit instead, before multiprocessing joins its children.
+        self.process = ctx.Process(target=run_engine_core, name="microscale-engine",
                                    args=(self.args, to_engine_read, from_engine_write, log_level))
         self.process.start()
+        atexit.register(self.shutdown)
         # Only the engine process holds these ends now, so each side sees EOF when the other dies.
         to_engine_read.close()
         from_engine_write.close()
@@ -131,6 +135,7 @@ class AsyncEngine:
         if self.process is None or self._stopping:
             return
         self._stopping = True
+        atexit.unregister(self.shutdown)
         self._outbox.put(("shutdown",))
         self._outbox.put(None)
         self.process.join(timeout)

@@ -218,5 +218,7 @@ def run_engine_core(args: EngineArgs, inbox: Connection, outbox: Connection, log
         outbox.send(("failed", *error_message(e)))
         return
     outbox.send(("ready", engine.get_stats()))
-    if not EngineCore(engine, inbox, outbox).run():
+    healthy = EngineCore(engine, inbox, outbox).run()
+    engine.shutdown()  # tensor-parallel workers
+    if not healthy:
         sys.exit(1)

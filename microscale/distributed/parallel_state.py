@@ -1,0 +1,84 @@
+"""This process's place in the tensor-parallel group, and the collectives the sharded layers use.
+
+Layers read `tp_rank()` / `tp_size()` when they are built, so a model built outside a group (size 1) is the
+plain single-device model and every collective here is a no-op."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+_rank, _size = 0, 1
+
+# How long a collective may wait for a peer. A dead peer closes its sockets and fails the collective at once;
+# this bounds the rarer hang of a live peer that stopped answering.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+
+def tp_rank() -> int:
+    return _rank
+
+
+def tp_size() -> int:
+    return _size
+
+
+def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: torch.device) -> None:
+    """Join the group (NCCL on GPU, gloo on CPU). init_method: "tcp://host:port", or "env://" under torchrun."""
+    global _rank, _size
+    if dist.is_initialized():
+        raise RuntimeError("This process already belongs to a tensor-parallel group: one engine per process "
+                           "(shut the other down first).")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=COLLECTIVE_TIMEOUT)
+    _rank, _size = rank, world_size
+
+
+def destroy_tensor_parallel() -> None:
+    global _rank, _size
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _rank, _size = 0, 1
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (row-parallel outputs)."""
+    if _size > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum over ranks, in place (e.g. the per-token amax of a row-parallel layer's input)."""
+    if _size > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """Each rank's slice of the last dim, concatenated in rank order (vocab-parallel logits)."""
+    if _size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=-1)
+
+
+def min_over_ranks(value: int) -> int:
+    """The smallest of every rank's value (e.g. how many KV blocks each can hold)."""
+    if _size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def broadcast_from_driver(obj: Any = None) -> Any:
+    """Rank 0 (the driver, which owns the scheduler) sends `obj`; every rank returns it."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
