@@ -37,6 +37,7 @@ class EngineSection:
     device: str | None = None
     kernel_backend: str = "auto"  # microscale: auto | torch | triton
     enforce_eager: bool = False  # microscale: no CUDA graphs for decode steps
+    tensor_parallel_size: int = 1  # microscale: ranks the model is split over
     vllm_python: str | None = None  # the python of a virtualenv with vLLM, when it is not importable here
 
 
@@ -126,7 +127,8 @@ def _check_values(config: BenchConfig) -> None:
         raise BenchConfigError(f"'engine.backend' must be one of {', '.join(BACKENDS)}, got {e.backend!r}.")
     for key, value in (("engine.max_batch_size", e.max_batch_size), ("data.input_len", d.input_len),
                        ("data.output_len", d.output_len), ("data.num_prompts", d.num_prompts),
-                       ("engine.max_num_batched_tokens", e.max_num_batched_tokens)):
+                       ("engine.max_num_batched_tokens", e.max_num_batched_tokens),
+                       ("engine.tensor_parallel_size", e.tensor_parallel_size)):
         if value < 1:
             raise BenchConfigError(f"'{key}' must be at least 1, got {value}.")
     if not 0 < e.cache_max_entry_count <= 1:

@@ -48,7 +48,7 @@ def _scheme(name: str) -> str | None:
 
 
 def _run_microscale(config: BenchConfig, requests: list[BenchRequest]) -> dict[str, Any]:
-    from microscale import LLM, SamplingParams
+    from microscale import LLM
 
     e = config.engine
     llm = LLM(
@@ -57,7 +57,18 @@ def _run_microscale(config: BenchConfig, requests: list[BenchRequest]) -> dict[s
         kv_cache_memory=e.kv_cache_memory, cache_max_entry_count=e.cache_max_entry_count,
         quantization=_scheme(e.quant), kv_cache_quant=_scheme(e.kv_cache_quant), load_format=e.load_format,
         seed=config.data.seed, device=e.device, kernel_backend=e.kernel_backend, enforce_eager=e.enforce_eager,
+        tensor_parallel_size=e.tensor_parallel_size,
     )
+    try:
+        return _measure(llm, config, requests)
+    finally:
+        llm.shutdown()
+
+
+def _measure(llm: Any, config: BenchConfig, requests: list[BenchRequest]) -> dict[str, Any]:
+    from microscale import SamplingParams
+
+    e = config.engine
     engine = llm.engine
     warm = [{"prompt_token_ids": r.prompt_token_ids} for r in requests[:2]]
     llm.generate(warm, SamplingParams(temperature=0, max_tokens=WARMUP_TOKENS, ignore_eos=True), use_tqdm=False)

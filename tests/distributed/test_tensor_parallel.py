@@ -150,3 +150,26 @@ def test_torchrun_ranks_serve_through_the_openai_server(tiny_model):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
+
+
+def test_server_health_fails_when_a_worker_dies(tiny_model):
+    """`serve --tp 2`: the engine process starts the worker; killing it turns /health and requests into 503."""
+    from fastapi.testclient import TestClient
+
+    from microscale.config import EngineArgs
+    from microscale.serve.app import build_app
+    from microscale.serve.async_engine import AsyncEngine
+
+    engine = AsyncEngine(EngineArgs(model=str(tiny_model("llama")), tensor_parallel_size=2,
+                                    kv_cache_memory=_kv_gib(2, None), **KNOBS))
+    engine.start()
+    with TestClient(build_app(engine, "tiny")) as client:
+        assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+        with open(f"/proc/{engine.process.pid}/task/{engine.process.pid}/children") as f:
+            children = [int(pid) for pid in f.read().split()]
+        workers = [pid for pid in children if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)
+        assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 503
+        health = client.get("/health")
+        assert health.status_code == 503 and "rank 1 exited with code -9" in health.json()["error"]["message"]
