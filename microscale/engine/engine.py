@@ -60,8 +60,8 @@ class LLMEngine:
 
     def _capture_decode_graphs(self) -> float | None:
         """On a GPU with the Triton kernels, unless enforce_eager: decode steps replay CUDA graphs."""
-        if self.args.enforce_eager or self.device.type != "cuda" or self.workers is not None:
-            return None  # (tensor parallel: the workers run eagerly)
+        if self.args.enforce_eager or self.device.type != "cuda":
+            return None
         reason = self.runner.graphs_unavailable_reason()
         if reason is not None:
             logger.info("decode steps run eagerly: %s", reason)

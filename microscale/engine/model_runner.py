@@ -156,6 +156,8 @@ class ModelRunner:
         return self._tensor(input_ids), self._tensor(positions), meta, sample_rows, sampling
 
     def graphs_unavailable_reason(self) -> str | None:
+        if tp_size() > 1:
+            return "tensor parallel workers run each broadcast step eagerly"
         if self.attention_backend.uses_decode_buffer:
             return f"the {self.attention_backend.name} attention backend is not graph-safe (Triton's is)"
         if any(isinstance(m, FusedMoE) and not m.fused for m in self.model.modules()):
