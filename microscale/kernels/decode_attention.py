@@ -10,15 +10,15 @@ Matches TorchAttentionBackend._decode over the paged cache (microscale/attention
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from microscale.kernels.selector import interpreting
+
 # Read once, like Triton itself: the interpreter's tl.dot multiplies raw 16-bit patterns of bfloat16 operands,
 # so under it the dot operands stay float32 (DOT_FP32).
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()  # read once: kernels are defined (and their constexprs fixed) at import
 
 # Context positions per tile. Under the interpreter a smaller tile makes tiny test contexts span several tiles.
 _BLOCK_N = 16 if _INTERPRET else 64

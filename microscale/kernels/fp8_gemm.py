@@ -9,8 +9,6 @@ any mix of per-tensor and per-row/column scales and any M, N, K (ragged tiles ar
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -18,7 +16,7 @@ import triton.language as tl
 from microscale.kernels.rounding import round_to, rounding_of
 from microscale.kernels.selector import interpreting
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()  # read once: kernels are defined (and their constexprs fixed) at import
 _MIN_CAPABILITY = (8, 9)  # FP8 tensor cores (Ada, Hopper and later)
 
 

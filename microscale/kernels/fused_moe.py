@@ -16,16 +16,15 @@ dtype (with round_to, as the interpreter's bfloat16 cast truncates); the activat
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from microscale.kernels.rounding import round_to, rounding_of
+from microscale.kernels.selector import interpreting
 
 # Under the interpreter tl.dot on bfloat16 operands multiplies raw bit patterns: upcast to float32 there.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()  # read once: kernels are defined (and their constexprs fixed) at import
 _ACTIVATIONS = ("silu", "clamped_swiglu")
 
 

@@ -17,17 +17,16 @@ any order). Two variants, chosen by M (`choose_variant`):
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from microscale.kernels.rounding import round_to, rounding_of
+from microscale.kernels.selector import interpreting
 from microscale.quant.mxfp4 import MXFP4_BLOCK
 
 # Under the interpreter tl.dot on bfloat16 operands multiplies raw bit patterns: upcast to float32 there.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()  # read once: kernels are defined (and their constexprs fixed) at import
 
 # Largest M served by the decode (GEMV) variant; module-level so tests can force either variant.
 DECODE_MAX_M = 16

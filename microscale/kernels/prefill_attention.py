@@ -9,14 +9,14 @@ softmax in float32. int8 / fp8 caches are dequantised on read with their per-slo
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from microscale.kernels.selector import interpreting
+
 # Under the interpreter tl.dot on bfloat16 operands multiplies raw bit patterns: upcast to float32 there.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()  # read once: kernels are defined (and their constexprs fixed) at import
 
 
 @triton.jit
