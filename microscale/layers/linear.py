@@ -9,6 +9,7 @@ from torch import nn
 
 from microscale.distributed.parallel_state import all_reduce, tp_rank, tp_size
 from microscale.quant.base import QuantMethod, UnquantizedLinearMethod, copy_checked
+from microscale.quant.fp8 import FP8_DTYPE
 
 
 class Linear(nn.Module):
@@ -31,6 +32,7 @@ class Linear(nn.Module):
     ) -> None:
         super().__init__()
         self.input_size = input_size
+        self.dtype = dtype
         self.output_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
         self.parallel = parallel if tp_size() > 1 else None
         self.shard_starts = shard_starts or [tp_rank() * size for size in self.output_sizes]
@@ -74,15 +76,14 @@ class Linear(nn.Module):
         self.quant_method.select_kernel(self, family, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._reduce(self.quant_method.apply(self, x))
+        """x in the model dtype, or in FP8 already quantised with static_fp8_input_scale() (by a fused norm or
+        activation before this layer)."""
+        if x.dtype == FP8_DTYPE:
+            y = self.quant_method.apply_fp8_input(self, x, self.dtype)
+        else:
+            y = self.quant_method.apply(self, x)
+        return all_reduce(y) if self.parallel == "row" else y
 
     def static_fp8_input_scale(self) -> torch.Tensor | None:
         """The fixed FP8 scale of this layer's input, if its scheme has one (the op before may then emit FP8)."""
         return self.quant_method.static_fp8_input_scale(self)
-
-    def forward_fp8(self, x_q: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        """forward() for an input already quantised with static_fp8_input_scale()."""
-        return self._reduce(self.quant_method.apply_fp8_input(self, x_q, out_dtype))
-
-    def _reduce(self, y: torch.Tensor) -> torch.Tensor:
-        return all_reduce(y) if self.parallel == "row" else y

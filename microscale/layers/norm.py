@@ -3,6 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from microscale.quant.fp8 import quantize_fp8
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 and cast back, as transformers does. Given a residual, it adds it first
@@ -28,23 +30,26 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, fp8_scale: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """With fp8_scale, the output comes quantised for the FP8 Linear that follows (one fused pass with Triton)."""
         if self.kernel_backend == "triton":
-            return self._fused(x, residual)
-        if residual is None:
-            return self._norm(x)
-        x = x + residual
-        return self._norm(x), x
+            return self._fused(x, residual, fp8_scale)
+        if residual is not None:
+            x = x + residual
+        out = self._norm(x)
+        if fp8_scale is not None:
+            out = quantize_fp8(out, fp8_scale)
+        return out if residual is None else (out, x)
 
     def _fused(
-        self, x: torch.Tensor, residual: torch.Tensor | None
+        self, x: torch.Tensor, residual: torch.Tensor | None, fp8_scale: torch.Tensor | None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         from microscale.kernels.norm import rms_norm
 
         size = x.shape[-1]
         flat = rms_norm(x.reshape(-1, size), self.weight, self.eps, self.float32_weight,
-                        None if residual is None else residual.reshape(-1, size))
+                        None if residual is None else residual.reshape(-1, size), fp8_scale)
         if residual is None:
             return flat.view(x.shape)
         out, new_residual = flat

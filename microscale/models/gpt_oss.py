@@ -40,6 +40,9 @@ class GptOssMLP(nn.Module):
             activation, quant.experts_method(),
         )
 
+    def input_fp8_scale(self) -> None:
+        return None  # the router and the experts take the model dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, expert_ids = route_top_k(self.router(x), self.top_k)
         return all_reduce(self.experts(x, weights, expert_ids))

@@ -81,13 +81,14 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(inter, cfg.hidden_size, cfg.mlp_bias, dtype, quant.linear_method(), parallel="row")
         self.act = SiluAndMul()
 
+    def input_fp8_scale(self) -> torch.Tensor | None:
+        """The static FP8 scale the norm before this MLP may quantise its output with (see RMSNorm)."""
+        return self.gate_up_proj.static_fp8_input_scale()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.down_proj.static_fp8_input_scale()
-        if scale is None:
-            return self.down_proj(self.act(self.gate_up_proj(x)))
-        # FP8 down projection with a static input scale: the activation quantises as it computes (SwiGLU +
-        # FP8 quantisation fused, in TensorRT-LLM's terms), saving a pass over the intermediate activations.
-        return self.down_proj.forward_fp8(self.act(self.gate_up_proj(x), scale), x.dtype)
+        # A down projection with a static FP8 input scale gets its input quantised by the activation as it computes
+        # (SwiGLU + FP8 quantisation fused, in TensorRT-LLM's terms): one pass over the intermediate activations.
+        return self.down_proj(self.act(self.gate_up_proj(x), self.down_proj.static_fp8_input_scale()))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -104,13 +105,15 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Norms feeding static-FP8 projections quantise as they normalise (the projections take FP8 input).
+        qkv_scale = self.self_attn.qkv_proj.static_fp8_input_scale()
         if residual is None:
             residual = x
-            x = self.input_layernorm(x)
+            x = self.input_layernorm(x, fp8_scale=qkv_scale)
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = self.input_layernorm(x, residual, qkv_scale)
         x = self.self_attn(positions, x, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(x, residual, self.mlp.input_fp8_scale())
         return self.mlp(x), residual
 
 

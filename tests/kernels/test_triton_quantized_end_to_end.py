@@ -51,8 +51,9 @@ def test_moe_decode_steps_replay_through_graph_buffers(tiny_model):
 
 
 def test_fp8_static_llama_fuses_swiglu_with_the_quantisation(tiny_model, tmp_path, monkeypatch):
-    """FP8 with calibrated static scales: the Triton SwiGLU emits FP8 for the down projection in one pass."""
-    from microscale.kernels import activation
+    """FP8 with calibrated static scales: the Triton SwiGLU emits FP8 for the down projection, and the fused
+    add + RMSNorm for q/k/v and gate/up, each in one pass."""
+    from microscale.kernels import activation, norm
 
     text = tmp_path / "calib.txt"
     text.write_text("def add(a, b):\n    return a + b\n" * 40)
@@ -63,8 +64,16 @@ def test_fp8_static_llama_fuses_swiglu_with_the_quantisation(tiny_model, tmp_pat
     original = activation.silu_and_mul
     monkeypatch.setattr(activation, "silu_and_mul", lambda x, fp8_scale=None: (
         fused_calls.append(fp8_scale is not None), original(x, fp8_scale))[1])
+    norm_calls = []
+    original_norm = norm.rms_norm
+    monkeypatch.setattr(norm, "rms_norm", lambda *args: (norm_calls.append(args[5] is not None),
+                                                         original_norm(*args))[1])
     triton = LLM(model, kernel_backend="triton", quantization="fp8", calib_config=calib, **KNOBS)
     assert fused_calls and not any(fused_calls)  # calibrating: 16-bit activations, no scale yet
     fused_calls.clear()
+    norm_calls.clear()
     assert _tokens(triton) == _tokens(reference)
     assert fused_calls and all(fused_calls)
+    # Per forward: each layer's input and post-attention norms emit FP8; the final norm feeds the 16-bit LM head.
+    layers = triton.engine.model_config.num_hidden_layers
+    assert norm_calls.count(True) == 2 * layers * norm_calls.count(False) > 0
