@@ -85,8 +85,9 @@ def start_tensor_parallel(args: EngineArgs, cfg: ModelConfig, device: torch.devi
         return Workers([], n)
     init_method = f"tcp://127.0.0.1:{_free_port()}"
     ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
-    processes = [ctx.Process(target=run_worker, args=(args, rank, n, init_method), name=f"microscale-tp{rank}",
-                             daemon=True) for rank in range(1, n)]
+    log_level = logging.getLogger("microscale").getEffectiveLevel()
+    processes = [ctx.Process(target=run_worker, args=(args, rank, n, init_method, log_level),
+                             name=f"microscale-tp{rank}", daemon=True) for rank in range(1, n)]
     for process in processes:
         process.start()
     workers = Workers(processes, n)
@@ -100,12 +101,16 @@ def start_tensor_parallel(args: EngineArgs, cfg: ModelConfig, device: torch.devi
     return workers
 
 
-def run_worker(args: EngineArgs, rank: int, world_size: int, init_method: str = "env://") -> None:
+def run_worker(
+    args: EngineArgs, rank: int, world_size: int, init_method: str = "env://", log_level: int | None = None
+) -> None:
     """A worker rank: build the shard, then run every forward rank 0 broadcasts until it says shut down."""
     from microscale.engine.inputs import InputProcessor
     from microscale.engine.shard import build_shard
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group; rank 0 decides
+    if log_level is not None:  # spawned: as quiet as the process that started it
+        logging.getLogger("microscale").setLevel(log_level)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
