@@ -19,11 +19,22 @@ class VocabParallelEmbedding(nn.Module):
         self.start = tp_rank() * self.rows
         self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size, dtype=dtype), requires_grad=False)
 
+    def _my_rows(self) -> int:
+        return max(0, min(self.rows, self.vocab_size - self.start))
+
+    def checkpoint_slice(
+        self, name: str, shard: int | None, shape: tuple[int, ...], dtype: str
+    ) -> tuple[int, int, int] | None:
+        """This rank's vocabulary rows, read alone (see Linear.checkpoint_slice)."""
+        return (0, self.start, self._my_rows()) if tp_size() > 1 and name == "weight" else None
+
     def load_weight(self, name: str, loaded: torch.Tensor, shard: int | None = None) -> list[str]:
-        if name != "weight" or loaded.shape[0] != self.vocab_size:
+        """The whole vocabulary, or (read as such) this rank's rows of it."""
+        whole = loaded.shape[0] == self.vocab_size
+        if name != "weight" or not (whole or loaded.shape[0] == self._my_rows()):
             raise ValueError(f"Embedding tensor {name!r} of shape {tuple(loaded.shape)} does not fit "
                              f"[{self.vocab_size}, hidden].")
-        mine = loaded[self.start : self.start + self.rows]
+        mine = loaded[self.start : self.start + self.rows] if whole else loaded
         self.weight.data[: len(mine)].copy_(mine)  # rows past the vocabulary (padding) stay zero
         return ["weight"]
 

@@ -54,13 +54,34 @@ class Linear(nn.Module):
             target = param.data.narrow(0, offset, self.output_sizes[shard])
         copy_checked(target, loaded)
 
+    def checkpoint_slice(
+        self, name: str, shard: int | None, shape: tuple[int, ...], dtype: str
+    ) -> tuple[int, int, int] | None:
+        """(dim, start, length) of a checkpoint tensor this rank keeps, when its scheme can load that slice alone
+        (so only the slice is read from disk); None: the whole tensor is needed (or kept whole)."""
+        if self.parallel is None or len(shape) == 0 or not self.quant_method.loads_slices(name, dtype):
+            return None
+        if self.parallel == "column":
+            index = shard or 0
+            if shape[0] < self.output_sizes[index]:
+                return None  # a per-tensor scale, kept whole
+            return 0, self.shard_starts[index], self.output_sizes[index]
+        if len(shape) >= 2:  # a weight's input columns (packed MXFP4 tensors count 32-value groups)
+            size = self.input_size if name == "weight" else getattr(self, name).shape[1]
+            return 1, tp_rank() * size, size
+        return None
+
     def _rank_slice(self, param: nn.Parameter, loaded: torch.Tensor, shard: int | None) -> torch.Tensor:
-        """This rank's part of a whole checkpoint tensor. Per-tensor scales ([] or one per shard) are whole."""
+        """This rank's part of a whole checkpoint tensor (a tensor already read as that part passes as is).
+        Per-tensor scales ([] or one per shard) are whole."""
         if self.parallel == "column" and loaded.dim() >= 1:
             index = shard or 0
+            if loaded.shape[0] == self.output_sizes[index]:
+                return loaded  # read as this rank's slice (or a part every rank shares whole)
             return loaded.narrow(0, self.shard_starts[index], self.output_sizes[index])
         if self.parallel == "row":
-            if loaded.dim() >= 2:  # weight [out, in], or packed MXFP4 [out, in / 32, ...]: dim 1 runs along the input
+            # weight [out, in], or packed MXFP4 [out, in / 32, ...]: dim 1 runs along the input
+            if loaded.dim() >= 2 and loaded.shape[1] != param.shape[1]:
                 size = param.shape[1]
                 return loaded.narrow(1, tp_rank() * size, size)
             if param is getattr(self, "bias", None) and tp_rank() != 0:

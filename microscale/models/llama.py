@@ -33,6 +33,14 @@ _FUSED_SHARDS = {
 }
 
 
+def _fused_name(name: str) -> tuple[str, int | None]:
+    """A checkpoint name as (the fused parameter it fills, its shard), e.g. q_proj -> (qkv_proj, 0)."""
+    for part, (fused, index) in _FUSED_SHARDS.items():
+        if part in name:
+            return name.replace(part, fused), index
+    return name, None
+
+
 class LlamaAttention(nn.Module):
     def __init__(
         self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, dtype: torch.dtype, quant: QuantScheme
@@ -166,10 +174,20 @@ class LlamaForCausalLM(nn.Module):
 
     def map_checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor, int | None]:
         """(parameter name, tensor, shard of a fused parameter or None) for one checkpoint tensor."""
-        for part, (fused, index) in _FUSED_SHARDS.items():
-            if part in name:
-                return name.replace(part, fused), tensor, index
-        return name, tensor, None
+        param_name, shard = _fused_name(name)
+        return param_name, tensor, shard
+
+    def checkpoint_slice(self, name: str, shape: tuple[int, ...], dtype: str) -> tuple[int, int, int] | None:
+        """(dim, start, length) of checkpoint tensor `name` that this tensor-parallel rank needs, when it can be
+        read alone (see load_model); None: read it whole."""
+        param_name, shard = _fused_name(name)
+        module_name, _, local = param_name.rpartition(".")
+        try:
+            module = self.get_submodule(module_name)
+        except AttributeError:  # not a parameter of ours: load_weights reports it
+            return None
+        reader = getattr(module, "checkpoint_slice", None)
+        return None if reader is None else reader(local, shard, shape, dtype)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load checkpoint tensors by HF name; returns the parameter names that were filled."""

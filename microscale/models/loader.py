@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from microscale.config import ModelConfig
+from microscale.distributed.parallel_state import tp_size
 from microscale.models.registry import get_model_class
-from microscale.models.weights import init_dummy_weights, iterate_safetensors
+from microscale.models.weights import CheckpointReader, init_dummy_weights
 from microscale.quant.scheme import QuantScheme
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,12 @@ def load_model(
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     else:
-        loaded = model.load_weights(_split_kv_scales(iterate_safetensors(model_dir), kv_scales))
+        # Tensor parallel: each rank reads only the slices it keeps where the model can take them alone.
+        reader = CheckpointReader(model_dir, model.checkpoint_slice if tp_size() > 1 else None)
+        loaded = model.load_weights(_split_kv_scales(iter(reader), kv_scales))
+        if tp_size() > 1:
+            logger.info("read %.2f of %.2f MiB of checkpoint (this rank's slices)", reader.bytes_read / 2**20,
+                        reader.bytes_total / 2**20)
         expected = {name for name, _ in model.named_parameters()}
         missing = expected - loaded
         if cfg.tie_word_embeddings:

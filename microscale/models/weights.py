@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -24,11 +25,38 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
+# (checkpoint name, shape, safetensors dtype) -> (dim, start, length) to read only that slice, or None (all).
+SliceOf = Callable[[str, tuple[int, ...], str], "tuple[int, int, int] | None"]
+
+
+class CheckpointReader:
+    """Checkpoint tensors one at a time; with `slice_of` (tensor parallelism), only the part this rank keeps is
+    read from disk where the model says it can take it alone. Counts the bytes read and the bytes there are."""
+
+    def __init__(self, model_dir: Path, slice_of: SliceOf | None = None) -> None:
+        self.files = safetensors_files(model_dir)
+        self.slice_of = slice_of
+        self.bytes_read = self.bytes_total = 0
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for path in self.files:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    lazy = f.get_slice(name)
+                    shape = tuple(lazy.get_shape())
+                    part = self.slice_of(name, shape, lazy.get_dtype()) if self.slice_of else None
+                    if part is None:
+                        tensor = f.get_tensor(name)
+                    else:
+                        dim, start, length = part
+                        tensor = lazy[(slice(None),) * dim + (slice(start, start + length),)]
+                    self.bytes_read += tensor.numel() * tensor.element_size()
+                    self.bytes_total += math.prod(shape) * tensor.element_size()
+                    yield name, tensor
+
+
 def iterate_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    for path in safetensors_files(model_dir):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+    yield from CheckpointReader(model_dir)
 
 
 def load_named_tensors(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor, int | None]]) -> set[str]:

@@ -67,6 +67,11 @@ class QuantMethod(ABC):
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """y = x @ W^T + b, in whatever form the weights are stored."""
 
+    def loads_slices(self, name: str, checkpoint_dtype: str) -> bool:
+        """Whether a tensor-parallel rank may read only its slice of checkpoint tensor `name` (safetensors dtype
+        string, e.g. "BF16", "F8_E4M3"): false where quantising needs the whole tensor (its scale)."""
+        return True
+
     def static_fp8_input_scale(self, layer: nn.Module) -> torch.Tensor | None:
         """The fixed scale this layer quantises its input to FP8 with, when it has one: the op before it may
         then emit FP8 directly (fused) and call `apply_fp8_input`. None: it takes 16-bit input."""

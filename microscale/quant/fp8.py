@@ -174,6 +174,10 @@ class _Fp8Method(QuantMethod):
     def store_weight_scale(self, layer, scale: torch.Tensor, shard: int | None) -> None:
         raise NotImplementedError
 
+    def loads_slices(self, name: str, checkpoint_dtype: str) -> bool:
+        # A 16/32-bit weight is quantised here with a scale over its whole tensor (or rows): read it whole.
+        return not (name == "weight" and checkpoint_dtype != "F8_E4M3")
+
     def select_kernel(self, layer, family, device) -> None:
         candidates = [_SCALED_MM, _TRITON, _REFERENCE] if family == "triton" else [_REFERENCE]
         layer.fp8_matmul = pick_kernel("FP8 linear", candidates, device).fn

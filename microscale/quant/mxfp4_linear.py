@@ -54,10 +54,10 @@ class Mxfp4LinearMethod(QuantMethod):
         if name != "weight":
             return super().load_weight(layer, name, loaded, shard)
         blocks, scales = layer.weight_blocks, layer.weight_scales
-        input_size = layer.checkpoint_input_size
-        if not loaded.is_floating_point() or loaded.dim() != 2 or loaded.shape[1] != input_size:
+        sizes = {layer.checkpoint_input_size, layer.input_size}  # whole, or read as this rank's columns
+        if not loaded.is_floating_point() or loaded.dim() != 2 or loaded.shape[1] not in sizes:
             raise ValueError(
-                f"An MXFP4 Linear takes a floating weight [rows, {input_size}]; got {loaded.dtype} "
+                f"An MXFP4 Linear takes a floating weight [rows, {layer.checkpoint_input_size}]; got {loaded.dtype} "
                 f"{tuple(loaded.shape)}."
             )
         # Pack where the weights live (the GPU, when there is one); the 16-bit tensor is dropped right after.

@@ -173,3 +173,17 @@ def test_server_health_fails_when_a_worker_dies(tiny_model):
         assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 503
         health = client.get("/health")
         assert health.status_code == 503 and "rank 1 exited with code -9" in health.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("quantization", [None, "mxfp4"])
+def test_each_rank_reads_only_its_slices_of_the_checkpoint(tiny_model, caplog, quantization):
+    """Sharded weights are read from safetensors as this rank's slice (norms, whole, are a tiny part)."""
+    import logging
+    import re
+
+    with caplog.at_level(logging.INFO, logger="microscale.models.loader"):
+        LLM(str(tiny_model("llama")), tensor_parallel_size=2, quantization=quantization,
+            kv_cache_memory=_kv_gib(2, None), **KNOBS).shutdown()
+    message = next(r.getMessage() for r in caplog.records if "MiB of checkpoint" in r.getMessage())
+    read, total = (float(x) for x in re.findall(r"\d+\.\d+", message))
+    assert 0.45 * total < read < 0.55 * total, message
