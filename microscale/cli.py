@@ -47,6 +47,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     g.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=1, metavar="N",
                    help="split the model over N ranks (GPUs, or shares of the CPU); under torchrun, its world size")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="with --tp: place whole MoE experts on ranks instead of splitting each one")
     g.add_argument("-v", "--verbose", action="store_true", help="log engine details (KV cache size, ...)")
     _add_quant_args(p)
 

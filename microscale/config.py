@@ -214,6 +214,8 @@ class EngineArgs:
     enforce_eager: bool = False
     # Ranks the model is split over (one process each: a GPU each, or a share of the CPU's cores).
     tensor_parallel_size: int = 1
+    # MoE under tensor parallelism: whole experts per rank (experts / N each) instead of every expert split.
+    enable_expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         # Fail early, naming the knob, on cache settings the engine cannot use (block_size=0 would divide by 0).

@@ -38,6 +38,7 @@ class EngineSection:
     kernel_backend: str = "auto"  # microscale: auto | torch | triton
     enforce_eager: bool = False  # microscale: no CUDA graphs for decode steps
     tensor_parallel_size: int = 1  # microscale: ranks the model is split over
+    enable_expert_parallel: bool = False  # microscale, with tensor_parallel_size > 1: whole MoE experts per rank
     vllm_python: str | None = None  # the python of a virtualenv with vLLM, when it is not importable here
 
 

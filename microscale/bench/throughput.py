@@ -57,7 +57,7 @@ def _run_microscale(config: BenchConfig, requests: list[BenchRequest]) -> dict[s
         kv_cache_memory=e.kv_cache_memory, cache_max_entry_count=e.cache_max_entry_count,
         quantization=_scheme(e.quant), kv_cache_quant=_scheme(e.kv_cache_quant), load_format=e.load_format,
         seed=config.data.seed, device=e.device, kernel_backend=e.kernel_backend, enforce_eager=e.enforce_eager,
-        tensor_parallel_size=e.tensor_parallel_size,
+        tensor_parallel_size=e.tensor_parallel_size, enable_expert_parallel=e.enable_expert_parallel,
     )
     try:
         return _measure(llm, config, requests)

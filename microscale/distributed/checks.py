@@ -19,10 +19,13 @@ def check_tensor_parallel(cfg: ModelConfig, args: EngineArgs) -> None:
     kv = cfg.num_key_value_heads
     if (kv >= n and kv % n) or (kv < n and n % kv):
         problems.append(f"{kv} KV heads (need a multiple of {n}, or a divisor of it to replicate them)")
-    if cfg.intermediate_size % n:
+    whole_experts = args.enable_expert_parallel and cfg.num_experts > 0
+    if whole_experts and cfg.num_experts % n:
+        problems.append(f"{cfg.num_experts} experts (expert parallel)")
+    if not whole_experts and cfg.intermediate_size % n:
         problems.append(f"intermediate size {cfg.intermediate_size}")
     mxfp4 = args.quantization == "mxfp4" or cfg.checkpoint_quant == "mxfp4"
-    if mxfp4 and (cfg.intermediate_size // n) % MXFP4_BLOCK:
+    if mxfp4 and not whole_experts and (cfg.intermediate_size // n) % MXFP4_BLOCK:
         problems.append(f"an MXFP4 intermediate slice of {cfg.intermediate_size // n} (not a multiple of 32)")
     if args.quantization == "mxfp4" and (cfg.num_attention_heads // n * cfg.head_dim) % MXFP4_BLOCK:
         problems.append(f"an MXFP4 attention-output slice of {cfg.num_attention_heads // n * cfg.head_dim}")

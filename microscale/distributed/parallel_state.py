@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 _rank, _size = 0, 1
+_expert_parallel = False
 
 # How long a collective may wait for a peer. A dead peer closes its sockets and fails the collective at once;
 # this bounds the rarer hang of a live peer that stopped answering.
@@ -26,23 +27,30 @@ def tp_size() -> int:
     return _size
 
 
-def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: torch.device) -> None:
+def expert_parallel() -> bool:
+    """MoE layers place whole experts on ranks (instead of splitting every expert's intermediate dim)."""
+    return _expert_parallel and _size > 1
+
+
+def init_tensor_parallel(
+    rank: int, world_size: int, init_method: str, device: torch.device, enable_expert_parallel: bool = False
+) -> None:
     """Join the group (NCCL on GPU, gloo on CPU). init_method: "tcp://host:port", or "env://" under torchrun."""
-    global _rank, _size
+    global _rank, _size, _expert_parallel
     if dist.is_initialized():
         raise RuntimeError("This process already belongs to a tensor-parallel group: one engine per process "
                            "(shut the other down first).")
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                             timeout=COLLECTIVE_TIMEOUT)
-    _rank, _size = rank, world_size
+    _rank, _size, _expert_parallel = rank, world_size, enable_expert_parallel
 
 
 def destroy_tensor_parallel() -> None:
-    global _rank, _size
+    global _rank, _size, _expert_parallel
     if dist.is_initialized():
         dist.destroy_process_group()
-    _rank, _size = 0, 1
+    _rank, _size, _expert_parallel = 0, 1, False
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,7 @@ def start_tensor_parallel(args: EngineArgs, cfg: ModelConfig, device: torch.devi
         if world != n or rank != 0:
             raise ValueError(f"torchrun started rank {rank} of {world}, but this engine is rank 0 of "
                              f"tensor_parallel_size={n}.")
-        init_tensor_parallel(0, n, "env://", device)
+        init_tensor_parallel(0, n, "env://", device, args.enable_expert_parallel)
         _share_cpus(n, device)
         return Workers([], n)
     init_method = f"tcp://127.0.0.1:{_free_port()}"
@@ -92,7 +92,7 @@ def start_tensor_parallel(args: EngineArgs, cfg: ModelConfig, device: torch.devi
         process.start()
     workers = Workers(processes, n)
     try:
-        init_tensor_parallel(0, n, init_method, device)
+        init_tensor_parallel(0, n, init_method, device, args.enable_expert_parallel)
     except BaseException:
         workers.shutdown()
         raise
@@ -116,7 +116,7 @@ def run_worker(
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)
-    init_tensor_parallel(rank, world_size, init_method, device)
+    init_tensor_parallel(rank, world_size, init_method, device, args.enable_expert_parallel)
     _share_cpus(world_size, device)
     runner = build_shard(args, InputProcessor(args), device).runner
     while (message := broadcast_from_driver())[0] != "shutdown":

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from microscale.distributed.parallel_state import tp_rank, tp_size
+from microscale.distributed.parallel_state import expert_parallel, tp_rank, tp_size
 from microscale.quant.base import ExpertsQuantMethod, UnquantizedExpertsMethod
 
 
@@ -27,9 +27,12 @@ class FusedMoE(nn.Module):
     ) -> None:
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
+        # Expert parallel: this rank holds experts [first_expert, first_expert + num_local) whole.
+        self.num_local = num_experts // tp_size() if expert_parallel() else num_experts
+        self.first_expert = tp_rank() * self.num_local if expert_parallel() else 0
         self.activation = activation
         self.quant_method = quant_method or UnquantizedExpertsMethod()
-        self.quant_method.create_weights(self, num_experts, hidden_size, intermediate_size, bias, dtype)
+        self.quant_method.create_weights(self, self.num_local, hidden_size, intermediate_size, bias, dtype)
         self.fused = False  # the runner turns on the fused Triton kernel (microscale/kernels/fused_moe.py)
 
     def select_kernels(self, family: str, device: torch.device) -> None:
@@ -45,6 +48,8 @@ class FusedMoE(nn.Module):
         n, rank = tp_size(), tp_rank()
         if n == 1:
             return loaded
+        if expert_parallel():  # whole experts (and their biases): every expert lives on exactly one rank
+            return loaded.narrow(0, self.first_expert, self.num_local).contiguous()
         if name.startswith("w13"):
             half = loaded.shape[1] // 2
             part = half // n
@@ -59,9 +64,16 @@ class FusedMoE(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x: [tokens, hidden]; weights, expert_ids: [tokens, top_k]. Sum over each token's experts of
         weight * expert(x)."""
+        if self.num_local != self.num_experts:  # expert parallel: ids become local; others' experts are skipped
+            expert_ids = expert_ids - self.first_expert
+            elsewhere = (expert_ids < 0) | (expert_ids >= self.num_local)
+            expert_ids = expert_ids.masked_fill(elsewhere, self.num_local)
+            weights = weights.masked_fill(elsewhere, 0.0)
         if self.fused:
             from microscale.kernels.fused_moe import fused_moe
 
+            if self.num_local != self.num_experts:  # the kernel takes local ids only: a weight-0 assignment to 0
+                expert_ids = expert_ids.masked_fill(expert_ids == self.num_local, 0)
             return fused_moe(x, weights, expert_ids, **self.quant_method.fused_operands(self),
                              w13_bias=self.w13_bias, w2_bias=self.w2_bias, activation=self.activation.kernel_spec())
         flat_ids = expert_ids.flatten()
@@ -69,8 +81,8 @@ class FusedMoE(nn.Module):
         tokens = order // self.top_k
         order_weights = weights.flatten()[order, None].to(x.dtype)
         # The reference loops over experts in Python, so it needs the group sizes on the host: one sync per
-        # layer (the fused Triton MoE kernel does this on the device).
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        # layer (the fused Triton MoE kernel does this on the device). Id num_local (other ranks') sorts last.
+        counts = torch.bincount(flat_ids, minlength=self.num_local + 1)[: self.num_local].tolist()
         out = torch.zeros_like(x)
         start = 0
         for expert, count in enumerate(counts):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from microscale.config import ModelConfig
-from microscale.distributed.parallel_state import all_reduce, tp_size
+from microscale.distributed.parallel_state import all_reduce, expert_parallel, tp_size
 from microscale.layers.activation import ClampedSwiGLU
 from microscale.layers.linear import Linear
 from microscale.layers.moe import FusedMoE, route_top_k
@@ -34,11 +34,10 @@ class GptOssMLP(nn.Module):
         activation = ClampedSwiGLU(hf.get("swiglu_limit", _DEFAULT_SWIGLU_LIMIT),
                                    hf.get("swiglu_alpha", _DEFAULT_SWIGLU_ALPHA))
         # Tensor parallel: every rank routes (the router is replicated) and runs its slice of every expert's
-        # intermediate dim; the partial outputs are summed.
-        self.experts = FusedMoE(
-            cfg.num_experts, self.top_k, cfg.hidden_size, cfg.intermediate_size // tp_size(), True, dtype,
-            activation, quant.experts_method(),
-        )
+        # intermediate dim, or (expert parallel) its whole experts; the partial outputs are summed.
+        inter = cfg.intermediate_size if expert_parallel() else cfg.intermediate_size // tp_size()
+        self.experts = FusedMoE(cfg.num_experts, self.top_k, cfg.hidden_size, inter, True, dtype, activation,
+                                quant.experts_method())
 
     def input_fp8_scale(self) -> None:
         return None  # the router and the experts take the model dtype

@@ -52,6 +52,9 @@ def _run(model, tensor_parallel_size: int = 1, **knobs) -> tuple[list[list[int]]
     ("llama", {"quantization": "fp8-dynamic"}, 1e-4),
     ("gpt_oss", {}, 1e-4),
     ("gpt_oss", {"quantization": "mxfp4"}, 1e-4),
+    # Expert parallel: each rank holds 2 of the 4 experts whole (reference loop, then the fused Triton kernel).
+    ("gpt_oss", {"enable_expert_parallel": True}, 1e-4),
+    ("gpt_oss", {"enable_expert_parallel": True, "quantization": "mxfp4", "kernel_backend": "triton"}, 1e-4),
 ])
 def test_tp2_matches_tp1(tiny_model, arch, knobs, logit_tolerance):
     model = tiny_model(arch)
