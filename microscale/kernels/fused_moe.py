@@ -196,7 +196,8 @@ def fused_moe(
     x [T, H] (float32/bfloat16/float16); topk_weights [T, k] float32; topk_ids [T, k] int. Unquantised experts:
     w13 [E, 2I, H], w2 [E, H, I] in x's dtype. MXFP4 experts: w13 / w2 are the uint8 blocks [E, 2I, H/32, 16] /
     [E, H, I/32, 16] with w13_scales / w2_scales [E, 2I, H/32] / [E, H, I/32]. Biases [E, 2I] / [E, H] or None.
-    activation: ("silu", 0, 0) or ("clamped_swiglu", limit, alpha). Returns [T, H] in x's dtype."""
+    activation: ("silu", 0, 0) or ("clamped_swiglu", limit, alpha). Returns [T, H] in x's dtype.
+    An id equal to E is an assignment to an expert held elsewhere (expert parallelism): skipped, it adds nothing."""
     kind, limit, alpha = activation
     if kind not in _ACTIVATIONS:
         raise ValueError(f"fused_moe activations are {_ACTIVATIONS}, not {kind!r}.")
@@ -213,14 +214,16 @@ def fused_moe(
     elif w13.stride(2) != 1 or w2.stride(2) != 1:
         raise ValueError("Expert weights must be contiguous along their input dimension.")
     x = x.contiguous()
-    out = torch.empty(T, top_k, H, dtype=x.dtype, device=x.device)
+    out = torch.zeros(T, top_k, H, dtype=x.dtype, device=x.device)  # skipped assignments' rows stay 0
     if T == 0 or top_k == 0:
         return out.sum(1)
 
     num_valid = T * top_k
     # Small batches (decode) give most experts a handful of rows: 16-row blocks waste less on padding.
     block_m = 16 if num_valid <= 16 * num_experts else 64
-    sorted_ids, block_expert = moe_align(topk_ids, num_experts, block_m)
+    # Id E gets a run of its own, sorted last, whose blocks are then marked as nobody's.
+    sorted_ids, block_expert = moe_align(topk_ids, num_experts + 1, block_m)
+    block_expert = block_expert.masked_fill(block_expert == num_experts, -1)
     h = torch.empty(sorted_ids.numel(), inter, dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).contiguous()
     common = dict(
@@ -251,5 +254,5 @@ def fused_moe(
         b2.stride(0) if w2_bias is not None else 0, flat_out.stride(0),
         HAS_BIAS=w2_bias is not None, MXFP4=mxfp4, BLOCK_N=block_n, BLOCK_K=block_k, **common,
     )
-    # Every (token, choice) row was written exactly once: the sum over k is deterministic.
+    # Every (token, choice) row was written at most once: the sum over k is deterministic.
     return out.sum(1, dtype=torch.float32).to(x.dtype)

@@ -64,7 +64,7 @@ class FusedMoE(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x: [tokens, hidden]; weights, expert_ids: [tokens, top_k]. Sum over each token's experts of
         weight * expert(x)."""
-        if self.num_local != self.num_experts:  # expert parallel: ids become local; others' experts are skipped
+        if self.num_local != self.num_experts:  # expert parallel: ids become local, num_local = held elsewhere
             expert_ids = expert_ids - self.first_expert
             elsewhere = (expert_ids < 0) | (expert_ids >= self.num_local)
             expert_ids = expert_ids.masked_fill(elsewhere, self.num_local)
@@ -72,8 +72,6 @@ class FusedMoE(nn.Module):
         if self.fused:
             from microscale.kernels.fused_moe import fused_moe
 
-            if self.num_local != self.num_experts:  # the kernel takes local ids only: a weight-0 assignment to 0
-                expert_ids = expert_ids.masked_fill(expert_ids == self.num_local, 0)
             return fused_moe(x, weights, expert_ids, **self.quant_method.fused_operands(self),
                              w13_bias=self.w13_bias, w2_bias=self.w2_bias, activation=self.activation.kernel_spec())
         flat_ids = expert_ids.flatten()

@@ -128,6 +128,23 @@ def test_mxfp4_nan_scale_poisons_only_its_expert():
     assert not out[[0, 2, 4, 5]].isnan().any()
 
 
+@pytest.mark.parametrize("mxfp4", [False, True], ids=["unquantised", "mxfp4"])
+def test_assignments_held_elsewhere_are_skipped(mxfp4):
+    """Expert parallelism: id E (an expert on another rank) adds nothing, a NaN-poisoned expert included, and the
+    rest equals the oracle run with those assignments' weights at 0."""
+    E, T = 4, 12
+    layer, _ = _layer(E, 2, torch.float32, mxfp4=mxfp4, clamped=True, bias=True)
+    weights, ids = _route(T, E, 2, "random")
+    elsewhere = ids >= 2  # experts 2 and 3 live on the other rank
+    if mxfp4:
+        layer.w2_scales.data[2:] = 0xFF  # would poison every output they touch, were they run
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(5))
+    out = _run(layer, x, weights, ids.masked_fill(elsewhere, E))
+    ref = layer(x, weights.masked_fill(elsewhere, 0.0), ids.masked_fill(elsewhere, 0))
+    assert elsewhere.any() and not elsewhere.all() and not out.isnan().any()
+    torch.testing.assert_close(out, ref, rtol=TOLERANCE[torch.float32], atol=TOLERANCE[torch.float32])
+
+
 def test_no_tokens():
     layer, _ = _layer(4, 2, torch.float32, mxfp4=False, clamped=False, bias=True)
     out = _run(layer, torch.zeros(0, H), torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.int64))
