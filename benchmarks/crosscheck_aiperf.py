@@ -21,10 +21,11 @@ import tempfile
 from pathlib import Path
 
 import httpx
-from serving_throughput import free_port, start_server
+from serving_throughput import start_server
 
 from microscale.bench.datasets import load_dataset
 from microscale.bench.serve_load import LoadSettings, run_load
+from microscale.distributed.workers import free_port
 from microscale.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent

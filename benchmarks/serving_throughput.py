@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,15 +31,10 @@ from microscale.bench.config import load_config
 from microscale.bench.datasets import load_dataset
 from microscale.bench.serve_load import LoadSettings, run_load
 from microscale.bench.throughput import run_throughput
+from microscale.distributed.workers import free_port
 from microscale.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model: str, dtype: str, port: int, max_num_seqs: int, max_model_len: int = 1024,

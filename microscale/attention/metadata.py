@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 
 @dataclass
@@ -81,12 +82,9 @@ class AttentionMetadata:
         if self._prefill_batch is None:
             device = self.slot_blocks.device
             first = self.prefills[0].query_start
-            width = max(len(c.block_table) for c in self.prefills)
-            tables = torch.zeros(len(self.prefills), width, dtype=torch.int64, device=device)
-            for row, chunk in enumerate(self.prefills):
-                tables[row, : len(chunk.block_table)] = chunk.block_table
-            starts = [c.query_start - first for c in self.prefills] + [self.prefills[-1].query_start - first
-                                                                       + self.prefills[-1].query_len]
+            tables = pad_sequence([c.block_table for c in self.prefills], batch_first=True)  # padded with 0
+            last = self.prefills[-1]
+            starts = [c.query_start - first for c in self.prefills] + [last.query_start - first + last.query_len]
             self._prefill_batch = PrefillBatch(
                 tables, torch.tensor(starts, device=device),
                 torch.tensor([c.context_start for c in self.prefills], device=device),

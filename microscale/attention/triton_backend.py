@@ -38,22 +38,24 @@ class TritonAttentionBackend:
         cache = kv_cache.kernel_operands()
         write_kv_cache(k, v, cache.keys, cache.values, meta.slot_blocks, meta.slot_offsets, cache.k_scale,
                        cache.v_scale, dynamic_int8=cache.dynamic_int8)
-        out = torch.empty_like(q)
         reads = dict(scale=scale, window=window, sinks=sinks, k_scale=cache.k_scale, v_scale=cache.v_scale)
+        # Each kernel returns its rows; a decode-only (or prefill-only) step needs no copy into a joint output.
+        parts = []
         decoded = 0
         if meta.decode is not None:
             batch = meta.decode
             decoded = batch.size
             # From the host-side longest context: the kernel would otherwise read context_lens back (a sync).
             splits = batch.num_splits or choose_num_splits(batch.length, decoded, k.shape[1], window)
-            out[:decoded] = paged_decode_attention(
+            parts.append(paged_decode_attention(
                 q[:decoded], cache.keys, cache.values, batch.block_tables, batch.context_lens, num_splits=splits,
                 **reads,
-            )
+            ))
         if meta.prefills:
             chunks = meta.prefill_batch()
-            out[decoded:] = paged_prefill_attention(
+            parts.append(paged_prefill_attention(
                 q[decoded:], cache.keys, cache.values, chunks.block_tables, chunks.query_starts, chunks.context_starts,
                 chunks.max_query_len, **reads,
-            )
+            ))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out.flatten(1)

@@ -83,7 +83,7 @@ def start_tensor_parallel(args: EngineArgs, cfg: ModelConfig, device: torch.devi
         init_tensor_parallel(0, n, "env://", device, args.enable_expert_parallel)
         _share_cpus(n, device)
         return Workers([], n)
-    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    init_method = f"tcp://127.0.0.1:{free_port()}"
     ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
     log_level = logging.getLogger("microscale").getEffectiveLevel()
     processes = [ctx.Process(target=run_worker, args=(args, rank, n, init_method, log_level),
@@ -130,7 +130,8 @@ def _share_cpus(world_size: int, device: torch.device) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback right now (for rendezvous and test servers)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

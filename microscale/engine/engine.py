@@ -36,14 +36,15 @@ class LLMEngine:
         max_model_len = inputs.max_model_len
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len)
         # Tensor parallel: the other ranks start (and join the group) before any shard is built.
-        self.workers = start_tensor_parallel(args, cfg, self.device)
+        workers = start_tensor_parallel(args, cfg, self.device)
         try:
             shard = build_shard(args, inputs, self.device)
         except BaseException:
-            self.shutdown()
+            if workers is not None:
+                workers.shutdown()
             raise
         self.runner, self.dtype, self.quant = shard.runner, shard.dtype, shard.quant
-        self.runner.workers = self.workers
+        self.runner.workers = workers
         kv_cache_quant, num_blocks = shard.kv_cache_quant, shard.num_blocks
         self.graph_capture_seconds = self._capture_decode_graphs()
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
@@ -233,11 +234,16 @@ class LLMEngine:
             return "length"
         return None
 
+    @property
+    def workers(self):
+        """Rank 0's handle on the tensor-parallel workers (None on one device or after shutdown)."""
+        return self.runner.workers
+
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers and leave their group (nothing to do on one device)."""
-        if self.workers is not None:
-            self.workers.shutdown()
-            self.workers = None
+        if self.runner.workers is not None:
+            self.runner.workers.shutdown()
+            self.runner.workers = None
 
     def get_stats(self) -> dict[str, float]:
         bm = self.block_manager

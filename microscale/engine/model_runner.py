@@ -43,8 +43,6 @@ class ModelRunner:
         self.attention_backend = backend = select_attention_backend(device, kernel_backend)
         # Norms, activations, quantized matmuls and MoE follow the attention backend's kernel family.
         for module in model.modules():
-            if hasattr(module, "kernel_backend"):
-                module.kernel_backend = backend.name
             if hasattr(module, "select_kernels"):
                 module.select_kernels(backend.name, device)
         # One cache per layer, in layer order; storage comes with allocate_kv_cache, once the engine has sized it.

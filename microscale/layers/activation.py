@@ -7,12 +7,20 @@ from torch import nn
 from microscale.quant.fp8 import quantize_fp8
 
 
-class SiluAndMul(nn.Module):
-    """SwiGLU: x holds [gate | up] along the last dim; returns silu(gate) * up."""
+class _GatedActivation(nn.Module):
+    """x holds [gate | up] along the last dim. The runner picks the kernel family: "triton" computes it in one
+    fused pass (microscale/kernels/activation.py)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.kernel_backend = "torch"  # "triton": one fused pass (microscale/kernels/activation.py)
+        self.kernel_backend = "torch"
+
+    def select_kernels(self, family: str, device: torch.device) -> None:
+        self.kernel_backend = family
+
+
+class SiluAndMul(_GatedActivation):
+    """SwiGLU: silu(gate) * up."""
 
     def forward(self, x: torch.Tensor, fp8_scale: torch.Tensor | None = None) -> torch.Tensor:
         """With fp8_scale, the product comes out quantised for an FP8 Linear (one fused pass with Triton)."""
@@ -30,14 +38,13 @@ class SiluAndMul(nn.Module):
         return ("silu", 0.0, 0.0)
 
 
-class ClampedSwiGLU(nn.Module):
+class ClampedSwiGLU(_GatedActivation):
     """gpt-oss's gated activation on [gate | up]: gate clamped above at `limit`, up clamped to ±limit, then
     (up + 1) * gate * sigmoid(alpha * gate)."""
 
     def __init__(self, limit: float, alpha: float) -> None:
         super().__init__()
         self.limit, self.alpha = limit, alpha
-        self.kernel_backend = "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_backend == "triton":

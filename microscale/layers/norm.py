@@ -17,7 +17,7 @@ class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, dtype: torch.dtype, float32_weight: bool = False) -> None:
         super().__init__()
         self.eps = eps
-        self.kernel_backend = "torch"  # "triton": one fused kernel (microscale/kernels/norm.py); set by the runner
+        self.kernel_backend = "torch"  # "triton": one fused kernel (microscale/kernels/norm.py)
         self.float32_weight = float32_weight
         weight_dtype = torch.float32 if float32_weight else dtype
         self.weight = nn.Parameter(torch.ones(size, dtype=weight_dtype), requires_grad=False)
@@ -28,6 +28,9 @@ class RMSNorm(nn.Module):
         if self.float32_weight:
             return (self.weight * x32).to(x.dtype)
         return self.weight * x32.to(x.dtype)
+
+    def select_kernels(self, family: str, device: torch.device) -> None:
+        self.kernel_backend = family
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None, fp8_scale: torch.Tensor | None = None

@@ -19,6 +19,7 @@ import torch
 
 from microscale import LLM, SamplingParams
 from microscale.distributed.parallel_state import tp_size
+from microscale.distributed.workers import free_port
 
 KNOBS = dict(dtype="float32", max_model_len=64, max_num_seqs=3, block_size=4)
 PROMPTS = [[5, 17, 99, 3, 250, 42, 7], [300, 12, 12, 8], [61, 70, 71, 72, 90, 91, 5, 17, 99, 3, 250, 42]]
@@ -119,20 +120,12 @@ def test_a_dead_worker_ends_the_engine_with_a_clear_error(tiny_model):
     assert tp_size() == 1
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_ranks_serve_through_the_openai_server(tiny_model):
     model = str(tiny_model("llama"))
-    port = _free_port()
+    port = free_port()
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     command = [torchrun, "--nnodes", "1", "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-               str(_free_port()), "-m", "microscale", "serve", model, "--tp", "2", "--port", str(port), "--dtype",
+               str(free_port()), "-m", "microscale", "serve", model, "--tp", "2", "--port", str(port), "--dtype",
                "float32", "--max-model-len", "64", "--kv-cache-memory", "0.01"]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:

@@ -5,7 +5,6 @@ same engine knobs to compare against."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -15,18 +14,13 @@ import uvicorn
 
 from microscale import LLM
 from microscale.config import EngineArgs
+from microscale.distributed.workers import free_port
 from microscale.serve.app import build_app
 from microscale.serve.async_engine import AsyncEngine
 
 API_KEY = "test-key"
 MODEL_NAME = "tiny"
 ENGINE_KNOBS = dict(dtype="float32", max_num_seqs=64, max_model_len=512)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RunningServer:
@@ -60,7 +54,7 @@ def server(pytestconfig):
     model = pytestconfig.rootpath / "models" / "tiny-llama-pycode"
     engine = AsyncEngine(EngineArgs(model=str(model), **ENGINE_KNOBS))
     engine.start()
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(build_app(engine, MODEL_NAME, API_KEY), host="127.0.0.1", port=port, log_level="warning",
                             timeout_graceful_shutdown=2)
     uv = uvicorn.Server(config)
