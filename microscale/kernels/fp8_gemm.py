@@ -1,5 +1,5 @@
 """FP8 (E4M3) GEMM: y = (x_q * x_scale) @ (w_q * w_scale)^T + bias, the Triton counterpart of torch._scaled_mm
-for microscale.quant.fp8.fp8_matmul.
+for the FP8 Linear layers of microscale.quant.fp8.
 
 One program per BLOCK_M x BLOCK_N output tile, walking K in BLOCK_K steps with tl.dot on the FP8 operands into a
 float32 accumulator; the epilogue multiplies by the activation scale (per tensor or per row) and the weight scale
@@ -110,10 +110,10 @@ def _tiles(m: int) -> tuple[int, int, int, int, int]:
 
 def fp8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """(x_q * x_scale) @ (w_q * w_scale)^T + bias, as microscale.quant.fp8.fp8_matmul. x_q: float8_e4m3fn
-    [M, K]; x_scale: [] (per tensor) or [M, 1] (per token); w_q: float8_e4m3fn [N, K]; w_scale: [] or [N];
-    bias: [N] or None. Products are accumulated in float32, scaled and biased in float32, and rounded once to
-    out_dtype (float32, bfloat16 or float16). Returns [M, N]."""
+    """(x_q * x_scale) @ (w_q * w_scale)^T + bias, as microscale.quant.fp8.fp8_matmul_reference.
+    x_q: float8_e4m3fn [M, K]; x_scale: [] (per tensor) or [M, 1] (per token); w_q: float8_e4m3fn [N, K];
+    w_scale: [] or [1] (per tensor) or [N]; bias: [N] or None. Products are accumulated in float32, scaled and
+    biased in float32, and rounded once to out_dtype (float32, bfloat16 or float16). Returns [M, N]."""
     rounding = rounding_of(out_dtype)
     m, k = x_q.shape
     n, k_w = w_q.shape
@@ -124,7 +124,7 @@ def fp8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scal
         return out
     if k == 0:  # no products: the kernel would store scale * 0 + bias, which is this
         return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
-    x_per_row = x_scale.numel() > 1  # as fp8_matmul: a [1, 1] scale of one token is a per-tensor scale
+    x_per_row = x_scale.numel() > 1  # as fp8_matmul_reference: one token's [1, 1] scale is a per-tensor one
     w_per_col = w_scale.numel() > 1
     xs = x_scale.reshape(-1)
     ws = w_scale.reshape(-1).contiguous()

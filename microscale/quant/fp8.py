@@ -5,14 +5,19 @@ per-tensor activation scale from calibration (W8A8-static). "fp8-dynamic": per-o
 and per-token activation scales computed on the fly.
 
 Quantising is `(x / scale).clamp(-448, 448).to(torch.float8_e4m3fn)`: torch's own rounding (nearest even),
-saturating instead of producing NaN. The matmul is `torch._scaled_mm` on GPUs with FP8 units (sm89+);
-elsewhere the FP8 operands are converted exactly to the activation dtype and multiplied there, then scaled,
-which is what _scaled_mm computes (products of FP8 values accumulated in higher precision, times the scales).
+saturating instead of producing NaN. Each layer picks its matmul once, at load, from what decides it: its scales
+(one static activation scale or one per token; one weight scale or one per row), N and K, its dtype and bias,
+and the GPU. On GPUs with FP8 units (sm89+): `torch._scaled_mm` per tensor, or row-wise with bfloat16 outputs;
+the Triton FP8 GEMM for every other case. On older GPUs the weight is decoded once, at load, and multiplied in
+16 bits. The reference (the "torch" kernel family) converts the FP8 operands exactly, multiplies them and
+then scales, which is what the others compute (products of FP8 values summed in float32, times the scales).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +25,7 @@ from torch import nn
 
 from microscale.distributed.parallel_state import all_reduce_max
 from microscale.kernels.candidates import Candidate, always, pick_kernel
-from microscale.kernels.selector import triton_unavailable_reason
+from microscale.kernels.selector import resolve_kernel_backend, triton_unavailable_reason
 from microscale.quant.base import QuantMethod, register_quant_method
 from microscale.quant.scratch import scratch_buffer
 
@@ -82,28 +87,67 @@ def _unset(shape: tuple[int, ...]) -> nn.Parameter:
     return nn.Parameter(torch.full(shape, float("nan")), requires_grad=False)
 
 
-@functools.cache
-def _scaled_mm_unavailable_reason(device: torch.device) -> str | None:
+_FP8_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada, Hopper and later
+
+
+@dataclass(frozen=True)
+class Fp8Problem:
+    """What decides which kernel can run a layer's FP8 matmul, all known once the layer is loaded. The number of
+    tokens M is not part of it: every kernel takes any M (one token's per-token scale is a [1, 1] row-wise one)."""
+
+    x_per_token: bool  # dynamic per-token activation scales [M, 1]; else one static scale []
+    w_per_row: bool  # a weight scale per output row [N] (per channel, or shards of different scales); else [1]
+    n: int
+    k: int
+    out_dtype: torch.dtype
+    bias_dtype: torch.dtype | None
+
+    def __str__(self) -> str:
+        x = "per-token" if self.x_per_token else "per-tensor"
+        w = "per-row" if self.w_per_row else "per-tensor"
+        bias = "" if self.bias_dtype is None else ", bias"
+        return f"{x} x, {w} w, N={self.n}, K={self.k}, {str(self.out_dtype).removeprefix('torch.')}{bias}"
+
+
+def _scaled_mm_unavailable_reason(problem: Fp8Problem, rowwise: bool, device: torch.device) -> str | None:
+    """torch._scaled_mm's own limits on CUDA (a CPU build accepts more, so they are checked here)."""
     if device.type != "cuda":
         return f"needs a CUDA device, not {device.type}"
-    capability = torch.cuda.get_device_capability(device)
-    if capability < (8, 9):
-        return f"needs compute capability 8.9+ (this GPU is {capability[0]}.{capability[1]})"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < _FP8_MIN_CAPABILITY:
+        return f"needs FP8 tensor cores: compute capability 8.9+ (this GPU is {major}.{minor})"
+    if not rowwise and (problem.x_per_token or problem.w_per_row):
+        return "takes one activation scale and one weight scale"
+    # Row-wise runs CUTLASS on sm89 (and sm90 with cuBLAS before 12.9), whose float16 and float32 outputs are
+    # newer than some torch releases GPU hosts run: bfloat16 is what all of them write.
+    if rowwise and problem.out_dtype != torch.bfloat16:
+        return f"row-wise scales give bfloat16 outputs only, not {problem.out_dtype}"
+    if problem.k % 16 or problem.n % 16:
+        return f"needs K and N multiples of 16 (K={problem.k}, N={problem.n})"
+    bias = problem.bias_dtype
+    if bias is not None and (bias != problem.out_dtype or bias == torch.float32):
+        return "takes a bias only in the output dtype, and none with float32 outputs"
     return None
 
 
-def fp8_matmul(
+def scaled_mm_per_tensor(
     x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     bias: torch.Tensor | None, out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """(x_q * x_scale) @ (w_q * w_scale)^T + bias. x_scale: [] or [tokens, 1]; w_scale: [] or [out].
-    torch._scaled_mm where it can run, else the reference."""
-    if _scaled_mm_unavailable_reason(x_q.device) is None and x_q.shape[1] % 16 == 0 and w_q.shape[0] % 16 == 0:
-        scale_a = x_scale.reshape(-1, 1) if x_scale.numel() > 1 else x_scale.reshape(())
-        scale_b = w_scale.reshape(1, -1) if w_scale.numel() > 1 else w_scale.reshape(())
-        if scale_a.dim() == scale_b.dim():  # _scaled_mm takes both per-tensor or both row/column-wise
-            return torch._scaled_mm(x_q, w_q.t(), scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype)
-    return fp8_matmul_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    """x_scale [] and w_scale [1]: cuBLAS's per-tensor FP8 GEMM."""
+    return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale, bias=bias, out_dtype=out_dtype)
+
+
+def scaled_mm_rowwise(
+    x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+    bias: torch.Tensor | None, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Row-wise _scaled_mm takes scale_a [M, 1] and scale_b [1, N], contiguous: a per-tensor scale on either side
+    (a static activation scale with per-shard weight scales) is repeated per row; per-token scales, [1, 1] for
+    one token included, pass as they are."""
+    scale_a = x_scale.reshape(-1, 1).expand(x_q.shape[0], 1).contiguous()
+    scale_b = w_scale.reshape(1, -1).expand(1, w_q.shape[0]).contiguous()
+    return torch._scaled_mm(x_q, w_q.t(), scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype)
 
 
 def fp8_matmul_reference(
@@ -133,16 +177,54 @@ def _triton_matmul(*args) -> torch.Tensor:
     return fp8_gemm(*args)
 
 
-# In order of preference where the fast family is allowed; the reference alone otherwise.
-_SCALED_MM = Candidate("torch._scaled_mm (cuBLAS FP8)", _scaled_mm_unavailable_reason, fp8_matmul)
+_DECODE_BLOCK = 1 << 24  # weights decoded per step at load: float32 temporaries of 64 MiB at most
+
+
+def _decoded_weight(w_q: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """w_q * w_scale in `dtype`, rounded once; a block of rows at a time, so the float32 products stay small."""
+    out = torch.empty(w_q.shape, dtype=dtype, device=w_q.device)
+    scale = w_scale.reshape(-1, 1).expand(w_q.shape[0], 1)
+    rows = max(1, _DECODE_BLOCK // max(1, w_q.shape[1]))
+    for start in range(0, w_q.shape[0], rows):
+        out[start : start + rows] = w_q[start : start + rows].float() * scale[start : start + rows]
+    return out
+
+
+def _matmul_decoded(
+    weight: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+    bias: torch.Tensor | None, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """`weight`: w_q * w_scale decoded at load in the model dtype (w_q and w_scale are not read again). The
+    activations are dequantised to that dtype too: in range for float16, where raw FP8 products are not."""
+    x = (x_q.float() * x_scale).to(weight.dtype)
+    return F.linear(x, weight, bias).to(out_dtype)
+
+
 _TRITON = Candidate("triton FP8 GEMM", _triton_unavailable_reason, _triton_matmul)
+# Where no FP8 kernel runs (GPUs before sm89): memory traded for not decoding the whole weight every call.
+_DECODED = Candidate("torch F.linear on the weight decoded once at load (kept in the model dtype next to the FP8 "
+                     "weight: 2 or 4 more bytes per weight)", always, _matmul_decoded)
 _REFERENCE = Candidate("torch reference (dequantise, then matmul)", always, fp8_matmul_reference)
+
+
+def _candidates(problem: Fp8Problem) -> list[Candidate]:
+    """The "triton" family's, fastest first."""
+    return [
+        Candidate("torch._scaled_mm per-tensor (cuBLAS)",
+                  functools.partial(_scaled_mm_unavailable_reason, problem, False), scaled_mm_per_tensor),
+        Candidate("torch._scaled_mm row-wise",
+                  functools.partial(_scaled_mm_unavailable_reason, problem, True), scaled_mm_rowwise),
+        _TRITON,
+        _DECODED,
+    ]
 
 
 class _Fp8Method(QuantMethod):
     """Shared storage: `weight` float8_e4m3fn [out, in] and `bias` in the model dtype; subclasses add their
     scales. A floating checkpoint weight is quantised as it loads (one shard at a time); an FP8 one (a
     pre-quantized checkpoint) is copied with its scale."""
+
+    per_token_activations = False  # True: activation scales [tokens, 1], computed every call
 
     def create_weights(self, layer, input_size, output_sizes, bias, dtype, weight_loader) -> None:
         out = sum(output_sizes)
@@ -174,13 +256,32 @@ class _Fp8Method(QuantMethod):
     def store_weight_scale(self, layer, scale: torch.Tensor, shard: int | None) -> None:
         raise NotImplementedError
 
+    def matmul_weight_scale(self, layer) -> torch.Tensor:
+        """The weight's scales as the matmul takes them: [1] (one for the whole weight) or [out] (one per row)."""
+        raise NotImplementedError
+
     def loads_slices(self, name: str, checkpoint_dtype: str) -> bool:
         # A 16/32-bit weight is quantised here with a scale over its whole tensor (or rows): read it whole.
         return not (name == "weight" and checkpoint_dtype != "F8_E4M3")
 
     def select_kernel(self, layer, family, device) -> None:
-        candidates = [_SCALED_MM, _TRITON, _REFERENCE] if family == "triton" else [_REFERENCE]
-        layer.fp8_matmul = pick_kernel("FP8 linear", candidates, device).fn
+        w_scale = self.matmul_weight_scale(layer)
+        n, k = layer.weight.shape
+        problem = Fp8Problem(x_per_token=self.per_token_activations, w_per_row=w_scale.numel() > 1, n=n, k=k,
+                             out_dtype=layer.dtype, bias_dtype=None if layer.bias is None else layer.bias.dtype)
+        candidates = _candidates(problem) if family == "triton" else [_REFERENCE]
+        picked = pick_kernel(f"FP8 linear ({problem})", candidates, device)
+        if picked is _DECODED:  # decoded now, before the KV cache is sized from the memory left
+            layer.fp8_matmul = functools.partial(_matmul_decoded, _decoded_weight(layer.weight, w_scale, layer.dtype))
+        else:
+            layer.fp8_matmul = picked.fn
+
+    def kernel(self, layer) -> Callable[..., torch.Tensor]:
+        """The matmul picked for this layer: by the runner, or (a layer used on its own) at its first call."""
+        if not hasattr(layer, "fp8_matmul"):
+            device = layer.weight.device
+            self.select_kernel(layer, resolve_kernel_backend("auto", device), device)
+        return layer.fp8_matmul
 
     def process_weights_after_loading(self, layer) -> None:
         if torch.isnan(layer.weight_scale).any():
@@ -198,8 +299,8 @@ class Fp8StaticMethod(_Fp8Method):
         shards = len(output_sizes)
         layer.register_parameter("weight_scale", _unset((shards,)))
         layer.register_parameter("input_scale", _unset((shards,)))
-        # Row i of the weight uses the scale of its shard.
-        layer.register_buffer("row_scale", torch.ones(sum(output_sizes)), persistent=False)
+        # The weight's scales as the matmul takes them (set once loaded): see process_weights_after_loading.
+        layer.register_buffer("gemm_weight_scale", torch.ones(sum(output_sizes)), persistent=False)
         layer.register_buffer("input_amax", torch.zeros(()), persistent=False)
         # The one scale the input is quantized with (the shards' maximum), fixed once it is known, so the
         # forward neither reduces nor checks it (a check would sync the host every call).
@@ -222,8 +323,12 @@ class Fp8StaticMethod(_Fp8Method):
 
     def process_weights_after_loading(self, layer) -> None:
         super().process_weights_after_loading(layer)
-        sizes = torch.tensor(layer.output_sizes, device=layer.weight_scale.device)
-        layer.row_scale.copy_(torch.repeat_interleave(layer.weight_scale.data, sizes))
+        scales = layer.weight_scale.data
+        if bool((scales == scales[0]).all()):  # one shard, or shards quantised alike: one scale, for _scaled_mm
+            layer.gemm_weight_scale = scales[:1].clone()
+        else:  # row i of the weight uses the scale of its shard
+            sizes = torch.tensor(layer.output_sizes, device=scales.device)
+            layer.gemm_weight_scale = torch.repeat_interleave(scales, sizes)
         if not torch.isnan(layer.input_scale).any():  # from the checkpoint (or dummy weights)
             self._fix_input_scale(layer)
         elif self.prequantized:
@@ -237,6 +342,9 @@ class Fp8StaticMethod(_Fp8Method):
         layer.activation_scale.copy_(layer.input_scale.max())
         layer.has_input_scale = True
 
+    def matmul_weight_scale(self, layer) -> torch.Tensor:
+        return layer.gemm_weight_scale
+
     def static_fp8_input_scale(self, layer) -> torch.Tensor | None:
         return layer.activation_scale if layer.has_input_scale and not layer.calibrating else None
 
@@ -244,13 +352,13 @@ class Fp8StaticMethod(_Fp8Method):
         """x_q: the input already quantised with static_fp8_input_scale (e.g. by a fused activation)."""
         flat = x_q.reshape(-1, x_q.shape[-1])
         scale = layer.activation_scale
-        y = _matmul(layer)(flat, scale, layer.weight, layer.row_scale, layer.bias, out_dtype)
+        y = self.kernel(layer)(flat, scale, layer.weight, layer.gemm_weight_scale, layer.bias, out_dtype)
         return y.view(*x_q.shape[:-1], -1)
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         if layer.calibrating:
             torch.maximum(layer.input_amax, x.detach().abs().amax().float(), out=layer.input_amax)
-            weight = (dequantize_fp8_weight(layer.weight, torch.float32) * layer.row_scale[:, None]).to(x.dtype)
+            weight = (dequantize_fp8_weight(layer.weight, torch.float32) * layer.gemm_weight_scale[:, None]).to(x.dtype)
             return F.linear(x, weight, layer.bias)
         if not layer.has_input_scale:
             raise RuntimeError("FP8 static activations need an input scale: calibrate, or load a checkpoint with one.")
@@ -260,6 +368,8 @@ class Fp8StaticMethod(_Fp8Method):
 @register_quant_method("fp8-dynamic")
 class Fp8DynamicMethod(_Fp8Method):
     """Per-output-channel weight scales ([out]) and per-token activation scales computed for every call."""
+
+    per_token_activations = True
 
     def create_scales(self, layer, output_sizes, weight_loader) -> None:
         layer.register_parameter("weight_scale", _unset((sum(output_sizes),)))
@@ -272,16 +382,14 @@ class Fp8DynamicMethod(_Fp8Method):
     def store_weight_scale(self, layer, scale, shard) -> None:
         layer.weight_scale.weight_loader(layer.weight_scale, scale.reshape(-1), shard)
 
+    def matmul_weight_scale(self, layer) -> torch.Tensor:
+        return layer.weight_scale
+
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         amax = flat.abs().amax(dim=1, keepdim=True)
         if getattr(layer, "parallel", None) == "row":  # a rank sees a slice of each token: scale by the whole
             all_reduce_max(amax)
         scale = fp8_scale(amax)
-        y = _matmul(layer)(quantize_fp8(flat, scale), scale, layer.weight, layer.weight_scale, layer.bias, x.dtype)
+        y = self.kernel(layer)(quantize_fp8(flat, scale), scale, layer.weight, layer.weight_scale, layer.bias, x.dtype)
         return y.view(*x.shape[:-1], -1)
-
-
-def _matmul(layer):
-    """The kernel the runner picked, or (a layer used on its own) torch._scaled_mm where it runs."""
-    return getattr(layer, "fp8_matmul", fp8_matmul)

@@ -1,4 +1,4 @@
-"""The Triton FP8 GEMM (run through Triton's interpreter on CPU) against fp8_matmul's CPU path: per-tensor and
+"""The Triton FP8 GEMM (run through Triton's interpreter on CPU) against fp8_matmul_reference: per-tensor and
 per-token activation scales x per-tensor and per-channel weight scales, float32 / bfloat16 / float16 outputs,
 with and without bias, on shapes that leave every tile ragged (the interpreter's tiles are 16 x 32 x 32)."""
 
@@ -9,7 +9,7 @@ import torch
 
 from microscale.kernels import fp8_gemm as kernel_module
 from microscale.kernels.fp8_gemm import fp8_gemm, fp8_gemm_unavailable_reason
-from microscale.quant.fp8 import fp8_matmul, fp8_scale, quantize_fp8
+from microscale.quant.fp8 import fp8_matmul_reference, fp8_scale, quantize_fp8
 
 N = 80  # 2.5 column tiles
 SHAPES = [(m, k) for m in (1, 5, 33) for k in (16, 48, 128)]  # K: below one tile, a ragged tail, whole tiles
@@ -34,11 +34,11 @@ def _operands(m: int, k: int, x_per_token: bool, w_per_channel: bool, seed: int 
 
 def _reference(x_q, x_scale, w_q, w_scale, bias, out_dtype):
     if out_dtype == torch.float16:
-        # fp8_matmul's float16 fallback multiplies raw FP8 values (up to 448 x 448 per product) in float16 and
-        # overflows to inf on any realistic input; take its float32 result, biased, rounded once instead.
-        y = fp8_matmul(x_q, x_scale, w_q, w_scale, None, torch.float32)
+        # The reference rounds its float16 result before adding the bias; the kernel rounds once, after: take the
+        # reference's float32 result, biased, rounded once.
+        y = fp8_matmul_reference(x_q, x_scale, w_q, w_scale, None, torch.float32)
         return (y if bias is None else y + bias.float()).to(torch.float16)
-    return fp8_matmul(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    return fp8_matmul_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype)
 
 
 def _assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
@@ -53,7 +53,7 @@ def _assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> N
 @pytest.mark.parametrize("x_per_token", [False, True], ids=["x-tensor", "x-token"])
 @pytest.mark.parametrize("w_per_channel", [False, True], ids=["w-tensor", "w-channel"])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
-def test_matches_fp8_matmul(out_dtype, x_per_token, w_per_channel, with_bias):
+def test_matches_the_reference(out_dtype, x_per_token, w_per_channel, with_bias):
     for m, k in SHAPES:
         x_q, x_scale, w_q, w_scale, bias = _operands(m, k, x_per_token, w_per_channel, seed=m * 1000 + k)
         bias = bias.to(out_dtype) if with_bias else None
