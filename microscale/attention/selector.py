@@ -8,20 +8,27 @@ import logging
 import torch
 
 from microscale.attention.torch_backend import TorchAttentionBackend
-from microscale.kernels.selector import resolve_kernel_backend, triton_unavailable_reason
+from microscale.kernels.selector import fp8_unavailable_reason, resolve_kernel_backend, triton_unavailable_reason
 
 logger = logging.getLogger(__name__)
 
 
-def select_attention_backend(device: torch.device, kernel_backend: str = "auto"):
+def select_attention_backend(device: torch.device, kernel_backend: str = "auto", kv_cache_quant: str | None = None):
     """A TorchAttentionBackend or TritonAttentionBackend (same interface). Triton's module is imported only
-    when chosen (it defines kernels, which reads TRITON_INTERPRET)."""
+    when chosen (it defines kernels, which reads TRITON_INTERPRET). An FP8 KV cache below sm_89 stays with the
+    torch backend (Triton cannot convert float8 there); the other ops keep their kernel family."""
     family = resolve_kernel_backend(kernel_backend, device)
-    if family == "triton":
+    reason = fp8_unavailable_reason(device) if family == "triton" and kv_cache_quant == "fp8" else None
+    if family == "triton" and reason is None:
         from microscale.attention.triton_backend import TritonAttentionBackend
 
         logger.info("attention backend: triton")
         return TritonAttentionBackend()
-    reason = triton_unavailable_reason(device) if kernel_backend == "auto" else "kernel_backend='torch'"
+    if reason is not None:
+        reason = f"{reason}, which the FP8 KV cache needs"
+    elif kernel_backend == "auto":
+        reason = triton_unavailable_reason(device)
+    else:
+        reason = "kernel_backend='torch'"
     logger.info("attention backend: torch%s", f" (triton: {reason})" if reason else "")
     return TorchAttentionBackend()

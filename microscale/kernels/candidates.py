@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from microscale.kernels.selector import fp8_unavailable_reason
+
 logger = logging.getLogger(__name__)
 
 _logged: set[tuple[str, str, str]] = set()
@@ -39,3 +41,13 @@ def pick_kernel(op: str, candidates: Sequence[Candidate], device: torch.device) 
             return candidate
         skipped.append(f"{candidate.name} skipped: {reason}")
     raise ValueError(f"No {op} kernel runs on {device}: " + "; ".join(skipped))
+
+
+_FP8_FUSED = Candidate("FP8 output quantised inside the kernel", fp8_unavailable_reason, lambda: True)
+_FP8_AFTER = Candidate("16-bit kernel output, then torch FP8 quantisation", always, lambda: False)
+
+
+def fuses_fp8_output(op: str, device: torch.device) -> bool:
+    """Whether `op`'s Triton kernel may emit float8_e4m3fn itself on `device` (sm_89+); below that, the caller
+    quantises the kernel's 16-bit output with torch (logged once, like every kernel choice)."""
+    return pick_kernel(op, (_FP8_FUSED, _FP8_AFTER), device).fn()

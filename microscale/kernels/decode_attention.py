@@ -213,6 +213,9 @@ def paged_decode_attention(
     s_sum = torch.empty_like(m)
     acc = torch.empty((n, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
     quant = k_scale is not None
+    # Dequantised float32 K/V tiles beside float32 ("ieee") dots: 64 positions spill ~190 B a thread on sm_90,
+    # 32 still 120 B, 16 none (python -m microscale.kernels.aot.sweep).
+    block_n = 16 if quant and q.dtype == torch.float32 else _BLOCK_N
     # Unused pointers when not quantised: any tensor serves, the loads are compiled out.
     ks, vs = (k_scale, v_scale) if quant else (keys, values)
     ks_strides = k_scale.stride() if quant else (0, 0, 0)
@@ -223,7 +226,7 @@ def paged_decode_attention(
         scale, window if window is not None else 0, block_size, num_splits,
         *q.stride(), *keys.stride(), *values.stride(), *ks_strides, *vs_strides,
         *block_tables.stride(), context_lens.stride(0),
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_N=_BLOCK_N,
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_N=block_n,
         HAS_WINDOW=window is not None, QUANT=quant, USE_DOT=use_dot,
         DOT_FP32=_INTERPRET or q.dtype == torch.float32, num_warps=_NUM_WARPS,
     )

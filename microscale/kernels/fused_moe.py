@@ -90,10 +90,11 @@ def _gate_up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    expert = tl.load(block_expert_ptr + pid_m)
+    # int64 from the start: the compiler rejects an if-block that changes a variable's type (the interpreter
+    # does not), and expert * stride_we needs 64 bits for large expert tensors.
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     # Blocks past the last expert's run (the grid is sized for the worst case) have nothing to do.
     if expert >= 0:
-        expert = expert.to(tl.int64)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         ids = tl.load(sorted_ids_ptr + rows)
         row_ok = ids < num_valid
@@ -146,9 +147,8 @@ def _down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    expert = tl.load(block_expert_ptr + pid_m)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert >= 0:
-        expert = expert.to(tl.int64)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         ids = tl.load(sorted_ids_ptr + rows)
         row_ok = ids < num_valid
@@ -236,14 +236,17 @@ def fused_moe(
     b13 = w13_bias if w13_bias is not None else x
     b2 = w2_bias if w2_bias is not None else x
 
-    block_n, block_k = _tile(inter), _tile(H)
+    # MXFP4 tiles decode in registers beside the two accumulators: at 4 warps they spill 584-784 B a thread on
+    # sm_90 (python -m microscale.kernels.aot.sweep); 8 warps and 32-deep K tiles (one scale group) need 128.
+    num_warps = 8 if mxfp4 else 4
+    block_n, block_k = _tile(inter), 32 if mxfp4 else _tile(H)
     _gate_up_kernel[(block_expert.numel(), triton.cdiv(inter, block_n))](
         x, w13, s13, b13, h, sorted_ids, block_expert,
         num_valid, top_k, H, inter, float(limit), float(alpha),
         x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
         b13.stride(0) if w13_bias is not None else 0, h.stride(0),
         CLAMPED=kind == "clamped_swiglu", HAS_BIAS=w13_bias is not None, MXFP4=mxfp4,
-        BLOCK_N=block_n, BLOCK_K=block_k, **common,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, **common,
     )
     block_n, block_k = _tile(H), _tile(inter)
     flat_out = out.view(num_valid, H)
@@ -252,7 +255,8 @@ def fused_moe(
         num_valid, H, inter,
         h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1),
         b2.stride(0) if w2_bias is not None else 0, flat_out.stride(0),
-        HAS_BIAS=w2_bias is not None, MXFP4=mxfp4, BLOCK_N=block_n, BLOCK_K=block_k, **common,
+        HAS_BIAS=w2_bias is not None, MXFP4=mxfp4, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, **common,
     )
     # Every (token, choice) row was written at most once: the sum over k is deterministic.
     return out.sum(1, dtype=torch.float32).to(x.dtype)

@@ -173,14 +173,20 @@ def paged_prefill_attention(
     block_m = max(16, 64 // group_p)
     block_n = 64 if block_d <= 64 else 32
     quantized = k_scale is not None
+    if quantized and q.dtype == torch.float32:
+        # Dequantised float32 tiles into "ieee" dots spill ~5 KB a thread on sm_90 at 32 keys; ~300 B at 16
+        # (the least found: float32 models with a quantised KV cache are the one such configuration).
+        block_n = 16
     if quantized:
         ks, vs = k_scale, v_scale
         ks_strides, vs_strides = ks.stride(), vs.stride()
     else:
         ks = vs = keys  # never read
         ks_strides = vs_strides = (0, 0, 0)
-    # A 128-row x 128-dim float32 accumulator is 128 registers a thread at 4 warps: use 8 from there.
-    num_warps = 8 if block_m * group_p * block_d >= 128 * 128 else 4
+    # A 128-row x 128-dim float32 accumulator is 128 registers a thread at 4 warps: use 8 from there. float32
+    # models' exact ("ieee") dots run on CUDA cores with both operand tiles in registers: at 4 warps they spill
+    # ~8 KB a thread on sm_90, at 8 none (python -m microscale.kernels.aot.sweep).
+    num_warps = 8 if block_m * group_p * block_d >= 128 * 128 or q.dtype == torch.float32 else 4
     grid = (num_chunks, triton.cdiv(max_query_len, block_m), kv_heads)
     _prefill_attention_kernel[grid](
         q, keys, values, ks, vs, sinks if sinks is not None else q, out,

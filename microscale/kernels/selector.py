@@ -36,3 +36,18 @@ def resolve_kernel_backend(requested: str, device: torch.device) -> str:
             raise ValueError(f"kernel_backend='triton' cannot run here: {reason}.")
         return "triton"
     return "triton" if reason is None and device.type == "cuda" else "torch"
+
+
+FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: FP8 tensor cores, and Triton's float8e4nv conversions
+
+
+def fp8_unavailable_reason(device: torch.device) -> str | None:
+    """Why Triton kernels that store or convert float8_e4m3fn (the FP8 KV cache, FP8-emitting norms and SwiGLU,
+    the FP8 GEMM) cannot run on `device`: Triton rejects float8e4nv below sm_89. None where they can (any CUDA
+    GPU from sm_89, or the interpreter)."""
+    if device.type != "cuda":
+        return None if interpreting() else f"Triton FP8 kernels need a CUDA device, not {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < FP8_MIN_CAPABILITY:
+        return f"Triton's float8e4nv needs compute capability 8.9+ (this GPU is {major}.{minor})"
+    return None

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from microscale.kernels.candidates import fuses_fp8_output
 from microscale.quant.fp8 import quantize_fp8
 
 
@@ -14,9 +15,11 @@ class _GatedActivation(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.kernel_backend = "torch"
+        self.fused_fp8_output = False  # the kernel emits FP8 itself (sm_89+), else torch quantises after it
 
     def select_kernels(self, family: str, device: torch.device) -> None:
         self.kernel_backend = family
+        self.fused_fp8_output = family == "triton" and fuses_fp8_output("SwiGLU before an FP8 Linear", device)
 
 
 class SiluAndMul(_GatedActivation):
@@ -27,8 +30,9 @@ class SiluAndMul(_GatedActivation):
         if self.kernel_backend == "triton":
             from microscale.kernels.activation import silu_and_mul
 
-            flat = silu_and_mul(x.reshape(-1, x.shape[-1]), fp8_scale)
-            return flat.view(*x.shape[:-1], x.shape[-1] // 2)
+            kernel_scale = fp8_scale if self.fused_fp8_output else None
+            out = silu_and_mul(x.reshape(-1, x.shape[-1]), kernel_scale).view(*x.shape[:-1], x.shape[-1] // 2)
+            return out if fp8_scale is None or kernel_scale is not None else quantize_fp8(out, fp8_scale)
         gate, up = x.chunk(2, dim=-1)
         out = F.silu(gate) * up
         return out if fp8_scale is None else quantize_fp8(out, fp8_scale)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from microscale.kernels.candidates import fuses_fp8_output
 from microscale.quant.fp8 import quantize_fp8
 
 
@@ -18,6 +19,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.kernel_backend = "torch"  # "triton": one fused kernel (microscale/kernels/norm.py)
+        self.fused_fp8_output = False  # the kernel emits FP8 itself (sm_89+), else torch quantises after it
         self.float32_weight = float32_weight
         weight_dtype = torch.float32 if float32_weight else dtype
         self.weight = nn.Parameter(torch.ones(size, dtype=weight_dtype), requires_grad=False)
@@ -31,6 +33,7 @@ class RMSNorm(nn.Module):
 
     def select_kernels(self, family: str, device: torch.device) -> None:
         self.kernel_backend = family
+        self.fused_fp8_output = family == "triton" and fuses_fp8_output("RMSNorm before an FP8 Linear", device)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None, fp8_scale: torch.Tensor | None = None
@@ -51,9 +54,11 @@ class RMSNorm(nn.Module):
         from microscale.kernels.norm import rms_norm
 
         size = x.shape[-1]
+        kernel_scale = fp8_scale if self.fused_fp8_output else None
         flat = rms_norm(x.reshape(-1, size), self.weight, self.eps, self.float32_weight,
-                        None if residual is None else residual.reshape(-1, size), fp8_scale)
-        if residual is None:
-            return flat.view(x.shape)
-        out, new_residual = flat
-        return out.view(x.shape), new_residual.view(x.shape)
+                        None if residual is None else residual.reshape(-1, size), kernel_scale)
+        out, new_residual = (flat, None) if residual is None else flat
+        if fp8_scale is not None and kernel_scale is None:
+            out = quantize_fp8(out, fp8_scale)
+        out = out.view(x.shape)
+        return out if residual is None else (out, new_residual.view(x.shape))

@@ -1,0 +1,1 @@
+"""Ahead-of-time compilation of the Triton kernels for real GPU targets, on a machine without a GPU."""
