@@ -25,7 +25,7 @@ from torch import nn
 
 from microscale.distributed.parallel_state import all_reduce_max
 from microscale.kernels.candidates import Candidate, always, pick_kernel
-from microscale.kernels.selector import resolve_kernel_backend, triton_unavailable_reason
+from microscale.kernels.selector import FP8_MIN_CAPABILITY, resolve_kernel_backend, triton_unavailable_reason
 from microscale.quant.base import QuantMethod, register_quant_method
 from microscale.quant.scratch import scratch_buffer
 
@@ -87,9 +87,6 @@ def _unset(shape: tuple[int, ...]) -> nn.Parameter:
     return nn.Parameter(torch.full(shape, float("nan")), requires_grad=False)
 
 
-_FP8_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada, Hopper and later
-
-
 @dataclass(frozen=True)
 class Fp8Problem:
     """What decides which kernel can run a layer's FP8 matmul, all known once the layer is loaded. The number of
@@ -114,7 +111,7 @@ def _scaled_mm_unavailable_reason(problem: Fp8Problem, rowwise: bool, device: to
     if device.type != "cuda":
         return f"needs a CUDA device, not {device.type}"
     major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < _FP8_MIN_CAPABILITY:
+    if (major, minor) < FP8_MIN_CAPABILITY:
         return f"needs FP8 tensor cores: compute capability 8.9+ (this GPU is {major}.{minor})"
     if not rowwise and (problem.x_per_token or problem.w_per_row):
         return "takes one activation scale and one weight scale"
