@@ -1,8 +1,9 @@
 """The other ranks of a tensor-parallel engine. Rank 0 is the engine's own process: it owns the scheduler and
-the block manager, and before each forward broadcasts the step's inputs. Ranks 1..N-1 are workers: they build
-the same shard-shaped model and KV cache, then run every forward rank 0 sends. On one machine they are
-spawned here (torch.multiprocessing, tcp:// rendezvous on loopback); across machines torchrun starts every
-rank (env:// rendezvous) and ranks other than 0 run `run_worker` (see the CLI)."""
+the block manager, and before each forward broadcasts the step's inputs (host data, over the gloo control
+group). Ranks 1..N-1 are workers: they build the same shard-shaped model and KV cache, then run every forward
+rank 0 sends, on their own device. On one machine they are spawned here (torch.multiprocessing, tcp://
+rendezvous on loopback); across machines torchrun starts every rank (env:// rendezvous) and ranks other than 0
+run `run_worker` (see the CLI)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+from typing import TYPE_CHECKING
 
 import torch
 import torch.multiprocessing as mp
@@ -17,6 +19,9 @@ import torch.multiprocessing as mp
 from microscale.config import EngineArgs, ModelConfig
 from microscale.distributed.checks import check_tensor_parallel
 from microscale.distributed.parallel_state import broadcast_from_driver, destroy_tensor_parallel, init_tensor_parallel
+
+if TYPE_CHECKING:
+    from microscale.engine.model_runner import StepInputs
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +42,9 @@ class Workers:
         self.processes = processes  # empty under torchrun: the ranks are not ours to watch
         self.world_size = world_size
 
-    def send(self, message: tuple) -> None:
+    def send(self, step: StepInputs) -> None:
         try:
-            broadcast_from_driver(message)
+            broadcast_from_driver(step)
         except RuntimeError as e:
             raise self.failure(e) from e
 
@@ -57,7 +62,7 @@ class Workers:
     def shutdown(self) -> None:
         if all(p.is_alive() for p in self.processes):
             try:
-                broadcast_from_driver(("shutdown",))
+                broadcast_from_driver(None)  # ends the workers' loop
             except RuntimeError:
                 pass  # a worker is gone already
         for process in self.processes:
@@ -119,8 +124,8 @@ def run_worker(
     init_tensor_parallel(rank, world_size, init_method, device, args.enable_expert_parallel)
     _share_cpus(world_size, device)
     runner = build_shard(args, InputProcessor(args), device).runner
-    while (message := broadcast_from_driver())[0] != "shutdown":
-        runner.forward_logits(*message[1:])
+    while (step := broadcast_from_driver()) is not None:  # None: rank 0 shuts down
+        runner.forward_logits(step)
     destroy_tensor_parallel()
 
 

@@ -1,13 +1,14 @@
 """Turns a scheduled step into one flat batch of tensors, runs the model once, and returns the logits of
 the sequences that sample a token this step.
 
-The tensor-parallel seam lives here: a rank runs the same `execute` on its shard of the model, and only
-the sampled ids leave the device.
+The tensor-parallel seam lives here: rank 0 broadcasts each step's StepInputs (host lists), and every rank
+runs the same forward on its shard of the model; only the sampled ids leave the device.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,6 +29,21 @@ if TYPE_CHECKING:
     from microscale.distributed.workers import Workers
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInputs:
+    """One step's inputs as host lists, the flat batch holding the decodes first, then the prefill chunks.
+    Under tensor parallelism this is what rank 0 broadcasts (no device tensors: each rank builds them on its own
+    device with step_tensors)."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]  # KV cache slot (block * block_size + offset) of each new token
+    num_decodes: int
+    decode_tables: list[list[int]] | None  # the decodes' block tables padded with 0; None: the decode buffer
+    prefills: list[tuple[int, int, list[int]]]  # (query_len, context_start, block_table) of each chunk
+    rows: list[int] | None  # the rows whose logits are wanted; None: every token
 
 
 class ModelRunner:
@@ -100,11 +116,9 @@ class ModelRunner:
         source = "the persistent decode buffer" if self.decode_buffer else "paged blocks"
         logger.info("decode attention reads %s", source)
 
-    def prepare(
-        self, chunks: list[ScheduledChunk]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[ScheduledChunk]]:
-        """Flat inputs (decodes first, then prefill chunks), metadata, the rows whose logits are needed and
-        the chunks they belong to."""
+    def prepare(self, chunks: list[ScheduledChunk]) -> tuple[StepInputs, list[ScheduledChunk]]:
+        """The step as host lists (decodes first, then prefill chunks; `rows`: the sampling chunks' last
+        tokens) and the chunks that sample, in the same order."""
         bs = self.block_size
         decodes = [c for c in chunks if c.num_tokens == 1]
         if self.decode_buffer is not None:
@@ -113,45 +127,29 @@ class ModelRunner:
             rows = self.decode_buffer.assign([c.seq for c in decodes], self.kv_caches, bs)
             decodes = [by_seq[s.seq_id] for s in rows]
         prefills = [c for c in chunks if c.num_tokens > 1]
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
+        step = StepInputs(input_ids=[], positions=[], slots=[], num_decodes=len(decodes),
+                          decode_tables=None if self.decode_buffer is not None else _padded_tables(decodes),
+                          prefills=[], rows=[])
         for c in decodes:
             seq, pos = c.seq, c.seq.num_computed_tokens
-            input_ids.append(seq.token_ids[pos])
-            positions.append(pos)
-            slots.append(seq.block_table[pos // bs] * bs + pos % bs)
-        prefill_chunks = []
+            step.input_ids.append(seq.token_ids[pos])
+            step.positions.append(pos)
+            step.slots.append(seq.block_table[pos // bs] * bs + pos % bs)
         for c in prefills:
             seq, start, n = c.seq, c.seq.num_computed_tokens, c.num_tokens
-            prefill_chunks.append(
-                PrefillChunk(
-                    query_start=len(input_ids),
-                    query_len=n,
-                    context_start=start,
-                    block_table=self._tensor(seq.block_table),
-                )
-            )
-            input_ids.extend(seq.token_ids[start : start + n])
+            step.prefills.append((n, start, seq.block_table))
+            step.input_ids.extend(seq.token_ids[start : start + n])
             span = range(start, start + n)
-            positions.extend(span)
+            step.positions.extend(span)
             table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in span)
-        slot_tensor = self._tensor(slots)
-        meta = AttentionMetadata(
-            slot_blocks=slot_tensor // bs,
-            slot_offsets=slot_tensor % bs,
-            decode=self._decode_batch(decodes, positions[: len(decodes)]),
-            prefills=prefill_chunks,
-        )
-        ordered = decodes + prefills
-        sample_rows, sampling, row = [], [], -1
-        for c in ordered:
+            step.slots.extend(table[p // bs] * bs + p % bs for p in span)
+        sampling, row = [], -1
+        for c in decodes + prefills:
             row += c.num_tokens
             if c.samples:
-                sample_rows.append(row)
+                step.rows.append(row)
                 sampling.append(c)
-        return self._tensor(input_ids), self._tensor(positions), meta, sample_rows, sampling
+        return step, sampling
 
     def graphs_unavailable_reason(self) -> str | None:
         if tp_size() > 1:
@@ -174,23 +172,27 @@ class ModelRunner:
 
     def execute(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[ScheduledChunk]]:
         """Run one step; returns the logits of the sampling chunks, and those chunks in the same order."""
-        input_ids, positions, meta, sample_rows, sampling = self.prepare(chunks)
-        return self.forward_logits(input_ids, positions, meta, self._tensor(sample_rows)), sampling
+        step, sampling = self.prepare(chunks)
+        return self.forward_logits(step), sampling
 
     def execute_all_logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Run one step; returns the logits of every token of the flat batch (decodes first, then prefill
         chunks), e.g. to score a prompt."""
-        input_ids, positions, meta, _, _ = self.prepare(chunks)
-        return self.forward_logits(input_ids, positions, meta, None)
+        step, _ = self.prepare(chunks)
+        step.rows = None
+        return self.forward_logits(step)
 
     @torch.inference_mode()
-    def forward_logits(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, rows: torch.Tensor | None
-    ) -> torch.Tensor:
-        """One forward and the logits of `rows` (None: every token). Under tensor parallelism rank 0 first
-        broadcasts these inputs, and every rank runs the same forward on its shard (workers discard the logits)."""
+    def forward_logits(self, step: StepInputs) -> torch.Tensor:
+        """One forward and the logits of `step.rows`. Under tensor parallelism rank 0 first broadcasts the
+        step (host data), and every rank builds its tensors on its own device and runs the same forward on its
+        shard (workers discard the logits)."""
         if self.workers is not None:
-            self.workers.send(("execute", input_ids, positions, meta, rows))
+            self.workers.send(step)
+        input_ids, positions, meta, rows = step_tensors(step, self.device, self.block_size)
+        if self.decode_buffer is not None and meta.decode is not None:
+            meta.decode.keys, meta.decode.values = self.decode_buffer.k, self.decode_buffer.v
+            meta.decode.length = self.decode_buffer.capacity
         try:
             hidden = None if self.decode_graphs is None else self.decode_graphs.run(input_ids, positions, meta)
             if hidden is None:
@@ -201,19 +203,35 @@ class ModelRunner:
                 raise self.workers.failure(e) from e
             raise
 
-    def _decode_batch(self, decodes: list[ScheduledChunk], positions: list[int]) -> DecodeBatch | None:
-        if not decodes:
-            return None
-        batch = DecodeBatch(size=len(decodes), positions=self._tensor(positions), length=max(positions) + 1)
-        if self.decode_buffer is not None:
-            batch.keys, batch.values = self.decode_buffer.k, self.decode_buffer.v
-            batch.length = self.decode_buffer.capacity
-        else:
-            width = max(len(c.seq.block_table) for c in decodes)
-            tables = [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in decodes]
-            batch.block_tables = self._tensor(tables)
-            batch.context_lens = batch.positions + 1
-        return batch
 
-    def _tensor(self, values: list) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=self.device)
+def step_tensors(
+    step: StepInputs, device: torch.device, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None]:
+    """Input ids, positions, attention metadata and logit rows of `step` on `device`. Decodes that read the
+    decode buffer get its tensors from the runner that owns it."""
+
+    def tensor(values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
+    slots, positions = tensor(step.slots), tensor(step.positions)
+    prefills, start = [], step.num_decodes
+    for query_len, context_start, table in step.prefills:
+        prefills.append(PrefillChunk(start, query_len, context_start, tensor(table)))
+        start += query_len
+    decode = None
+    if step.num_decodes:
+        decode = DecodeBatch(size=step.num_decodes, positions=positions[: step.num_decodes],
+                             length=max(step.positions[: step.num_decodes]) + 1)
+        if step.decode_tables is not None:
+            decode.block_tables = tensor(step.decode_tables)
+            decode.context_lens = decode.positions + 1
+    meta = AttentionMetadata(slot_blocks=slots // block_size, slot_offsets=slots % block_size, decode=decode,
+                             prefills=prefills)
+    rows = None if step.rows is None else tensor(step.rows)
+    return tensor(step.input_ids), positions, meta, rows
+
+
+def _padded_tables(decodes: list[ScheduledChunk]) -> list[list[int]]:
+    width = max((len(c.seq.block_table) for c in decodes), default=0)
+    return [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in decodes]
+
