@@ -36,7 +36,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     g.add_argument("--kv-cache-memory", type=float, default=None, help="KV cache size in GiB (CPU default: 4)")
-    g.add_argument("--cache-max-entry-count", type=float, default=0.8, help="GPU: fraction of free memory for KV")
+    g.add_argument("--cache-max-entry-count", type=float, default=0.8,
+                   help="GPU: KV cache share of the memory left free after the weights and a profiled step's peak "
+                        "activations (LMDeploy's meaning; default 0.8)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="GPU: share of the total memory the engine may use in all, the KV cache getting the rest "
+                        "after weights and peak activations (vLLM's meaning); wins over --cache-max-entry-count")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="turn automatic prefix caching off")
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],

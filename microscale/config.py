@@ -194,8 +194,15 @@ class EngineArgs:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     block_size: int = 16
+    # KV cache size. kv_cache_memory: GiB, exactly (CPU default: 4). Otherwise, on a GPU, sized after a profiled
+    # dummy step of max_num_batched_tokens tokens measured the peak activation memory:
+    # cache_max_entry_count (LMDeploy's meaning): this fraction of the GPU memory left free after the weights and
+    # the profiled peak activations;
+    # gpu_memory_utilization (vLLM's meaning; wins when set): this fraction of the GPU's TOTAL memory for the whole
+    # engine, the KV cache getting what weights, peak activations and non-torch memory (CUDA, NCCL) leave of it.
     kv_cache_memory: float | None = None
     cache_max_entry_count: float = 0.8
+    gpu_memory_utilization: float | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
     load_format: str = "auto"
@@ -227,3 +234,5 @@ class EngineArgs:
             raise ValueError(f"kernel_backend must be auto, torch or triton, got {self.kernel_backend!r}.")
         if not 0 < self.cache_max_entry_count <= 1:
             raise ValueError(f"cache_max_entry_count must be in (0, 1], got {self.cache_max_entry_count}.")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")

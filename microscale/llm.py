@@ -21,8 +21,10 @@ class LLM:
     """Load a model once, then run batches of prompts through continuous batching.
 
     Engine knobs are keyword arguments: dtype, max_num_seqs, max_num_batched_tokens, max_model_len,
-    block_size, kv_cache_memory (GiB), cache_max_entry_count, enable_prefix_caching, seed, load_format, device,
-    kernel_backend ("auto", "torch", "triton"), enforce_eager (no CUDA graphs), tensor_parallel_size.
+    block_size, kv_cache_memory (GiB), cache_max_entry_count (GPU: share of free memory after weights and peak
+    activations), gpu_memory_utilization (GPU: share of total memory, vLLM's meaning), enable_prefix_caching, seed,
+    load_format, device, kernel_backend ("auto", "torch", "triton"), enforce_eager (no CUDA graphs),
+    tensor_parallel_size.
     Quantization: `quant_config=QuantConfig(quant_algo=..., kv_cache_quant_algo=...)` (or the scheme names as
     `quantization=` / `kv_cache_quant=`), and `calib_config=CalibConfig(...)` for static scales.
     """

@@ -25,7 +25,12 @@ class EngineSection:
     model_path: str = "models/tiny-llama-pycode"
     backend: str = "microscale"  # or "transformers" (the baseline), "vllm" (if importable or vllm_python is set)
     max_batch_size: int = 32  # concurrent sequences (microscale, vLLM); the padded batch size (transformers)
-    cache_max_entry_count: float = 0.8  # GPU: fraction of free memory for the KV cache
+    # GPU, microscale only: the KV cache's share of the memory left free after the weights and a profiled step's
+    # peak activations (LMDeploy's meaning; vLLM has no such knob and then runs with its own default).
+    cache_max_entry_count: float = 0.8
+    # GPU: the share of the total memory each engine may use in all (vLLM's meaning). Set, it goes to microscale
+    # (where it wins over cache_max_entry_count) and to vLLM alike.
+    gpu_memory_utilization: float | None = None
     kv_cache_memory: float | None = None  # CPU: KV cache GiB (default: the engine's)
     quant: str = "none"  # none | fp8 | fp8-dynamic | mxfp4
     kv_cache_quant: str = "none"  # none | int8 | fp8
@@ -134,6 +139,8 @@ def _check_values(config: BenchConfig) -> None:
             raise BenchConfigError(f"'{key}' must be at least 1, got {value}.")
     if not 0 < e.cache_max_entry_count <= 1:
         raise BenchConfigError(f"'engine.cache_max_entry_count' must be in (0, 1], got {e.cache_max_entry_count}.")
+    if e.gpu_memory_utilization is not None and not 0 < e.gpu_memory_utilization <= 1:
+        raise BenchConfigError(f"'engine.gpu_memory_utilization' must be in (0, 1], got {e.gpu_memory_utilization}.")
     if e.kv_cache_memory is not None and e.kv_cache_memory <= 0:
         raise BenchConfigError(f"'engine.kv_cache_memory' must be positive GiB, got {e.kv_cache_memory}.")
     if not 0 <= d.range_ratio < 1:

@@ -55,6 +55,7 @@ def _run_microscale(config: BenchConfig, requests: list[BenchRequest]) -> dict[s
         e.model_path, tokenizer=e.tokenizer, dtype=e.dtype, max_num_seqs=e.max_batch_size,
         max_num_batched_tokens=e.max_num_batched_tokens, max_model_len=max_model_len(config, requests),
         kv_cache_memory=e.kv_cache_memory, cache_max_entry_count=e.cache_max_entry_count,
+        gpu_memory_utilization=e.gpu_memory_utilization,
         quantization=_scheme(e.quant), kv_cache_quant=_scheme(e.kv_cache_quant), load_format=e.load_format,
         seed=config.data.seed, device=e.device, kernel_backend=e.kernel_backend, enforce_eager=e.enforce_eager,
         tensor_parallel_size=e.tensor_parallel_size, enable_expert_parallel=e.enable_expert_parallel,
@@ -176,7 +177,9 @@ def _run_vllm(config: BenchConfig, requests: list[BenchRequest]) -> dict[str, An
         "model": e.model_path, "tokenizer": e.tokenizer, "dtype": e.dtype, "load_format": e.load_format,
         "max_num_seqs": e.max_batch_size, "max_num_batched_tokens": e.max_num_batched_tokens,
         "max_model_len": max_model_len(config, requests), "seed": config.data.seed,
-        "gpu_memory_utilization": e.cache_max_entry_count,
+        # The same meaning as microscale's knob of that name; unset, vLLM keeps its default (cache_max_entry_count
+        # is a share of free memory, which vLLM cannot express).
+        "gpu_memory_utilization": e.gpu_memory_utilization,
         "quantization": _scheme(e.quant), "kv_cache_dtype": _scheme(e.kv_cache_quant),
         "prompts": [r.prompt_token_ids for r in requests], "output_lens": [r.output_len for r in requests],
     }
@@ -197,4 +200,5 @@ def _run_vllm(config: BenchConfig, requests: list[BenchRequest]) -> dict[str, An
     produced = [len(ids) for ids in res["token_ids"]]
     timings = [RequestTiming(len(r.prompt_token_ids), n) for r, n in zip(requests, produced)]
     return summarize_run(timings, res["elapsed_s"], backend="vllm", max_concurrency=e.max_batch_size,
-                         vllm_version=res["vllm_version"], vllm_torch_threads=res["torch_threads"])
+                         vllm_version=res["vllm_version"], vllm_torch_threads=res["torch_threads"],
+                         vllm_gpu_memory_utilization=res["gpu_memory_utilization"])

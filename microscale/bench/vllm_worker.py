@@ -3,11 +3,13 @@
 Usage: <vllm-python> vllm_worker.py JOB.json RESULT.json
 
 JOB.json holds the engine settings, the prompts as token ids and each request's output length; RESULT.json gets
-the timing, the output token ids and versions. Imports nothing from microscale (it is not installed there).
+the timing, the output token ids, versions and the gpu_memory_utilization vLLM ran with. Imports nothing from
+microscale (it is not installed there).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import time
@@ -38,10 +40,18 @@ def main() -> int:
         "token_ids": [list(o.outputs[0].token_ids) for o in outs],
         "vllm_version": vllm.__version__,
         "torch_threads": torch.get_num_threads(),
+        # The job's, else vLLM's default: what its KV cache was sized with.
+        "gpu_memory_utilization": job.get("gpu_memory_utilization") or _default(LLM, "gpu_memory_utilization"),
     }
     with open(result_path, "w") as f:
         json.dump(result, f)
     return 0
+
+
+def _default(cls: type, name: str) -> object:
+    """The default of a keyword of cls(...), None if it takes no such keyword by name."""
+    param = inspect.signature(cls).parameters.get(name)
+    return None if param is None else param.default
 
 
 if __name__ == "__main__":

@@ -18,11 +18,12 @@ from microscale.attention.decode_buffer import DecodeBuffer
 from microscale.attention.metadata import AttentionMetadata, DecodeBatch, PrefillChunk
 from microscale.attention.selector import select_attention_backend
 from microscale.config import ModelConfig
-from microscale.distributed.parallel_state import tp_size
+from microscale.distributed.parallel_state import tp_rank, tp_size
 from microscale.engine.cuda_graphs import CudaGraph, DecodeGraphs
 from microscale.engine.scheduler import ScheduledChunk
 from microscale.layers.attention import Attention
 from microscale.layers.moe import FusedMoE
+from microscale.layers.sampler import Sampler, SamplingBatch
 from microscale.quant.kv_cache import make_kv_cache
 
 if TYPE_CHECKING:
@@ -115,6 +116,20 @@ class ModelRunner:
             )
         source = "the persistent decode buffer" if self.decode_buffer else "paged blocks"
         logger.info("decode attention reads %s", source)
+
+    @torch.inference_mode()
+    def profile_step(self, num_tokens: int, block_size: int) -> None:
+        """One dummy step as large as the scheduler makes, run for the memory it takes (before the KV cache is
+        sized): `num_tokens` prompt tokens in chunks of at most max_model_len, the logits of as many rows as a
+        step samples, and the sampler's costliest path on them. Every token writes into the one block of a
+        placeholder cache, which allocate_kv_cache replaces."""
+        for cache in self.kv_caches:
+            cache.allocate(1, block_size)
+        self.block_size = block_size
+        step = _profile_inputs(num_tokens, self.max_model_len, self.max_num_seqs, block_size)
+        logits = self.forward_logits(step)
+        if tp_rank() == 0:  # workers discard their logits
+            Sampler()(logits, _costliest_sampling(len(step.rows), self.device))
 
     def prepare(self, chunks: list[ScheduledChunk]) -> tuple[StepInputs, list[ScheduledChunk]]:
         """The step as host lists (decodes first, then prefill chunks; `rows`: the sampling chunks' last
@@ -235,3 +250,27 @@ def _padded_tables(decodes: list[ScheduledChunk]) -> list[list[int]]:
     width = max((len(c.seq.block_table) for c in decodes), default=0)
     return [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in decodes]
 
+
+def _profile_inputs(num_tokens: int, max_model_len: int, max_num_seqs: int, block_size: int) -> StepInputs:
+    """The largest step: prompt chunks as long as a sequence can be (attention's memory grows with a chunk's
+    length), sampling the last max_num_seqs rows; every slot in block 0."""
+    num_tokens = min(num_tokens, max_num_seqs * max_model_len)  # no step holds more
+    lengths = [min(max_model_len, num_tokens - start) for start in range(0, num_tokens, max_model_len)]
+    positions = [p for n in lengths for p in range(n)]
+    return StepInputs(
+        input_ids=[0] * num_tokens, positions=positions, slots=[p % block_size for p in positions], num_decodes=0,
+        decode_tables=None, prefills=[(n, 0, [0] * -(-n // block_size)) for n in lengths],
+        rows=list(range(num_tokens - min(max_num_seqs, num_tokens), num_tokens)),
+    )
+
+
+def _costliest_sampling(rows: int, device: torch.device) -> SamplingBatch:
+    """Random sampling through every filter (top-k and top-p sort the whole vocabulary). Penalties and logprobs
+    are left out: per-request extras, each a few more [rows, vocab] tensors, for the fraction's headroom."""
+
+    def full(value: float, dtype: torch.dtype) -> torch.Tensor:
+        return torch.full((rows,), value, dtype=dtype, device=device)
+
+    return SamplingBatch(temperature=full(1.0, torch.float32), all_greedy=False, top_k=full(50, torch.int64),
+                         top_p=full(0.9, torch.float32), min_p=full(0.05, torch.float32), seeded={}, penalties=None,
+                         blocked=None, num_logprobs=None)

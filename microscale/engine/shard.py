@@ -42,6 +42,8 @@ def build_shard(args: EngineArgs, inputs: InputProcessor, device: torch.device) 
             "FP8 with static activation scales needs calibration data: pass calib_config=CalibConfig("
             "calib_dataset=...) (CLI: --calib-data FILE), use fp8-dynamic, or load a pre-quantized FP8 checkpoint."
         )
+    # Before anything of this shard is on the GPU: where its memory accounting starts.
+    start = GpuSnapshot.take(device) if device.type == "cuda" else None
     model, kv_scales = load_model(inputs.model_dir, cfg, dtype, device, max_model_len, quant, args.load_format,
                                   args.seed)
     logger.info("loaded %s (%s, %s) in %.1fs", cfg.architecture, dtype, device, time.perf_counter() - started)
@@ -49,7 +51,7 @@ def build_shard(args: EngineArgs, inputs: InputProcessor, device: torch.device) 
     runner = ModelRunner(model, cfg, device, dtype, args.max_num_seqs, max_model_len, kv_cache_quant=kv_cache_quant,
                          kernel_backend=args.kernel_backend)
     _apply_checkpoint_kv_scales(runner, kv_scales, kv_cache_quant)
-    num_blocks = min_over_ranks(_num_kv_blocks(args, runner, device, max_model_len))
+    num_blocks = min_over_ranks(_num_kv_blocks(args, runner, device, max_model_len, start))
     runner.allocate_kv_cache(num_blocks, args.block_size)
     return EngineShard(runner, num_blocks, dtype, quant, kv_cache_quant)
 
@@ -65,14 +67,98 @@ def _apply_checkpoint_kv_scales(runner: ModelRunner, kv_scales: dict, kv_cache_q
         runner.set_kv_scales(layer, scales["k_scale"], scales["v_scale"])
 
 
-def _num_kv_blocks(args: EngineArgs, runner: ModelRunner, device: torch.device, max_model_len: int) -> int:
+@dataclass(frozen=True)
+class GpuSnapshot:
+    """A GPU's memory at one moment, in bytes."""
+
+    free: int
+    total: int
+    allocated: int  # this process's torch tensors
+    reserved: int  # torch's caching allocator: tensors and cached blocks
+
+    @property
+    def non_torch(self) -> int:
+        """In use outside torch's allocator: other processes, and this one's CUDA context, NCCL, cuBLAS."""
+        return self.total - self.free - self.reserved
+
+    @classmethod
+    def take(cls, device: torch.device) -> GpuSnapshot:
+        free, total = torch.cuda.mem_get_info(device)
+        return cls(free, total, torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device))
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """What sizes the KV cache on a GPU, in bytes, accounted as vLLM's memory profiling does."""
+
+    total: int
+    free_at_start: int  # before the shard loaded
+    free: int  # after the profiled step, torch's cached blocks handed back
+    weights: int  # torch memory the shard held before the profiled step (weights, buffers)
+    peak_activation: int  # the profiled step's peak torch memory above that
+    non_torch: int  # memory this process took outside torch since the start (NCCL, cuBLAS workspaces)
+
+
+def kv_cache_budget(mem: GpuMemory, cache_max_entry_count: float, gpu_memory_utilization: float | None) -> int:
+    """Bytes the KV cache may take on a GPU.
+
+    gpu_memory_utilization (vLLM's meaning; wins when set): the engine may use this fraction of the GPU's total
+    memory in all, so the KV cache gets it less the weights, the peak activations and this process's non-torch
+    memory. Other processes' memory is not charged to it, but (as in vLLM) they must leave that much free at the
+    start. cache_max_entry_count (LMDeploy's meaning): this fraction of the memory left free after the weights
+    and the peak activations.
+    """
+    if gpu_memory_utilization is None:
+        budget = cache_max_entry_count * (mem.free - mem.peak_activation)
+    else:
+        requested = gpu_memory_utilization * mem.total
+        if mem.free_at_start < requested:
+            raise ValueError(
+                f"gpu_memory_utilization={gpu_memory_utilization} asks for {requested / _GIB:.2f} GiB of the GPU's "
+                f"{mem.total / _GIB:.2f} GiB, but only {mem.free_at_start / _GIB:.2f} GiB were free when the engine "
+                f"started (other processes hold the rest): lower it, or free the GPU."
+            )
+        budget = requested - mem.weights - mem.peak_activation - mem.non_torch
+    return max(0, int(budget))
+
+
+def _profile_gpu_memory(args: EngineArgs, runner: ModelRunner, device: torch.device, start: GpuSnapshot) -> GpuMemory:
+    """Run the largest step the scheduler makes once, and measure what it took."""
+    torch.cuda.reset_peak_memory_stats(device)
+    held = torch.cuda.memory_allocated(device)
+    runner.profile_step(args.max_num_batched_tokens, args.block_size)
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.empty_cache()  # the step's freed blocks go back to the device, for mem_get_info to count as free
+    end = GpuSnapshot.take(device)
+    return GpuMemory(total=end.total, free_at_start=start.free, free=end.free, weights=held - start.allocated,
+                     peak_activation=peak - held, non_torch=end.non_torch - start.non_torch)
+
+
+def _gpu_kv_budget(args: EngineArgs, runner: ModelRunner, device: torch.device, start: GpuSnapshot) -> int:
+    mem = _profile_gpu_memory(args, runner, device, start)
+    budget = kv_cache_budget(mem, args.cache_max_entry_count, args.gpu_memory_utilization)
+    if args.gpu_memory_utilization is None:
+        rule = f"cache_max_entry_count={args.cache_max_entry_count} of the free memory less peak activations"
+    else:
+        rule = f"gpu_memory_utilization={args.gpu_memory_utilization} of the total less weights, activations, non-torch"
+    logger.info(
+        "GPU memory: total %.2f GiB, weights %.2f GiB, peak activations %.2f GiB (a step of %d tokens), non-torch "
+        "%.2f GiB, free %.2f GiB; KV cache budget %.2f GiB (%s)",
+        mem.total / _GIB, mem.weights / _GIB, mem.peak_activation / _GIB, args.max_num_batched_tokens,
+        mem.non_torch / _GIB, mem.free / _GIB, budget / _GIB, rule,
+    )
+    return budget
+
+
+def _num_kv_blocks(
+    args: EngineArgs, runner: ModelRunner, device: torch.device, max_model_len: int, start: GpuSnapshot | None
+) -> int:
     block_bytes = runner.kv_block_bytes(args.block_size)
     blocks_per_seq = -(-max_model_len // args.block_size)
     if args.kv_cache_memory is not None:
         budget = args.kv_cache_memory * _GIB
     elif device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = free * args.cache_max_entry_count
+        budget = _gpu_kv_budget(args, runner, device, start)
     else:
         # No more than every sequence slot could ever use.
         budget = min(_DEFAULT_CPU_KV_GIB * _GIB, args.max_num_seqs * blocks_per_seq * block_bytes)
@@ -81,7 +167,8 @@ def _num_kv_blocks(args: EngineArgs, runner: ModelRunner, device: torch.device, 
         raise ValueError(
             f"The KV cache budget ({budget / _GIB:.3f} GiB = {num_blocks} blocks of {args.block_size} tokens) "
             f"cannot hold one sequence of max_model_len={max_model_len} tokens; raise kv_cache_memory / "
-            f"cache_max_entry_count or lower max_model_len."
+            f"cache_max_entry_count / gpu_memory_utilization, or lower max_model_len (on a GPU, or "
+            f"max_num_batched_tokens: its step's activations are reserved first)."
         )
     logger.info(
         "KV cache: %d blocks x %d tokens = %d tokens, %.3f GiB (%s)",

@@ -74,6 +74,7 @@ def test_no_yaml_gives_the_defaults():
         ("data:\n  output_len: 0\n", "'data.output_len' must be at least 1"),
         ("data:\n  range_ratio: 1.5\n", "'data.range_ratio' must be in [0, 1)"),
         ("engine:\n  cache_max_entry_count: 0\n", "'engine.cache_max_entry_count' must be in (0, 1]"),
+        ("engine:\n  gpu_memory_utilization: 1.2\n", "'engine.gpu_memory_utilization' must be in (0, 1]"),
         ("engine:\n  backend: transformers\n  quant: fp8\n", "unquantized baseline"),
         ("engine:\n  enforce_eager: 'no'\n", "'engine.enforce_eager' must be true or false, got 'no'"),
         ("engine:\n  kernel_backend: cuda\n", "'engine.kernel_backend' must be auto, torch or triton"),
