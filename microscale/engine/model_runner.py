@@ -21,6 +21,7 @@ from microscale.config import ModelConfig
 from microscale.distributed.parallel_state import tp_rank, tp_size
 from microscale.engine.cuda_graphs import CudaGraph, DecodeGraphs
 from microscale.engine.scheduler import ScheduledChunk
+from microscale.kernels.selector import resolve_kernel_backend
 from microscale.layers.attention import Attention
 from microscale.layers.moe import FusedMoE
 from microscale.layers.sampler import Sampler, SamplingBatch
@@ -57,11 +58,13 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
-        self.attention_backend = backend = select_attention_backend(device, kernel_backend)
-        # Norms, activations, quantized matmuls and MoE follow the attention backend's kernel family.
+        self.attention_backend = backend = select_attention_backend(device, kernel_backend, kv_cache_quant)
+        # Norms, activations, quantized matmuls and MoE take the kernel family too (even where an FP8 KV cache
+        # keeps attention on torch).
+        family = resolve_kernel_backend(kernel_backend, device)
         for module in model.modules():
             if hasattr(module, "select_kernels"):
-                module.select_kernels(backend.name, device)
+                module.select_kernels(family, device)
         # One cache per layer, in layer order; storage comes with allocate_kv_cache, once the engine has sized it.
         self.kv_caches = [  # this rank's KV heads under tensor parallelism
             make_kv_cache(kv_cache_quant, layer.num_kv_heads, layer.head_dim, dtype, device)
