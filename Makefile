@@ -25,8 +25,10 @@ run: install
 lint: install
 	$(BIN)/ruff check .
 
+# Two workers (pytest-xdist), one per core of the CI machine; loadscope keeps each module's fixtures (engines,
+# servers, the compile sweep) on one worker.
 test: install lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope
 
 clean:
 	rm -rf $(VENV) build *.egg-info

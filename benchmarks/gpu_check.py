@@ -26,7 +26,6 @@ Sections (each row is recorded, with its error, whatever happens to the others):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
 import importlib.metadata
@@ -40,7 +39,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +58,6 @@ from microscale.attention.torch_backend import TorchAttentionBackend  # noqa: E4
 from microscale.layers.activation import ClampedSwiGLU, SiluAndMul  # noqa: E402
 from microscale.layers.moe import FusedMoE, route_top_k  # noqa: E402
 from microscale.layers.norm import RMSNorm  # noqa: E402
-from microscale.models import loader  # noqa: E402
 from microscale.quant.fp8 import fp8_matmul_reference, fp8_scale, quantize_fp8, scaled_mm_rowwise  # noqa: E402
 from microscale.quant.kv_cache import KVCache, kv_scales_from_amax, make_kv_cache  # noqa: E402
 from microscale.quant.mxfp4 import pack_mxfp4, unpack_mxfp4  # noqa: E402
@@ -774,41 +772,6 @@ def gemm_perf(proj: str, n: int, k: int, m: int, device: torch.device, bandwidth
     return row
 
 
-@contextlib.contextmanager
-def dummy_weights_on_device() -> Iterator[None]:
-    """load_format="dummy" draws its weights from a CPU generator, ~2 minutes for Llama-3.1-8B alone: draw the
-    large random tensors on their own device instead (the same distributions as init_dummy_weights), and leave
-    everything else (norms, biases, scales) to microscale's own init."""
-    original = loader.init_dummy_weights
-
-    class Rest:
-        def __init__(self, params: list) -> None:
-            self.params = params
-
-        def named_parameters(self):
-            return iter(self.params)
-
-    @torch.no_grad()
-    def init(model: torch.nn.Module, seed: int = 0) -> None:
-        rest, gens = [], {}
-        for name, param in model.named_parameters():
-            if param.dim() < 2 or name.endswith(("norm.weight", "_scale", "_scales")):
-                rest.append((name, param))
-                continue
-            gen = gens.setdefault(param.device, generator(param.device, seed))
-            if param.dtype == torch.uint8:  # packed MXFP4 codes
-                param.copy_(torch.randint(0, 256, param.shape, generator=gen, device=param.device, dtype=torch.uint8))
-            else:
-                param.copy_(torch.randn(param.shape, generator=gen, device=param.device).mul_(0.02))
-        original(Rest(rest), seed)
-
-    loader.init_dummy_weights = init
-    try:
-        yield
-    finally:
-        loader.init_dummy_weights = original
-
-
 def expected_experts(num_experts: int, top_k: int, batch: int) -> float:
     """Distinct experts a layer runs for `batch` tokens routed uniformly at random: E (1 - (1 - k/E)^B)."""
     return num_experts * (1 - (1 - top_k / num_experts) ** batch)
@@ -840,10 +803,9 @@ def random_prompts(count: int, length: int, seed: int) -> list[list[int]]:
 
 def load_perf_model(holder: dict, model_dir: Path, extra: dict, sizes: Sizes) -> dict:
     start = time.perf_counter()
-    with dummy_weights_on_device():
-        llm = LLM(str(model_dir), tokenizer=str(TINY_LLAMA), load_format="dummy", dtype="bfloat16",
-                  max_model_len=sizes.max_model_len, max_num_seqs=max(sizes.batches), kv_cache_memory=sizes.kv_gib,
-                  enable_prefix_caching=False, **extra)  # no prefix hits: both timed runs prefill alike
+    llm = LLM(str(model_dir), tokenizer=str(TINY_LLAMA), load_format="dummy", dtype="bfloat16",
+              max_model_len=sizes.max_model_len, max_num_seqs=max(sizes.batches), kv_cache_memory=sizes.kv_gib,
+              enable_prefix_caching=False, **extra)  # no prefix hits: both timed runs prefill alike
     holder["llm"] = llm
     seconds = time.perf_counter() - start
     weights = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
