@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes")
     serve.add_argument("--max-waiting", type=int, default=None, metavar="N",
                        help="answer 503 (Retry-After) while N requests wait for a slot (default: no limit)")
+    serve.add_argument("--engine-restarts", type=int, default=3, metavar="N",
+                       help="restart the engine process up to N times after a fault, then exit 1 (default 3)")
+    serve.add_argument("--shutdown-drain-seconds", type=float, default=30, metavar="SECONDS",
+                       help="on SIGTERM, let streams finish for this long before ending them (default 30)")
     serve.set_defaults(func=cmd_serve)
 
     add_bench_parser(sub)
@@ -265,23 +269,21 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import signal
 
-    import uvicorn
-
     from microscale.serve.app import build_app
     from microscale.serve.async_engine import AsyncEngine
+    from microscale.serve.server import serve
 
-    engine = AsyncEngine(EngineArgs(model=args.model, **_engine_kwargs(args)), args.max_waiting)
+    engine = AsyncEngine(EngineArgs(model=args.model, **_engine_kwargs(args)), args.max_waiting, args.engine_restarts)
     engine.start()
     app = build_app(engine, args.served_model_name or args.model, args.api_key)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler it found:
-    # ignoring it there makes that shutdown exit 0. In-flight streams get 10 s before they are cancelled
-    # (aborting their requests).
+    # ignoring it there makes that shutdown exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     print(f"microscale: serving {args.served_model_name or args.model} at http://{args.host}:{args.port}/v1 "
           "(OpenAI API; /metrics, /health; Ctrl-C stops)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=10,
-                log_level="info" if args.verbose else "warning")
+    sys.exit(serve(app, engine, args.host, args.port, args.shutdown_drain_seconds,
+                   "info" if args.verbose else "warning"))
 
 
 def _run_as_torchrun_worker(args: argparse.Namespace) -> bool:

@@ -170,21 +170,67 @@ class LLMEngine:
             self.block_manager.cache_full_blocks(chunk.seq)
         if not sampling:
             return []
-        seqs = [c.seq for c in sampling]
-        batch = SamplingBatch.build(seqs, self.eos_token_ids, self.model_config.vocab_size, self.device)
-        out = self.sampler(logits, batch)
+        touched: dict[str, Request] = {}
+        out, seqs = self._sample(logits, [c.seq for c in sampling], touched)
+        if out is None:
+            return list(touched.values())
         token_ids = out.token_ids.tolist()  # the step's one device -> host sync
         logprobs = _logprobs_to_host(out)
-        touched: dict[str, Request] = {}
         now = time.monotonic()
         for row, seq in enumerate(seqs):
-            self._append_token(seq, token_ids[row], logprobs, row, now)
-            touched[seq.request.request_id] = seq.request
-        self.num_generated_tokens += len(seqs)
+            request = seq.request
+            if request.error is not None:  # a sibling failed earlier in this loop
+                continue
+            touched[request.request_id] = request
+            try:
+                self._append_token(seq, token_ids[row], logprobs, row, now)
+            except Exception as e:  # this request's detokenizer, logprobs or stop checks: only it ends
+                self._fail(request, e)
+                continue
+            self.num_generated_tokens += 1
         for request in touched.values():
             if request.finished:
-                del self.requests[request.request_id]
+                self.requests.pop(request.request_id, None)
         return list(touched.values())
+
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[Sequence], touched: dict[str, Request]
+    ) -> tuple[SamplerOutput | None, list[Sequence]]:
+        """Sample one token per row. Should that raise, each row is tried alone: those that fail alone are a bad
+        request's (say, a parameter its sampling tensor cannot hold), so their requests are aborted (and added to
+        touched) and the others sampled again. Only when no row fails alone is the error the engine's own."""
+        try:
+            return self._sample_rows(logits, seqs), seqs
+        except Exception as e:
+            bad = [row for row, seq in enumerate(seqs) if not self._samples_alone(logits[row : row + 1], seq)]
+            if not bad:
+                raise
+            for row in bad:
+                request = seqs[row].request
+                if request.error is None:
+                    self._fail(request, e)
+                    touched[request.request_id] = request
+        keep = [row for row, seq in enumerate(seqs) if seq.request.error is None]
+        if not keep:
+            return None, []
+        return self._sample_rows(logits[keep], [seqs[row] for row in keep]), [seqs[row] for row in keep]
+
+    def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        return self.sampler(logits, SamplingBatch.build(seqs, self.eos_token_ids, self.model_config.vocab_size,
+                                                        self.device))
+
+    def _samples_alone(self, logits: torch.Tensor, seq: Sequence) -> bool:
+        try:
+            self._sample_rows(logits, [seq])
+        except Exception:
+            return False
+        return True
+
+    def _fail(self, request: Request, error: Exception) -> None:
+        """Abort a request that a step failed on; its error goes to its client, the other requests go on."""
+        logger.error("request %s failed in a step; aborting it", request.request_id, exc_info=error)
+        request.error = type(error).__name__
+        self.abort_request(request.request_id)
 
     def _append_token(self, seq: Sequence, token: int, logprobs: dict | None, row: int, now: float) -> None:
         seq.token_ids.append(token)

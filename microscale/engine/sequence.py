@@ -102,6 +102,7 @@ class Request:
         # Siblings (n > 1) wait for the first sequence's prompt, then share its blocks.
         self.unforked: list[Sequence] = []
         self.num_cached_tokens = 0
+        self.error: str | None = None  # set when the engine aborted it because a step failed on it alone
 
     @property
     def finished(self) -> bool:

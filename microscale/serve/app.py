@@ -60,7 +60,8 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
 
     @app.exception_handler(EngineDeadError)
     async def dead(_: Request, exc: EngineDeadError) -> JSONResponse:
-        return error_response(APIError(503, str(exc)))
+        # Its message says what state the engine is in; the engine's own error stays in the server's log.
+        return error_response(APIError(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}))
 
     async def check_api_key(request: Request) -> None:
         if api_key is None:
@@ -77,11 +78,9 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
     authed = [Depends(check_api_key)]
 
     @app.get("/health")
-    async def health() -> Response:
-        if not engine.is_running:
-            reason = f"The engine has stopped: {engine.error}" if engine.error else "The engine is not running."
-            return error_response(APIError(503, reason))
-        return Response(status_code=200)
+    async def health() -> JSONResponse:
+        # "ok" (200); 503: "restarting" (after an engine fault), "failed" (restarts used up), "stopping"
+        return JSONResponse({"status": engine.state}, status_code=200 if engine.state == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

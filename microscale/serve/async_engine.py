@@ -4,7 +4,9 @@ The engine (model, KV cache, scheduler) lives in a spawned process (serve/engine
 never competes with the event loop for the GIL. This side keeps what needs no model: the tokenizer and
 prompt checks (`inputs`), the metrics, and one stream per request. A sender thread writes to the engine's
 pipe (a busy engine never blocks the event loop); a reader thread takes its reports and hands each request's
-delta to the event loop that waits for it.
+delta to the event loop that waits for it. Should the engine process die (a fault of the engine, not of one
+request: those only fail their own request), what was in flight ends with EngineDeadError and the reader thread
+starts another, up to max_restarts times; after that the engine is "failed" and on_failed is called.
 """
 
 from __future__ import annotations
@@ -17,19 +19,30 @@ import multiprocessing
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from contextlib import suppress
+from typing import Any, Literal
 
 from microscale.config import EngineArgs
 from microscale.engine.inputs import InputProcessor
 from microscale.outputs import CompletionOutput, RequestOutput
 from microscale.sampling_params import SamplingParams
 from microscale.serve.engine_core import RequestDelta, StepReport, run_engine_core
+from microscale.serve.errors import APIError
 from microscale.serve.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
 _STARTUP_POLL_S = 0.1
+_EXIT_WAIT_S = 10.0
+
+EngineState = Literal["ok", "restarting", "failed", "stopping"]
+# What clients are told (never the engine's exception: that is logged).
+_UNAVAILABLE = {
+    "restarting": "The engine stopped unexpectedly and is restarting; retry shortly.",
+    "failed": "The engine stopped unexpectedly and could not be restarted.",
+    "stopping": "The server is shutting down.",
+}
 
 
 class EngineOverloadedError(Exception):
@@ -37,7 +50,15 @@ class EngineOverloadedError(Exception):
 
 
 class EngineDeadError(Exception):
-    """The engine process has stopped (an error in a step, a crash, or shutdown)."""
+    """The engine is not there to serve (it stopped and restarts, it failed, or the server shuts down)."""
+
+
+class RequestFailedError(APIError):
+    """The engine failed on this request alone and aborted it; the other requests went on."""
+
+    def __init__(self, error_type: str) -> None:
+        super().__init__(500, f"The engine failed on this request ({error_type}) and aborted it.",
+                         code="request_failed")
 
 
 def _remote_error(error_type: str, message: str) -> Exception:
@@ -77,14 +98,18 @@ def _apply(output: RequestOutput, delta: RequestDelta) -> None:
 
 
 class AsyncEngine:
-    def __init__(self, args: EngineArgs, max_waiting: int | None = None) -> None:
+    def __init__(self, args: EngineArgs, max_waiting: int | None = None, max_restarts: int = 0) -> None:
         self.args = args
+        self.max_restarts = max_restarts
+        self.restarts = 0
+        self.state: EngineState = "ok"
+        self.on_failed: Callable[[], None] | None = None  # called (from the reader thread) once the engine fails
         self.inputs = InputProcessor(args)  # fails here, before any process starts, on a bad model path
         # Requests allowed to wait for a slot (in the scheduler or on their way to it); None: no limit.
         self.max_waiting = max_waiting
         self.metrics = ServerMetrics(self.inputs.max_model_len)
         self.latest_stats: dict[str, float] = {}  # the engine's stats in its last report
-        self.error: str | None = None
+        self.error: str | None = None  # why the engine process last died, for logs (clients are not told)
         self.process: multiprocessing.process.BaseProcess | None = None
         self._streams: dict[str, _Stream] = {}
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
@@ -93,25 +118,32 @@ class AsyncEngine:
         self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        self._lock = threading.Lock()  # a stream or call registers, or the engine is lost, never both at once
 
     # ---- lifecycle ------------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Spawn the engine process and wait until its model is loaded; its load errors are raised here."""
+        self._spawn()
+        # shutdown() runs at exit, before multiprocessing joins its children (the engine process is no daemon).
+        atexit.register(self.shutdown)
+        self._threads = [threading.Thread(target=self._send_loop, name="microscale-engine-send", daemon=True),
+                         threading.Thread(target=self._read_loop, name="microscale-engine-read", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def _spawn(self) -> None:
         ctx = multiprocessing.get_context("spawn")  # fork after torch has started threads can deadlock
         to_engine_read, to_engine = ctx.Pipe(duplex=False)
         from_engine, from_engine_write = ctx.Pipe(duplex=False)
         log_level = logging.getLogger("microscale").getEffectiveLevel()
-        # Not a daemon: a daemonic process may not start children (its tensor-parallel workers). shutdown() runs
-        # at exit instead, before multiprocessing joins its children.
+        # Not a daemon: a daemonic process may not start children (its tensor-parallel workers).
         self.process = ctx.Process(target=run_engine_core, name="microscale-engine",
                                    args=(self.args, to_engine_read, from_engine_write, log_level))
         self.process.start()
-        atexit.register(self.shutdown)
         # Only the engine process holds these ends now, so each side sees EOF when the other dies.
         to_engine_read.close()
         from_engine_write.close()
-        self._to_engine, self._from_engine = to_engine, from_engine
         while not from_engine.poll(_STARTUP_POLL_S):
             if not self.process.is_alive():
                 raise RuntimeError(f"The engine process exited (code {self.process.exitcode}) while loading the model.")
@@ -119,32 +151,50 @@ class AsyncEngine:
         if message[0] == "failed":
             self.process.join()
             raise _remote_error(*message[1:])
+        self._num_sent = 0
+        self.metrics.new_engine()
         self._record_stats(message[1])
-        self._threads = [threading.Thread(target=self._send_loop, name="microscale-engine-send", daemon=True),
-                         threading.Thread(target=self._read_loop, name="microscale-engine-read", daemon=True)]
-        for thread in self._threads:
-            thread.start()
+        self._to_engine, self._from_engine = to_engine, from_engine
 
     @property
     def is_running(self) -> bool:
-        return (self.process is not None and self.process.is_alive() and self.error is None
-                and not self._stopping and all(t.is_alive() for t in self._threads))
+        return (self.state == "ok" and self.process is not None and self.process.is_alive()
+                and all(t.is_alive() for t in self._threads))
 
-    def shutdown(self, timeout: float = 10.0) -> None:
+    def shutdown(self, timeout: float = _EXIT_WAIT_S) -> None:
         """Stop taking requests and stop the engine process (it aborts what is in flight; open streams end)."""
         if self.process is None or self._stopping:
             return
-        self._stopping = True
+        with self._lock:
+            self._stopping = True
+            self.state = "stopping"
         atexit.unregister(self.shutdown)
         self._outbox.put(("shutdown",))
         self._outbox.put(None)
+        self._reap(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def stop_accepting(self) -> None:
+        """New requests get 503 from now on (the server is draining before it shuts down)."""
+        with self._lock:
+            self.state = "stopping"
+
+    def _set_state(self, state: EngineState) -> None:
+        with self._lock:
+            if self.state != "stopping":  # a restart during the drain does not take requests again
+                self.state = state
+
+    def end_streams(self) -> None:
+        """End every open stream and pending call with EngineDeadError (what shutting down left in flight)."""
+        self._end_all(EngineDeadError(_UNAVAILABLE["stopping"]))
+
+    def _reap(self, timeout: float) -> None:
         self.process.join(timeout)
         if self.process.is_alive():
             logger.warning("the engine process did not stop in %.0f s; terminating it", timeout)
             self.process.terminate()
             self.process.join(timeout)
-        for thread in self._threads:
-            thread.join(timeout)
 
     # ---- calls from the event loop --------------------------------------------------------------------
 
@@ -154,9 +204,10 @@ class AsyncEngine:
         """Cumulative outputs of one request ({"prompt", "prompt_token_ids"}) as the engine produces them, the
         last one finished. The same object grows from one yield to the next. Closing the iterator early (a
         client that went away) aborts the request, which frees its KV blocks."""
-        self._check_accepting()
         stream = _Stream(asyncio.get_running_loop())
-        self._streams[request_id] = stream
+        with self._lock:
+            self._check_accepting()
+            self._streams[request_id] = stream
         self._num_sent += 1
         self._outbox.put(("add", request_id, prompt, params, time.monotonic()))
         output = RequestOutput(request_id, prompt.get("prompt"), prompt["prompt_token_ids"],
@@ -168,6 +219,8 @@ class AsyncEngine:
                 while True:
                     if isinstance(item, BaseException):
                         raise item
+                    if item.error is not None:
+                        raise RequestFailedError(item.error)
                     _apply(output, item)
                     if stream.queue.empty():
                         break
@@ -191,11 +244,12 @@ class AsyncEngine:
     async def call(self, method: str, *args: Any) -> Any:
         """engine.method(*args) in the engine process, between steps (work that uses the model, like prompt
         logprobs)."""
-        self._check_accepting()
         loop = asyncio.get_running_loop()
         call_id = next(self._call_ids)
         future = loop.create_future()
-        self._calls[call_id] = (loop, future)
+        with self._lock:
+            self._check_accepting()
+            self._calls[call_id] = (loop, future)
         self._outbox.put(("call", call_id, method, args))
         try:
             return await future
@@ -203,21 +257,35 @@ class AsyncEngine:
             self._calls.pop(call_id, None)
 
     def _check_accepting(self) -> None:
-        if self.error is not None:
-            raise EngineDeadError(f"The engine has stopped: {self.error}")
-        if not self.is_running:
-            raise EngineDeadError("The engine is not running (shutting down).")
+        if self.state != "ok":
+            raise EngineDeadError(_UNAVAILABLE[self.state])
 
     # ---- the sender and reader threads ----------------------------------------------------------------
 
     def _send_loop(self) -> None:
         while (message := self._outbox.get()) is not None:
             try:
-                self._to_engine.send(message)
-            except OSError:  # the engine process is gone; the reader thread reports it
-                return
+                self._to_engine.send(message)  # the current engine process's pipe (a restart replaces it)
+            except OSError:  # that process is gone: the reader thread restarts it; what was in flight has ended
+                pass
 
     def _read_loop(self) -> None:
+        """Relay the engine process's messages; each time it dies, end what was in flight and start another, until
+        restarts run out."""
+        try:
+            while (lost := self._relay()) is not None and not self._stopping:
+                self.error = lost
+                logger.error("the engine stopped: %s", lost)
+                if not self._restart():
+                    if self.on_failed is not None:
+                        self.on_failed()
+                    return
+        finally:
+            self._outbox.put(None)
+            self.end_streams()
+
+    def _relay(self) -> str | None:
+        """Until the engine process stops: None if it was told to, else why it died."""
         try:
             while True:
                 message = self._from_engine.recv()
@@ -226,17 +294,40 @@ class AsyncEngine:
                     self._on_report(message[1])
                 elif kind == "rejected":
                     self._fail_stream(message[1], ValueError(message[2]))
+                elif kind == "request_error":
+                    self._fail_stream(message[1], RequestFailedError(message[2]))
                 elif kind == "reply":
                     self._on_reply(*message[1:])
                 elif kind == "dead":
-                    self.error = message[1]
-                    return
+                    return message[1]
         except (EOFError, OSError):
-            if not self._stopping:
-                self.process.join(1.0)
-                self.error = f"the engine process exited (code {self.process.exitcode})."
-        finally:
-            self._end_all()
+            if self._stopping:
+                return None
+            self.process.join(1.0)
+            return f"the engine process exited (code {self.process.exitcode})"
+
+    def _restart(self) -> bool:
+        """End what was in flight, then start a new engine process if restarts are left (True once it is up)."""
+        state: EngineState = "restarting" if self.restarts < self.max_restarts else "failed"
+        self._set_state(state)
+        self._end_all(EngineDeadError(_UNAVAILABLE[state]))
+        self._reap(_EXIT_WAIT_S)
+        if state == "failed":
+            return False
+        self.restarts += 1
+        logger.warning("restarting the engine process (restart %d of %d)", self.restarts, self.max_restarts)
+        try:
+            self._spawn()
+        except Exception:
+            logger.exception("the engine process could not be restarted")
+            self._set_state("failed")
+            return False
+        if self._stopping:  # shut down while it started (the sender thread is gone): this one stops too
+            with suppress(OSError):
+                self._to_engine.send(("shutdown",))
+            return False
+        self._set_state("ok")
+        return True
 
     def _on_report(self, report: StepReport) -> None:
         self._record_stats(report.stats)
@@ -267,14 +358,14 @@ class AsyncEngine:
         if stream is not None:
             stream.put(error)
 
-    def _end_all(self) -> None:
-        """End every open stream and pending call with EngineDeadError."""
-        self._outbox.put(None)
-        reason = f"The engine has stopped: {self.error}" if self.error else "The server is shutting down."
-        for request_id in list(self._streams):
-            self._fail_stream(request_id, EngineDeadError(reason))
-        for loop, future in list(self._calls.values()):
-            loop.call_soon_threadsafe(_settle, future, None, EngineDeadError(reason))
+    def _end_all(self, error: EngineDeadError) -> None:
+        """End every open stream and pending call with error."""
+        with self._lock:
+            streams, calls = list(self._streams), list(self._calls.values())
+        for request_id in streams:
+            self._fail_stream(request_id, error)
+        for loop, future in calls:
+            loop.call_soon_threadsafe(_settle, future, None, error)
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -7,8 +7,10 @@ calls through one pipe and gets one StepReport per step back through another. On
 
 Messages to the engine process: ("add", request_id, prompt, params, arrival_time), ("abort", request_id),
 ("call", call_id, method, args), ("shutdown",). From it: ("ready", stats) or ("failed", error_type, message)
-once, then ("report", StepReport), ("rejected", request_id, message), ("reply", call_id, result, error), and
-("dead", message) if a step raised.
+once, then ("report", StepReport), ("rejected", request_id, message) (bad input), ("request_error", request_id,
+error_type) (adding it raised otherwise), ("reply", call_id, result, error), and ("dead", message) if a step
+raised. A step that fails on one request alone aborts that request (its delta carries the error) and goes on;
+only a fault of the engine itself ends the loop.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from microscale.config import EngineArgs
 from microscale.engine.engine import LLMEngine
 from microscale.engine.sequence import Request
 from microscale.outputs import SampleLogprobs
+from microscale.serve import fault_injection
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,7 @@ class RequestDelta:
     num_prompt_tokens: int
     num_cached_tokens: int
     metrics: dict[str, float]  # arrival_time, first_scheduled_time, first_token_time (time.monotonic())
+    error: str | None = None  # the engine aborted the request: this failed on it (the exception's type only)
 
 
 @dataclass
@@ -117,7 +121,7 @@ class EngineCore:
         elif kind == "abort":
             request = self.engine.abort_request(message[1])
             if request is not None:
-                self._pending.append(self._delta(request))
+                self._pending.append(self._safe_delta(request))
         elif kind == "call":
             self._call(*message[1:])
         elif kind == "shutdown":
@@ -132,6 +136,10 @@ class EngineCore:
             request = self.engine.add_request(request_id, prompt, params, arrival_time=arrival_time)
         except ValueError as e:
             self.outbox.send(("rejected", request_id, str(e)))
+            return
+        except Exception as e:  # a bug this request's input hit: it fails, the engine goes on
+            logger.exception("request %s could not be added", request_id)
+            self.outbox.send(("request_error", request_id, type(e).__name__))
             return
         self._sent_tokens[request_id] = [0] * len(request.seqs)
 
@@ -150,13 +158,24 @@ class EngineCore:
         started = time.monotonic()
         requests = self.engine.step_requests()
         elapsed = time.monotonic() - started
-        self._pending.extend(self._delta(request) for request in requests)
+        self._pending.extend(self._safe_delta(request) for request in requests)
         self._report(elapsed)
 
     def _report(self, step_seconds: float | None) -> None:
         deltas, self._pending = self._pending, []
         stats = {**self.engine.get_stats(), "requests_received": self._requests_received, **self._system_stats()}
         self.outbox.send(("report", StepReport(deltas, stats, step_seconds)))
+
+    def _safe_delta(self, request: Request) -> RequestDelta:
+        """The request's delta; should reporting it fail (say, in its detokenizer), it is aborted with an error."""
+        try:
+            return self._delta(request)
+        except Exception as e:
+            logger.exception("request %s could not be reported; aborting it", request.request_id)
+            self.engine.abort_request(request.request_id)
+            self._sent_tokens.pop(request.request_id, None)
+            return RequestDelta(request.request_id, [], True, len(request.prompt_token_ids), request.num_cached_tokens,
+                                request.to_metrics(), type(e).__name__)
 
     def _delta(self, request: Request) -> RequestDelta:
         sent = self._sent_tokens[request.request_id]
@@ -173,7 +192,7 @@ class EngineCore:
         if request.finished:
             del self._sent_tokens[request.request_id]
         return RequestDelta(request.request_id, completions, request.finished, len(request.prompt_token_ids),
-                            request.num_cached_tokens, request.to_metrics())
+                            request.num_cached_tokens, request.to_metrics(), request.error)
 
     def _system_stats(self) -> dict[str, float]:
         """Resident memory of this process, and device memory when on CUDA, refreshed at most once a second."""
@@ -217,6 +236,8 @@ def run_engine_core(args: EngineArgs, inbox: Connection, outbox: Connection, log
     except Exception as e:
         outbox.send(("failed", *error_message(e)))
         return
+    if fault_injection.enabled():
+        fault_injection.install(engine)
     outbox.send(("ready", engine.get_stats()))
     healthy = EngineCore(engine, inbox, outbox).run()
     engine.shutdown()  # tensor-parallel workers

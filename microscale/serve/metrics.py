@@ -90,6 +90,10 @@ class ServerMetrics:
             self._record_delta(delta, now)
         self.record_stats(report.stats)
 
+    def new_engine(self) -> None:
+        """The stats that follow are a new engine process's, counted from zero: the counters' new baseline."""
+        self._last_totals = None
+
     def record_stats(self, stats: dict[str, float]) -> None:
         """Counters move by the engine totals' growth; gauges take the engine's current state."""
         if self._last_totals is not None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from microscale.outputs import RequestOutput, SampleLogprobs
 from microscale.serve.async_engine import AsyncEngine, EngineDeadError
-from microscale.serve.errors import error_body
+from microscale.serve.errors import APIError, error_body
 from microscale.serve.protocol import Usage
 
 _DONE = object()
@@ -113,6 +113,8 @@ async def sse_stream(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
     try:
         async for chunk in chunks:
             yield sse(chunk)
+    except APIError as e:  # RequestFailedError: the engine failed on this request alone
+        yield sse(json.dumps(error_body(e.status, e.message, e.param, e.code)))
     except (EngineDeadError, ValueError) as e:
         yield sse(json.dumps(error_body(503 if isinstance(e, EngineDeadError) else 400, str(e))))
     yield sse("[DONE]")

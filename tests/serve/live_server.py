@@ -1,13 +1,22 @@
 """Fixtures (imported by the test modules: a conftest here would shadow tests/conftest.py's module name):
 a real server on a free loopback port (uvicorn in a thread, its engine in its own process as in production;
 tests read the engine's state from the stats it reports), shared by the module, plus an offline LLM with the
-same engine knobs to compare against."""
+same engine knobs to compare against; and `microscale serve` as a process of its own (serve_process)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
 
+import httpx
 import openai
 import pytest
 import uvicorn
@@ -17,6 +26,7 @@ from microscale.config import EngineArgs
 from microscale.distributed.workers import free_port
 from microscale.serve.app import build_app
 from microscale.serve.async_engine import AsyncEngine
+from microscale.serve.fault_injection import ENV_VAR as FAULT_INJECTION_ENV
 
 API_KEY = "test-key"
 MODEL_NAME = "tiny"
@@ -74,3 +84,42 @@ def server(pytestconfig):
 @pytest.fixture(scope="module")
 def reference(pytestconfig):
     return LLM(str(pytestconfig.rootpath / "models" / "tiny-llama-pycode"), **ENGINE_KNOBS)
+
+
+class ServeProcess:
+    def __init__(self, proc: subprocess.Popen, url: str, log: IO[bytes]) -> None:
+        self.proc, self.url, self._log = proc, url, log
+
+    def output(self) -> str:
+        """All it printed so far."""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
+
+
+@contextmanager
+def serve_process(model: Path, *flags: str, fault_injection: bool = False) -> Iterator[ServeProcess]:
+    """`microscale serve MODEL --served-model-name m ...flags` on a free port, once /health answers 200; killed at
+    the end if still running. fault_injection: the engine process takes serve/fault_injection.py's markers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "microscale", "serve", str(model), "--port", str(port), "--served-model-name", "m",
+           "--max-model-len", "256", "--max-num-seqs", "4", *flags]
+    env = {**os.environ, FAULT_INJECTION_ENV: "1"} if fault_injection else None
+    log = tempfile.TemporaryFile()  # not a pipe: a full one would block the server
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = ServeProcess(proc, f"http://127.0.0.1:{port}", log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, server.output()
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                if httpx.get(f"{server.url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
