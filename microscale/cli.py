@@ -36,6 +36,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     g.add_argument("--kv-cache-memory", type=float, default=None, help="KV cache size in GiB (CPU default: 4)")
+    g.add_argument("--swap-space", type=float, default=4.0,
+                   help="host GiB that preempted sequences' KV is swapped to (0: recompute them; default 4)")
     g.add_argument("--cache-max-entry-count", type=float, default=0.8,
                    help="GPU: KV cache share of the memory left free after the weights and a profiled step's peak "
                         "activations (LMDeploy's meaning; default 0.8)")

@@ -204,6 +204,10 @@ class EngineArgs:
     cache_max_entry_count: float = 0.8
     gpu_memory_utilization: float | None = None
     enable_prefix_caching: bool = True
+    # GiB of host memory (per rank; pinned beside a GPU) that preempted sequences' KV blocks are swapped out to,
+    # and copied back from when they resume; capped at what max_num_seqs full sequences take. When it is full,
+    # or 0, a preempted sequence is recomputed instead (in 16-bit dtypes its continuation may then differ).
+    swap_space: float = 4.0
     seed: int = 0
     load_format: str = "auto"
     device: str | None = None
@@ -230,6 +234,8 @@ class EngineArgs:
             raise ValueError(f"block_size must be positive, got {self.block_size}.")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be positive GiB, got {self.kv_cache_memory}.")
+        if self.swap_space < 0:
+            raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}.")
         if self.kernel_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"kernel_backend must be auto, torch or triton, got {self.kernel_backend!r}.")
         if not 0 < self.cache_max_entry_count <= 1:

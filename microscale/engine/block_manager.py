@@ -1,12 +1,13 @@
-"""Paged KV cache bookkeeping: fixed-size blocks, a free list, reference counts, and automatic prefix
-caching by chained block hashes (a full block is identified by its tokens and everything before it)."""
+"""Paged KV cache bookkeeping: fixed-size blocks, a free list, reference counts, automatic prefix caching by
+chained block hashes (a full block is identified by its tokens and everything before it), and the host swap
+space that preempted sequences' blocks are copied to."""
 
 from __future__ import annotations
 
 import hashlib
 from array import array
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from microscale.engine.sequence import Sequence
 
@@ -21,8 +22,22 @@ class PrefixCacheStats:
     hits: int = 0  # of those, tokens found (their KV is reused, not computed)
 
 
+@dataclass
+class SwapPlan:
+    """One step's block copies between the device cache and the host swap space, done before its forward:
+    `out` first (a device block it frees may be refilled by `into`)."""
+
+    out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
+    into: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
+
+    def __bool__(self) -> bool:
+        return bool(self.out or self.into)
+
+
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, num_host_blocks: int = 0
+    ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -32,6 +47,8 @@ class BlockManager:
         # Free blocks in eviction order (least recently freed first); cached ones stay findable until reused.
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.stats = PrefixCacheStats()
+        self.num_host_blocks = num_host_blocks
+        self.free_host_blocks = list(range(num_host_blocks))
 
     @property
     def num_free_blocks(self) -> int:
@@ -73,10 +90,7 @@ class BlockManager:
             seq.num_computed_tokens = len(cached) * self.block_size
         needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
         for _ in range(needed):
-            block, _ = self.free_blocks.popitem(last=False)
-            self._forget_hash(block)
-            self.ref_counts[block] = 1
-            seq.block_table.append(block)
+            seq.block_table.append(self._pop_free())
 
     def record_prefix_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
         self.stats.queries += num_prompt_tokens
@@ -99,24 +113,65 @@ class BlockManager:
             parent = seq.block_hashes[-1] if seq.block_hashes else b""
             h = hash_block(parent, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             seq.block_hashes.append(h)
-            block = seq.block_table[i]
-            if h not in self.hash_to_block and self.block_hash[block] is None:
-                self.block_hash[block] = h
-                self.hash_to_block[h] = block
+            self._register(seq.block_table[i], h)
 
     def free(self, seq: Sequence) -> None:
+        """Release everything `seq` holds, on the device and in the swap space: it starts from scratch."""
+        self._release(seq)
+        self.free_host_blocks.extend(seq.host_blocks)
+        seq.host_blocks = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0
+
+    def swap_out(self, seq: Sequence) -> list[tuple[int, int]] | None:
+        """Move the blocks of `seq`'s computed tokens to the swap space: their (device, host) copies, to be made
+        before anything writes to the device blocks it releases; None (nothing changed) if the space is full.
+        Its computed tokens and block hashes stay; shared blocks stay with their other holders."""
+        num = self.blocks_needed(seq.num_computed_tokens)
+        if num > len(self.free_host_blocks):
+            return None
+        host = [self.free_host_blocks.pop() for _ in range(num)]
+        copies = list(zip(seq.block_table[:num], host))
+        self._release(seq)
+        seq.host_blocks = host
+        return copies
+
+    def swap_in(self, seq: Sequence) -> list[tuple[int, int]]:
+        """New device blocks for a swapped-out `seq` (checked with can_allocate): the (host, device) copies that
+        restore its KV. Its full blocks rejoin the prefix cache unless another block holds their hash now."""
+        assert not seq.block_table
+        seq.block_table = [self._pop_free() for _ in seq.host_blocks]
+        # Registered once all are taken: taking a block drops its old hash, which may be one of these.
+        for block, h in zip(seq.block_table, seq.block_hashes):
+            self._register(block, h)
+        copies = list(zip(seq.host_blocks, seq.block_table))
+        self.free_host_blocks.extend(seq.host_blocks)
+        seq.host_blocks = []
+        return copies
+
+    def _release(self, seq: Sequence) -> None:
         # Free the tail first so that, evicted in order, a prefix outlives its continuations.
         for block in reversed(seq.block_table):
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 self.free_blocks[block] = None
         seq.block_table = []
-        seq.block_hashes = []
-        seq.num_computed_tokens = 0
 
     def reset_prefix_cache(self) -> None:
         for block in range(self.num_blocks):
             self._forget_hash(block)
+
+    def _pop_free(self) -> int:
+        """The least recently freed block, now held once (its old prefix-cache entry is gone)."""
+        block, _ = self.free_blocks.popitem(last=False)
+        self._forget_hash(block)
+        self.ref_counts[block] = 1
+        return block
+
+    def _register(self, block: int, h: bytes) -> None:
+        if h not in self.hash_to_block and self.block_hash[block] is None:
+            self.block_hash[block] = h
+            self.hash_to_block[h] = block
 
     def _take(self, block: int) -> None:
         if self.ref_counts[block] == 0:

@@ -47,7 +47,8 @@ class LLMEngine:
         self.runner.workers = workers
         kv_cache_quant, num_blocks = shard.kv_cache_quant, shard.num_blocks
         self.graph_capture_seconds = self._capture_decode_graphs()
-        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching,
+                                          shard.num_host_blocks)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
@@ -157,6 +158,8 @@ class LLMEngine:
         preemptions_before = self.scheduler.num_preemptions
         chunks = self.scheduler.schedule()
         if not chunks:
+            if self.scheduler.swaps:  # every running sequence was swapped out: copy before blocks are reused
+                self.runner.execute([], self.scheduler.swaps)
             if self.scheduler.num_unfinished and self.scheduler.num_preemptions == preemptions_before:
                 # Nothing fits although requests wait: stepping again would spin forever.
                 raise RuntimeError(
@@ -164,7 +167,7 @@ class LLMEngine:
                     "raise kv_cache_memory or lower max_model_len / max_num_seqs."
                 )
             return []
-        logits, sampling = self.runner.execute(chunks)
+        logits, sampling = self.runner.execute(chunks, self.scheduler.swaps)
         for chunk in chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
             self.block_manager.cache_full_blocks(chunk.seq)

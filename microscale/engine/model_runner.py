@@ -8,7 +8,7 @@ runs the same forward on its shard of the model; only the sampled ids leave the 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,6 +19,7 @@ from microscale.attention.metadata import AttentionMetadata, DecodeBatch, Prefil
 from microscale.attention.selector import select_attention_backend
 from microscale.config import ModelConfig
 from microscale.distributed.parallel_state import tp_rank, tp_size
+from microscale.engine.block_manager import SwapPlan
 from microscale.engine.cuda_graphs import CudaGraph, DecodeGraphs
 from microscale.engine.scheduler import ScheduledChunk
 from microscale.kernels.selector import resolve_kernel_backend
@@ -46,6 +47,9 @@ class StepInputs:
     decode_tables: list[list[int]] | None  # the decodes' block tables padded with 0; None: the decode buffer
     prefills: list[tuple[int, int, list[int]]]  # (query_len, context_start, block_table) of each chunk
     rows: list[int] | None  # the rows whose logits are wanted; None: every token
+    # Block copies made before the forward (every rank swaps its own shard): device -> host, then host -> device.
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
 
 
 class ModelRunner:
@@ -93,18 +97,20 @@ class ModelRunner:
     def set_kv_scales(self, layer_index: int, k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
         """Static KV cache scales of one layer (float32; from calibration or the checkpoint): [kv_heads] for
         int8 (the layer then stores no per-token scales), [] or [1] for fp8. Before allocate_kv_cache, the
-        memory saved goes to more blocks; later, what the cache already holds is re-quantised."""
+        memory saved goes to more blocks; later, what the cache already holds is re-quantised, but not what is
+        swapped out: call it with no sequence preempted by swapping (the engine does, at start-up)."""
         self.kv_caches[layer_index].set_scales(k_scale, v_scale)
         if self.decode_buffer is not None:
             self.decode_buffer.drop_rows()  # they hold values read with the old scales
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> None:
         """num_blocks for the block manager; paged kernels get one more, a scratch block no sequence owns
-        (padded rows of CUDA-graph decode steps write there)."""
+        (padded rows of CUDA-graph decode steps write there). num_host_blocks: the swap space, in host memory."""
         cfg = self.config
         self.scratch_block = num_blocks
         for cache in self.kv_caches:
             cache.allocate(num_blocks + (0 if self.attention_backend.uses_decode_buffer else 1), block_size)
+            cache.allocate_host(num_host_blocks)
         self.block_size = block_size
         # The persistent decode buffer pads every row to the longest context: use it only where it can never
         # outgrow the paged cache's tokens, and only on CPU (a GPU's memory is already given to the paged cache,
@@ -134,13 +140,16 @@ class ModelRunner:
         if tp_rank() == 0:  # workers discard their logits
             Sampler()(logits, _costliest_sampling(len(step.rows), self.device))
 
-    def prepare(self, chunks: list[ScheduledChunk]) -> tuple[StepInputs, list[ScheduledChunk]]:
+    def prepare(
+        self, chunks: list[ScheduledChunk], swaps: SwapPlan | None = None
+    ) -> tuple[StepInputs, list[ScheduledChunk]]:
         """The step as host lists (decodes first, then prefill chunks; `rows`: the sampling chunks' last
         tokens) and the chunks that sample, in the same order."""
         bs = self.block_size
         decodes = [c for c in chunks if c.num_tokens == 1]
         if self.decode_buffer is not None:
-            # Decodes in the order of their rows in the persistent decode buffer.
+            # Decodes in the order of their rows in the persistent decode buffer. A sequence swapped back in
+            # skipped a step, so its row was dropped and is refilled from its restored blocks.
             by_seq = {c.seq.seq_id: c for c in decodes}
             rows = self.decode_buffer.assign([c.seq for c in decodes], self.kv_caches, bs)
             decodes = [by_seq[s.seq_id] for s in rows]
@@ -148,6 +157,8 @@ class ModelRunner:
         step = StepInputs(input_ids=[], positions=[], slots=[], num_decodes=len(decodes),
                           decode_tables=None if self.decode_buffer is not None else _padded_tables(decodes),
                           prefills=[], rows=[])
+        if swaps is not None:
+            step.swap_out, step.swap_in = swaps.out, swaps.into
         for c in decodes:
             seq, pos = c.seq, c.seq.num_computed_tokens
             step.input_ids.append(seq.token_ids[pos])
@@ -188,9 +199,12 @@ class ModelRunner:
         with torch.inference_mode():
             return self.decode_graphs.capture()
 
-    def execute(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[ScheduledChunk]]:
-        """Run one step; returns the logits of the sampling chunks, and those chunks in the same order."""
-        step, sampling = self.prepare(chunks)
+    def execute(
+        self, chunks: list[ScheduledChunk], swaps: SwapPlan | None = None
+    ) -> tuple[torch.Tensor | None, list[ScheduledChunk]]:
+        """Run one step (its block copies first); returns the logits of the sampling chunks (None for a step of
+        copies only), and those chunks in the same order."""
+        step, sampling = self.prepare(chunks, swaps)
         return self.forward_logits(step), sampling
 
     def execute_all_logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
@@ -201,12 +215,15 @@ class ModelRunner:
         return self.forward_logits(step)
 
     @torch.inference_mode()
-    def forward_logits(self, step: StepInputs) -> torch.Tensor:
-        """One forward and the logits of `step.rows`. Under tensor parallelism rank 0 first broadcasts the
-        step (host data), and every rank builds its tensors on its own device and runs the same forward on its
-        shard (workers discard the logits)."""
+    def forward_logits(self, step: StepInputs) -> torch.Tensor | None:
+        """The step's block copies, then one forward and the logits of `step.rows` (None: no tokens, only
+        copies). Under tensor parallelism rank 0 first broadcasts the step (host data), and every rank builds its
+        tensors on its own device and runs the same forward on its shard (workers discard the logits)."""
         if self.workers is not None:
             self.workers.send(step)
+        self._swap(step)
+        if not step.input_ids:
+            return None
         input_ids, positions, meta, rows = step_tensors(step, self.device, self.block_size)
         if self.decode_buffer is not None and meta.decode is not None:
             meta.decode.keys, meta.decode.values = self.decode_buffer.k, self.decode_buffer.v
@@ -220,6 +237,19 @@ class ModelRunner:
             if self.workers is not None:  # a collective failed: say which rank died
                 raise self.workers.failure(e) from e
             raise
+
+    def _swap(self, step: StepInputs) -> None:
+        """The step's block copies, in every layer: swap-outs first (swap-ins may refill the blocks they free)."""
+        if step.swap_out:
+            blocks, host_blocks = zip(*step.swap_out)
+            blocks, host_blocks = torch.tensor(blocks, device=self.device), torch.tensor(host_blocks)
+            for cache in self.kv_caches:
+                cache.swap_out(blocks, host_blocks)
+        if step.swap_in:
+            host_blocks, blocks = zip(*step.swap_in)
+            host_blocks, blocks = torch.tensor(host_blocks), torch.tensor(blocks, device=self.device)
+            for cache in self.kv_caches:
+                cache.swap_in(host_blocks, blocks)
 
 
 def step_tensors(

@@ -2,19 +2,26 @@
 
 Running sequences are served first (decodes and unfinished prefill chunks), then waiting ones are admitted
 FCFS while the budget, `max_num_seqs` and free KV blocks allow. When a running sequence needs a block and
-none is free, the most recently admitted sequence is preempted: its blocks are freed and it goes back to
-the front of the queue, to be recomputed later (its tokens are kept, so its output is unchanged).
+none is free, the most recently admitted sequence is preempted and goes back to the front of the queue. By
+default its KV blocks are swapped out: copied to host memory and freed, then copied back into new blocks when
+it is resumed, so it continues on exactly the KV its own steps computed. When the swap space is full it is
+recomputed instead: its blocks are freed and its tokens (all kept) prefilled again, in one pass whose batch
+shape differs from the steps that first computed them, so in 16-bit dtypes rounding may change what greedy
+decoding picks next.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
 
 from microscale.config import SchedulerConfig
-from microscale.engine.block_manager import BlockManager
+from microscale.engine.block_manager import BlockManager, SwapPlan
 from microscale.engine.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,6 +42,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_recomputed_preemptions = 0  # of those, recomputed because the swap space was full
+        self.swaps = SwapPlan()  # the last schedule()'s block copies, for the step to make before its forward
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -56,6 +65,7 @@ class Scheduler:
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledChunk] = []
+        self.swaps = SwapPlan()
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
@@ -88,6 +98,8 @@ class Scheduler:
             if not bm.can_allocate(seq, n, cached):
                 break
             self.waiting.popleft()
+            if seq.host_blocks:
+                self.swaps.into.extend(bm.swap_in(seq))
             bm.allocate(seq, n, cached)
             if fresh and seq.num_preemptions == 0:
                 bm.record_prefix_lookup(seq.num_prompt_tokens, seq.num_computed_tokens)
@@ -100,7 +112,14 @@ class Scheduler:
             budget -= n
 
     def _preempt(self, seq: Sequence) -> None:
-        self.block_manager.free(seq)
+        copies = self.block_manager.swap_out(seq)
+        if copies is None:
+            self.block_manager.free(seq)
+            self.num_recomputed_preemptions += 1
+            logger.info("swap space full: preempted sequence %d (%d tokens) will be recomputed", seq.seq_id,
+                        seq.num_tokens)
+        else:
+            self.swaps.out.extend(copies)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1

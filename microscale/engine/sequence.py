@@ -1,5 +1,6 @@
 """One request's state. A sequence is a token list plus how many of its tokens are in the KV cache;
-prefill, chunked prefill, decode and recompute after preemption are all just that counter moving."""
+prefill, chunked prefill, decode and recompute after preemption are all just that counter moving (a sequence
+preempted by swapping keeps it)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ class Sequence:
         self.block_table: list[int] = []
         # Chained hashes of this sequence's full blocks that are registered in the prefix cache.
         self.block_hashes: list[bytes] = []
+        # While preempted by swapping: the host swap-space blocks holding its computed tokens' KV, in order.
+        self.host_blocks: list[int] = []
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

@@ -26,6 +26,7 @@ _DEFAULT_CPU_KV_GIB = 4.0
 class EngineShard:
     runner: ModelRunner
     num_blocks: int  # KV blocks every rank can hold (the block manager's size)
+    num_host_blocks: int  # blocks every rank's swap space holds
     dtype: torch.dtype
     quant: QuantScheme
     kv_cache_quant: str | None
@@ -52,8 +53,16 @@ def build_shard(args: EngineArgs, inputs: InputProcessor, device: torch.device) 
                          kernel_backend=args.kernel_backend)
     _apply_checkpoint_kv_scales(runner, kv_scales, kv_cache_quant)
     num_blocks = min_over_ranks(_num_kv_blocks(args, runner, device, max_model_len, start))
-    runner.allocate_kv_cache(num_blocks, args.block_size)
-    return EngineShard(runner, num_blocks, dtype, quant, kv_cache_quant)
+    num_host_blocks = min_over_ranks(_num_swap_blocks(args, runner, max_model_len))
+    runner.allocate_kv_cache(num_blocks, args.block_size, num_host_blocks)
+    return EngineShard(runner, num_blocks, num_host_blocks, dtype, quant, kv_cache_quant)
+
+
+def _num_swap_blocks(args: EngineArgs, runner: ModelRunner, max_model_len: int) -> int:
+    """Blocks of the host swap space: swap_space GiB, but no more than max_num_seqs full sequences take."""
+    block_bytes = runner.kv_block_bytes(args.block_size)
+    blocks_per_seq = -(-max_model_len // args.block_size)
+    return min(int(args.swap_space * _GIB // block_bytes), args.max_num_seqs * blocks_per_seq)
 
 
 def _apply_checkpoint_kv_scales(runner: ModelRunner, kv_scales: dict, kv_cache_quant: str | None) -> None:

@@ -10,6 +10,9 @@ model dtype on read. Schemes register by name (`kv_cache_quant`):
 Layout: [2 (key, value), num_blocks, block_size, kv_heads, head_dim]: a gather of whole blocks from one half is
 contiguous, so a sequence's gathered keys view as one sequence without another copy.
 
+Preemption by swapping copies whole blocks, as stored (scales included), to a host mirror of the cache and back:
+the restored blocks are bit-identical to the swapped-out ones.
+
 `write` returns the new tokens as the cache now holds them, dequantised by the same formula as `read`: attention
 that reads new tokens directly (decode buffer rows, a prefill with nothing cached) sees exactly the values a
 later read of the cache gives, so every path computes the same result.
@@ -115,6 +118,7 @@ class KVCache(ABC):
         self.kv_heads, self.head_dim = kv_heads, head_dim
         self.dtype, self.device = dtype, device
         self.data: torch.Tensor | None = None  # [2, num_blocks, block_size, kv_heads, head_dim]
+        self.host: list[torch.Tensor] = []  # swap space: block_tensors() in host memory, num_host_blocks each
 
     def bytes_per_token(self) -> int:
         """Bytes one token's keys and values take, with any per-token scales."""
@@ -127,6 +131,27 @@ class KVCache(ABC):
             2, num_blocks, block_size, self.kv_heads, self.head_dim,
             dtype=self.storage_dtype or self.dtype, device=self.device,
         )
+
+    def block_tensors(self) -> list[torch.Tensor]:
+        """Everything stored per slot, each [2 (key, value), num_blocks, block_size, ...]: what a block holds."""
+        return [self.data]
+
+    def allocate_host(self, num_blocks: int) -> None:
+        """Swap space for `num_blocks` blocks in host memory (pinned beside a GPU, for faster copies)."""
+        pin = self.device.type == "cuda"
+        self.host = [
+            torch.empty((2, num_blocks, *t.shape[2:]), dtype=t.dtype, pin_memory=pin) for t in self.block_tensors()
+        ]
+
+    def swap_out(self, blocks: torch.Tensor, host_blocks: torch.Tensor) -> None:
+        """Copy device `blocks` into swap-space `host_blocks` (index tensors on the device and on the host)."""
+        for stored, host in zip(self.block_tensors(), self.host):
+            host[:, host_blocks] = stored[:, blocks].cpu()
+
+    def swap_in(self, host_blocks: torch.Tensor, blocks: torch.Tensor) -> None:
+        """Copy swap-space `host_blocks` back into device `blocks`."""
+        for stored, host in zip(self.block_tensors(), self.host):
+            stored[:, blocks] = host[:, host_blocks].to(self.device)
 
     @abstractmethod
     def write(
@@ -242,6 +267,8 @@ class QuantizedKVCache(KVCache):
             k, v = before.read(blocks)
             slots = blocks.repeat_interleave(block_size), offsets.repeat(len(blocks))
             self.write(k.flatten(0, 1), v.flatten(0, 1), *slots)
+        if self.host:  # the swap space takes the new layout; swapped-out blocks are not re-quantised
+            self.allocate_host(self.host[0].shape[1])
 
     def _use_static(self, scales: torch.Tensor) -> None:
         self.static_scales = scales
@@ -274,6 +301,9 @@ class Int8KVCache(QuantizedKVCache):
             self.token_scales = torch.zeros(
                 2, num_blocks, block_size, self.kv_heads, dtype=TOKEN_SCALE_DTYPE, device=self.device
             )
+
+    def block_tensors(self) -> list[torch.Tensor]:
+        return super().block_tensors() + ([self.token_scales] if self.dynamic else [])
 
     def _quantize(self, x, scale):
         return quantize_int8(x, scale)

@@ -302,3 +302,100 @@ def test_can_allocate_counts_revived_blocks(num_cached_free):
         assert bm.num_free_blocks == 1
         assert bm.can_allocate(second, 1, cached)
         bm.free(first)
+
+
+# ---- swap space ----------------------------------------------------------------------------------------------
+
+
+def check_swap_space(bm: BlockManager, swapped: list[Sequence]) -> None:
+    held = [b for seq in swapped for b in seq.host_blocks]
+    assert len(held) == len(set(held)) and not set(held) & set(bm.free_host_blocks)
+    assert len(held) + len(bm.free_host_blocks) == bm.num_host_blocks
+
+
+def test_swap_out_and_in_restore_the_free_counts():
+    bm = BlockManager(num_blocks=8, block_size=4, num_host_blocks=4)
+    a = make_seq(range(1, 11))  # 10 tokens: 3 blocks, 2 of them full (cached)
+    compute(bm, a)
+    blocks, hashes = list(a.block_table), list(a.block_hashes)
+    copies = bm.swap_out(a)
+    assert [device for device, _ in copies] == blocks
+    assert [host for _, host in copies] == a.host_blocks and len(a.host_blocks) == 3
+    # Every device block is free again; the sequence keeps its computed tokens and hashes.
+    assert bm.num_free_blocks == 8 and a.block_table == []
+    assert a.num_computed_tokens == 10 and a.block_hashes == hashes
+    assert len(bm.free_host_blocks) == 1
+    check_invariants(bm, [])
+    check_swap_space(bm, [a])
+
+    # Something else takes (and evicts) the blocks meanwhile; resuming needs 3 blocks for 10 tokens + 1 new.
+    hog = make_seq(range(500, 524))  # 6 blocks: 2 left
+    compute(bm, hog)
+    assert not bm.can_allocate(a, 1)
+    bm.free(hog)
+    assert bm.can_allocate(a, 1)
+    host = list(a.host_blocks)
+    copies = bm.swap_in(a)
+    assert [h for h, _ in copies] == host and [d for _, d in copies] == a.block_table
+    assert len(bm.free_host_blocks) == 4
+    check_swap_space(bm, [])
+    a.token_ids.append(11)
+    compute(bm, a)  # the new token goes in the third block, as before
+    assert len(a.block_table) == 3 and bm.num_free_blocks == 5
+    # Its full blocks are in the prefix cache again, at their new places.
+    assert [bm.hash_to_block[h] for h in hashes] == a.block_table[:2]
+    check_invariants(bm, [a])
+    bm.free(a)
+    assert bm.num_free_blocks == 8
+    check_invariants(bm, [])
+
+
+def test_swap_out_keeps_shared_prefix_blocks_for_the_other_holders():
+    bm = BlockManager(num_blocks=16, block_size=4, num_host_blocks=8)
+    first = make_seq(list(range(1, 14)))  # 3 full blocks + 1 token
+    compute(bm, first)
+    second = make_seq(list(range(1, 13)) + [99, 98])  # shares first's 3 full blocks
+    cached = admit(bm, second)
+    assert len(cached) == 3 and all(bm.ref_counts[b] == 2 for b in cached)
+    shared_hashes = list(first.block_hashes)
+
+    bm.swap_out(first)
+    # The shared blocks stay with second (ref count 1), still cached under their hashes; first's tail is free.
+    assert all(bm.ref_counts[b] == 1 for b in cached)
+    assert [bm.hash_to_block[h] for h in shared_hashes] == cached
+    assert bm.num_free_blocks == 16 - 4
+    check_invariants(bm, [second])
+
+    copies = bm.swap_in(first)
+    assert len(copies) == 4 and not set(first.block_table) & set(second.block_table)
+    # The prefix cache keeps pointing at the blocks second holds: the copies do not replace them.
+    assert [bm.hash_to_block[h] for h in shared_hashes] == cached
+    assert all(bm.block_hash[b] is None for b in first.block_table)
+    check_invariants(bm, [first, second])
+    check_swap_space(bm, [])
+    bm.free(first)
+    bm.free(second)
+    assert bm.num_free_blocks == 16
+    check_invariants(bm, [])
+
+
+def test_swap_out_refused_when_the_swap_space_is_full():
+    bm = BlockManager(num_blocks=8, block_size=4, num_host_blocks=2)
+    a = make_seq(range(1, 11))  # 3 blocks
+    compute(bm, a)
+    table = list(a.block_table)
+    assert bm.swap_out(a) is None
+    assert a.block_table == table and a.host_blocks == [] and len(bm.free_host_blocks) == 2
+    check_invariants(bm, [a])
+    bm.free(a)
+
+
+def test_free_releases_a_swapped_out_sequence():
+    bm = BlockManager(num_blocks=8, block_size=4, num_host_blocks=4)
+    a = make_seq(range(1, 7))
+    compute(bm, a)
+    bm.swap_out(a)
+    bm.free(a)  # aborted while swapped out
+    assert a.host_blocks == [] and a.num_computed_tokens == 0
+    assert bm.num_free_blocks == 8 and len(bm.free_host_blocks) == 4
+    check_invariants(bm, [])

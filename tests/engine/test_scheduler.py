@@ -15,8 +15,10 @@ def make_seq(name: str, num_tokens: int, start: int = 1) -> Sequence:
     return Sequence(Request(name, None, ids, SamplingParams()), 0, detokenizer=None)
 
 
-def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, max_tokens=64, prefix_caching=False) -> Scheduler:
-    bm = BlockManager(num_blocks, block_size, prefix_caching)
+def make_scheduler(
+    num_blocks=64, block_size=4, max_num_seqs=8, max_tokens=64, prefix_caching=False, num_host_blocks=0
+) -> Scheduler:
+    bm = BlockManager(num_blocks, block_size, prefix_caching, num_host_blocks)
     return Scheduler(SchedulerConfig(max_num_seqs, max_tokens, 1024), bm)
 
 
@@ -96,6 +98,47 @@ def test_preempts_most_recent_and_recomputes_it_first():
     assert run_step(sched) == {"b": 9, "c": 3}
     for s in list(sched.running):
         sched.finish(s, "length")
+    assert sched.block_manager.num_free_blocks == 4
+
+
+def test_preemption_swaps_out_and_resumes_where_it_stopped():
+    # As above, with a swap space: b's blocks are copied out, and back into new blocks when it resumes.
+    sched = make_scheduler(num_blocks=4, block_size=4, num_host_blocks=2)
+    a, b = make_seq("a", 7), make_seq("b", 7, 100)
+    sched.add(a)
+    sched.add(b)
+    run_step(sched)
+    run_step(sched)
+    b_blocks = list(b.block_table)
+    assert run_step(sched) == {"a": 1}
+    assert sched.num_preemptions == 1 and sched.num_recomputed_preemptions == 0
+    assert sched.swaps.out == list(zip(b_blocks, b.host_blocks)) and sched.swaps.into == []
+    assert b.block_table == [] and b.num_computed_tokens == 8  # its KV is kept, in the swap space
+    assert list(sched.waiting) == [b]
+    sched.finish(a, "length")
+    # b resumes with one decode (nothing recomputed): its 2 blocks come back from the swap space.
+    host = list(b.host_blocks)
+    assert run_step(sched) == {"b": 1}
+    assert sched.swaps.out == [] and sched.swaps.into == list(zip(host, b.block_table[:2]))
+    assert len(b.block_table) == 3 and b.host_blocks == []
+    assert len(sched.block_manager.free_host_blocks) == 2
+    sched.finish(b, "length")
+    assert sched.block_manager.num_free_blocks == 4
+
+
+def test_preemption_recomputes_when_the_swap_space_is_full():
+    sched = make_scheduler(num_blocks=4, block_size=4, num_host_blocks=1)  # b needs 2 host blocks
+    a, b = make_seq("a", 7), make_seq("b", 7, 100)
+    sched.add(a)
+    sched.add(b)
+    run_step(sched)
+    run_step(sched)
+    assert run_step(sched) == {"a": 1}
+    assert sched.num_preemptions == 1 and sched.num_recomputed_preemptions == 1
+    assert not sched.swaps and b.host_blocks == [] and b.num_computed_tokens == 0
+    sched.finish(a, "length")
+    assert run_step(sched) == {"b": 9}
+    sched.finish(b, "length")
     assert sched.block_manager.num_free_blocks == 4
 
 
