@@ -171,7 +171,8 @@ def paged_prefill_attention(
     block_d = max(16, triton.next_power_of_2(head_dim))
     # Tile rows = BLOCK_M queries x group heads: aim at 64 rows (at least 16 queries, tl.dot's minimum).
     block_m = max(16, 64 // group_p)
-    block_n = 64 if block_d <= 64 else 32
+    # 128-row tiles (gpt-oss's 8 heads a group) take 32 keys: at 64 they spill on sm_80/89 (aot sweep).
+    block_n = 64 if block_d <= 64 and block_m * group_p < 128 else 32
     quantized = k_scale is not None
     if quantized and q.dtype == torch.float32:
         # Dequantised float32 tiles into "ieee" dots spill ~5 KB a thread on sm_90 at 32 keys; ~300 B at 16
@@ -186,7 +187,10 @@ def paged_prefill_attention(
     # A 128-row x 128-dim float32 accumulator is 128 registers a thread at 4 warps: use 8 from there. float32
     # models' exact ("ieee") dots run on CUDA cores with both operand tiles in registers: at 4 warps they spill
     # ~8 KB a thread on sm_90, at 8 none (python -m microscale.kernels.aot.sweep).
-    num_warps = 8 if block_m * group_p * block_d >= 128 * 128 or q.dtype == torch.float32 else 4
+    # Dequantising K/V tiles costs registers too: 8 warps from 128 x 64 there (gpt-oss with an int8 cache spilled
+    # ~400 B a thread at 4 on sm_80/89).
+    wide = block_m * group_p * block_d >= (128 * 64 if quantized else 128 * 128)
+    num_warps = 8 if wide or q.dtype == torch.float32 else 4
     grid = (num_chunks, triton.cdiv(max_query_len, block_m), kv_heads)
     _prefill_attention_kernel[grid](
         q, keys, values, ks, vs, sinks if sinks is not None else q, out,
