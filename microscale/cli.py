@@ -9,6 +9,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from microscale.bench import BenchError
@@ -115,10 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=23333, help="port to listen on (default 23333)")
     serve.add_argument("--served-model-name", default=None,
-                       help="the model name clients send (default: the MODEL argument)")
+                       help="the model name clients send (default: the model folder's name, or the hub id)")
     serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes")
     serve.add_argument("--max-waiting", type=int, default=None, metavar="N",
                        help="answer 503 (Retry-After) while N requests wait for a slot (default: no limit)")
+    _add_serve_limit_args(serve)
     serve.add_argument("--engine-restarts", type=int, default=3, metavar="N",
                        help="restart the engine process up to N times after a fault, then exit 1 (default 3)")
     serve.add_argument("--shutdown-drain-seconds", type=float, default=30, metavar="SECONDS",
@@ -268,21 +270,46 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": seq.detokenizer.output_text})
 
 
+def _add_serve_limit_args(serve: argparse.ArgumentParser) -> None:
+    from microscale.serve.limits import ServeLimits
+
+    d = ServeLimits()
+    serve.add_argument("--max-n", type=int, default=d.max_n, metavar="N",
+                       help=f"most choices (n) one request may ask for (default {d.max_n})")
+    serve.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, metavar="BYTES",
+                       help=f"larger request bodies get 413, unread past the limit (default {d.max_request_bytes})")
+    serve.add_argument("--max-prompt-chars", type=int, default=d.max_prompt_chars, metavar="N",
+                       help=f"longer prompts (all messages together) get 400 before tokenizing "
+                            f"(default {d.max_prompt_chars})")
+    serve.add_argument("--body-timeout", type=float, default=d.body_timeout_s, metavar="SECONDS",
+                       help=f"a request body not received in full by then gets 408 (default {d.body_timeout_s:g})")
+
+
+def served_model_name(model: str) -> str:
+    """A local model is served as its folder's name (its path would leak the server's layout), a hub id as is."""
+    path = Path(model)
+    return path.resolve().name if path.is_dir() else model
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import signal
 
     from microscale.serve.app import build_app
     from microscale.serve.async_engine import AsyncEngine
+    from microscale.serve.limits import ServeLimits
     from microscale.serve.server import serve
 
     engine = AsyncEngine(EngineArgs(model=args.model, **_engine_kwargs(args)), args.max_waiting, args.engine_restarts)
     engine.start()
-    app = build_app(engine, args.served_model_name or args.model, args.api_key)
+    name = args.served_model_name or served_model_name(args.model)
+    limits = ServeLimits(max_n=args.max_n, max_request_bytes=args.max_request_bytes,
+                         max_prompt_chars=args.max_prompt_chars, body_timeout_s=args.body_timeout)
+    app = build_app(engine, name, args.api_key, limits)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler it found:
     # ignoring it there makes that shutdown exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    print(f"microscale: serving {args.served_model_name or args.model} at http://{args.host}:{args.port}/v1 "
+    print(f"microscale: serving {name} at http://{args.host}:{args.port}/v1 "
           "(OpenAI API; /metrics, /health; Ctrl-C stops)", file=sys.stderr, flush=True)
     sys.exit(serve(app, engine, args.host, args.port, args.shutdown_drain_seconds,
                    "info" if args.verbose else "warning"))

@@ -2,7 +2,31 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the sampler's top_k column and torch generators take int64
+GREEDY_BELOW = 1e-5  # smaller temperatures overflow float32 logits / temperature: they mean greedy
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024
+
+
+class SamplingParamError(ValueError):
+    """A field outside its domain; `param` names it (the server reports it as the 400's param)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _check(ok: bool, param: str, message: str) -> None:
+    if not ok:
+        raise SamplingParamError(param, message)
+
+
+def _int64(param: str, value: int) -> None:
+    _check(isinstance(value, int) and INT64_MIN <= value <= INT64_MAX, param,
+           f"{param} must be an integer that fits int64, got {value!r}.")
 
 
 @dataclass
@@ -35,34 +59,40 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
 
     def _validate(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n}.")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be -1 (disabled) or a positive integer, got {self.top_k}.")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}.")
-        if not -2 <= self.presence_penalty <= 2:
-            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
-        if not -2 <= self.frequency_penalty <= 2:
-            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
-        if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be non-negative, got {self.min_tokens}.")
-        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens}).")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be non-negative, got {self.logprobs}.")
-        if any(not s for s in self.stop_strings):
-            raise ValueError("stop strings must be non-empty.")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and math.isfinite(value), name,
+                   f"{name} must be a finite number, got {value!r}.")
+        for name in ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs"):
+            if getattr(self, name) is not None:
+                _int64(name, getattr(self, name))
+        for token in self.stop_token_ids:
+            _int64("stop_token_ids", token)
+        _check(self.n >= 1, "n", f"n must be at least 1, got {self.n}.")
+        _check(self.temperature >= 0, "temperature", f"temperature must be non-negative, got {self.temperature}.")
+        _check(0 < self.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {self.top_p}.")
+        _check(self.top_k >= 0, "top_k", f"top_k must be -1 (disabled) or a positive integer, got {self.top_k}.")
+        _check(0 <= self.min_p <= 1, "min_p", f"min_p must be in [0, 1], got {self.min_p}.")
+        _check(self.repetition_penalty > 0, "repetition_penalty",
+               f"repetition_penalty must be positive, got {self.repetition_penalty}.")
+        _check(-2 <= self.presence_penalty <= 2, "presence_penalty",
+               f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
+        _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty",
+               f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
+        _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens",
+               f"max_tokens must be at least 1, got {self.max_tokens}.")
+        _check(self.min_tokens >= 0, "min_tokens", f"min_tokens must be non-negative, got {self.min_tokens}.")
+        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+               f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens}).")
+        _check(self.logprobs is None or self.logprobs >= 0, "logprobs",
+               f"logprobs must be non-negative, got {self.logprobs}.")
+        _check(len(self.stop_strings) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings.")
+        _check(all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop_strings), "stop",
+               f"stop strings must be non-empty strings of at most {MAX_STOP_CHARS} characters.")
 
     @property
     def greedy(self) -> bool:

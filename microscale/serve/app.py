@@ -1,14 +1,13 @@
-"""The FastAPI app: OpenAI routes over one AsyncEngine, with API-key auth, model-name checks and OpenAI-style
-errors."""
+"""The FastAPI app: OpenAI routes over one AsyncEngine, behind RequestGuard (API key, body size and timeout), with
+model-name and request checks and OpenAI-style errors."""
 
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager, suppress
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -17,7 +16,10 @@ from microscale.serve.async_engine import AsyncEngine, EngineDeadError, EngineOv
 from microscale.serve.chat import create_chat_completion
 from microscale.serve.completions import create_completion
 from microscale.serve.errors import APIError, error_response, install_error_handlers
+from microscale.serve.guard import RequestGuard
+from microscale.serve.limits import ServeLimits
 from microscale.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from microscale.serve.validation import check_request
 
 RETRY_AFTER_S = 1
 _DISCONNECT_POLL_S = 0.25
@@ -40,8 +42,11 @@ async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> R
             return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
-def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None) -> FastAPI:
+def build_app(
+    engine: AsyncEngine, served_model_name: str, api_key: str | None = None, limits: ServeLimits | None = None
+) -> FastAPI:
     """Over a started engine, which stops (aborting what is in flight) when the server shuts down."""
+    limits = limits or ServeLimits()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -53,6 +58,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
     app = FastAPI(title="microscale", version=__version__, lifespan=lifespan)
     app.state.engine = engine
     install_error_handlers(app)
+    app.add_middleware(RequestGuard, limits=limits, api_key=api_key)
 
     @app.exception_handler(EngineOverloadedError)
     async def overloaded(_: Request, exc: EngineOverloadedError) -> JSONResponse:
@@ -63,19 +69,10 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         # Its message says what state the engine is in; the engine's own error stays in the server's log.
         return error_response(APIError(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}))
 
-    async def check_api_key(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "Missing or invalid API key (Authorization: Bearer KEY).", code="invalid_api_key")
-
     def check_model(model: str | None) -> None:
         if model is not None and model != served_model_name:
             raise APIError(404, f"The model {model!r} does not exist; this server serves {served_model_name!r}.",
                            "model", "model_not_found")
-
-    authed = [Depends(check_api_key)]
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -91,18 +88,20 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
     async def version() -> dict[str, str]:
         return {"version": __version__}
 
-    @app.get("/v1/models", dependencies=authed)
+    @app.get("/v1/models")
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=served_model_name, max_model_len=engine.inputs.max_model_len)])
 
-    @app.post("/v1/completions", dependencies=authed)
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
+        check_request(body, limits)
         return await _unless_disconnected(request, create_completion(engine, served_model_name, body))
 
-    @app.post("/v1/chat/completions", dependencies=authed)
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
+        check_request(body, limits)
         return await _unless_disconnected(request, create_chat_completion(engine, served_model_name, body))
 
     return app

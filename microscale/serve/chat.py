@@ -13,7 +13,7 @@ from microscale.outputs import SampleLogprobs
 from microscale.serve.async_engine import AsyncEngine
 from microscale.serve.errors import APIError
 from microscale.serve.harmony import HarmonyStream, split_harmony, uses_harmony
-from microscale.serve.params import check_prompt, sampling_params
+from microscale.serve.params import check_prompt, off_loop, sampling_params
 from microscale.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -55,13 +55,15 @@ async def create_chat_completion(
     inputs = engine.inputs
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     try:
-        text = inputs.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        text = await off_loop(inputs.tokenizer.apply_chat_template, messages, add_generation_prompt=True)
     except ValueError as e:
         raise APIError(400, str(e), "messages") from None
     # The template already holds any BOS token it wants.
-    prompt = {"prompt": text, "prompt_token_ids": inputs.tokenizer.encode(text, add_special_tokens=False)}
+    ids = await off_loop(inputs.tokenizer.encode, text, add_special_tokens=False)
+    prompt = {"prompt": text, "prompt_token_ids": ids}
     top_n = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(inputs, body, body.max_completion_tokens or body.max_tokens, None, top_n)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params = sampling_params(inputs, body, max_tokens, None, top_n)
     check_prompt(inputs, prompt["prompt_token_ids"], params, "messages")
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     outputs = start_requests(engine, request_id, [prompt], params)

@@ -13,14 +13,14 @@ from microscale.engine.inputs import InputProcessor
 from microscale.outputs import SampleLogprobs
 from microscale.serve.async_engine import AsyncEngine
 from microscale.serve.errors import APIError
-from microscale.serve.params import check_prompt, sampling_params
+from microscale.serve.params import check_prompt, check_token_ids, off_loop, sampling_params
 from microscale.serve.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from microscale.serve.streaming import DeltaTracker, sse_stream, start_requests, usage
 
 _DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
 
-def _prompts(inputs: InputProcessor, prompt: str | list) -> list[dict]:
+async def _prompts(inputs: InputProcessor, prompt: str | list) -> list[dict]:
     """Each prompt as {"prompt": text, "prompt_token_ids": ids}."""
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
@@ -31,8 +31,9 @@ def _prompts(inputs: InputProcessor, prompt: str | list) -> list[dict]:
         if isinstance(p, str):
             if not p:
                 raise APIError(400, "prompt must not be empty.", "prompt")
-            out.append({"prompt": p, "prompt_token_ids": inputs.tokenizer.encode(p)})
+            out.append({"prompt": p, "prompt_token_ids": await off_loop(inputs.tokenizer.encode, p)})
         else:
+            check_token_ids(inputs, p, "prompt")
             out.append({"prompt": inputs.tokenizer.decode(p) if p else "", "prompt_token_ids": list(p)})
     return out
 
@@ -70,7 +71,7 @@ async def create_completion(
     engine: AsyncEngine, model: str, body: CompletionRequest
 ) -> JSONResponse | StreamingResponse:
     inputs = engine.inputs
-    prompts = _prompts(inputs, body.prompt)
+    prompts = await _prompts(inputs, body.prompt)
     params = sampling_params(inputs, body, body.max_tokens, _DEFAULT_MAX_TOKENS, body.logprobs)
     for p in prompts:
         check_prompt(inputs, p["prompt_token_ids"], params, "prompt")

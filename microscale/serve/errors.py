@@ -1,5 +1,6 @@
 """OpenAI-style error bodies, `{"error": {"message", "type", "param", "code"}}`, for every failure the server
-reports, bad input included (as 4xx: FastAPI's own 422 validation errors become 400)."""
+reports, bad input included (as 4xx: FastAPI's own 422 validation errors become 400), unexpected errors too (a
+generic 500)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
         return error_response(APIError(exc.status_code, str(exc.detail), headers=exc.headers))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        # Generic on purpose: exception text can hold paths and internals. Starlette re-raises it for the log.
+        return error_response(APIError(500, "The server had an error while processing the request."))

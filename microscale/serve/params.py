@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
+
+import anyio
 
 from microscale.engine.inputs import InputProcessor
-from microscale.sampling_params import SamplingParams
+from microscale.sampling_params import SamplingParamError, SamplingParams
 from microscale.serve.errors import APIError
 from microscale.serve.protocol import SamplingRequest
+
+T = TypeVar("T")
 
 _PASSED_THROUGH = (
     "temperature", "top_p", "top_k", "min_p", "seed", "stop",
@@ -26,15 +32,26 @@ def sampling_params(
     overrides.update(n=request.n, max_tokens=max_tokens, ignore_eos=request.ignore_eos, logprobs=logprobs)
     try:
         return inputs.default_sampling_params(**overrides)
-    except ValueError as e:
-        raise APIError(400, str(e)) from None
+    except SamplingParamError as e:
+        raise APIError(400, str(e), e.param) from None
 
 
-def check_prompt(inputs: InputProcessor, ids: list[int], params: SamplingParams, param: str) -> None:
+async def off_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Runs tokenizer work (chat templates, encoding) on a worker thread: a long prompt would otherwise stall every
+    client on the event loop (HF tokenizers release the GIL)."""
+    return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs))
+
+
+def check_token_ids(inputs: InputProcessor, ids: list[int], param: str) -> None:
+    """Before anything decodes them: ids outside the vocabulary make the tokenizer raise (or overflow)."""
     try:
         inputs.validate_prompt(ids)
     except ValueError as e:
         raise APIError(400, str(e), param) from None
+
+
+def check_prompt(inputs: InputProcessor, ids: list[int], params: SamplingParams, param: str) -> None:
+    check_token_ids(inputs, ids, param)
     max_len = inputs.max_model_len
     if params.max_tokens is not None and len(ids) + params.max_tokens > max_len:
         raise APIError(

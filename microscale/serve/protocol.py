@@ -1,14 +1,32 @@
 """OpenAI API request and response bodies (completions, chat completions, models, errors) as pydantic models.
 
-Requests ignore fields we do not know (clients send vendor extras); responses carry exactly OpenAI's fields.
+Requests ignore fields we do not know (clients send vendor extras) but declare OpenAI's features microscale lacks,
+so that validation.py can refuse them; their types bound every field's domain (finite floats, int64 integers, valid
+Unicode text). Responses carry exactly OpenAI's fields.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from microscale.sampling_params import INT64_MAX, INT64_MIN
+
+
+def _valid_unicode(text: str) -> str:
+    # JSON's \ud800 escapes decode to lone surrogates, which UTF-8 (and the tokenizer) cannot take.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (it holds a lone UTF-16 surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+PositiveInt64 = Annotated[int, Field(ge=1, le=INT64_MAX)]
 
 # ---- shared ---------------------------------------------------------------------------------------------
 
@@ -50,33 +68,47 @@ class ModelList(BaseModel):
 class SamplingRequest(BaseModel):
     """The sampling fields completions and chat share (OpenAI's, plus vLLM's top_k, min_p, ...)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    model: str | None = None
-    max_tokens: int | None = None
+    model: Text | None = None
+    max_tokens: PositiveInt64 | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
-    n: int = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    n: PositiveInt64 = 1
+    stop: Text | list[Text] | None = None
+    seed: Int64 | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
+    # Not implemented: accepted only with the values that ask for nothing (validation.py).
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    logit_bias: Any = None
 
 
 # ---- completions ----------------------------------------------------------------------------------------
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # Token ids are checked against the vocabulary before anything decodes them (completions.py).
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
+    suffix: Any = None
+    best_of: Any = None
+
+    def prompt_chars(self) -> int:
+        texts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        return sum(len(p) for p in texts if isinstance(p, str))
 
 
 class CompletionLogprobs(BaseModel):
@@ -110,12 +142,12 @@ class CompletionResponse(BaseModel):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -125,9 +157,12 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: PositiveInt64 | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def prompt_chars(self) -> int:
+        return sum(len(m.text()) for m in self.messages)
 
 
 class TopLogprob(BaseModel):

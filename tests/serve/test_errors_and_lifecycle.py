@@ -67,8 +67,10 @@ def test_auth_model_and_routes(server):
     _assert_openai_error(httpx.get(f"{server.url}/v1/models"), 401)
     error = _assert_openai_error(_post(server, "/v1/completions", {**body, "model": "gpt-9"}), 404)
     assert error["code"] == "model_not_found"
-    _assert_openai_error(httpx.get(f"{server.url}/v1/nowhere"), 404)
-    models = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {server.api_key}"}).json()
+    auth = {"Authorization": f"Bearer {server.api_key}"}
+    _assert_openai_error(httpx.get(f"{server.url}/v1/nowhere"), 401)  # every /v1 path needs the key
+    _assert_openai_error(httpx.get(f"{server.url}/v1/nowhere", headers=auth), 404)
+    models = httpx.get(f"{server.url}/v1/models", headers=auth).json()
     assert [m["id"] for m in models["data"]] == [server.model]
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert httpx.get(f"{server.url}/version").json()["version"]

@@ -1,0 +1,96 @@
+"""RequestGuard: pure ASGI middleware that bounds what a request costs before the app sees it.
+
+In order: the API key is checked from the headers alone (an unauthenticated client cannot make the server read,
+let alone parse, its body); a declared Content-Length over the limit is refused at once; the body is then read
+chunk by chunk, refused as soon as it passes the limit (never buffered past it) or when it has not all arrived
+within the body timeout (a slow-body client cannot hold a request open). The app then gets the body in one
+message and the connection's later messages (disconnects) as they come.
+
+Not covered here: a client that never finishes its headers. uvicorn (h11/httptools) starts no timer until a
+request's headers are complete (`timeout_keep_alive` only runs between requests) and an ASGI app only sees
+complete headers; put a reverse proxy with a header timeout in front of a server that faces untrusted clients.
+uvicorn does bound the headers' size (h11_max_incomplete_event_size, 16 KiB).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from microscale.serve.errors import APIError, error_response
+from microscale.serve.limits import ServeLimits
+
+_AUTHED_PREFIX = "/v1/"
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return ""
+
+
+def _authorized(scope: Scope, api_key: str) -> bool:
+    scheme, _, token = _header(scope, b"authorization").partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), api_key.encode())
+
+
+class RequestGuard:
+    def __init__(self, app: ASGIApp, limits: ServeLimits, api_key: str | None = None) -> None:
+        self.app, self.limits, self.api_key = app, limits, api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            if self.api_key is not None and scope["path"].startswith(_AUTHED_PREFIX) \
+                    and not _authorized(scope, self.api_key):
+                raise APIError(401, "Missing or invalid API key (Authorization: Bearer KEY).", code="invalid_api_key")
+            body = await self._read_body(scope, receive)
+        except APIError as e:
+            await error_response(e)(scope, receive, send)
+            return
+        if body is not None:
+            await self.app(scope, _replay(body, receive), send)
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        """The whole body, or None if the client left before sending it."""
+        limit = self.limits.max_request_bytes
+        too_large = APIError(413, f"The request body is larger than this server's limit of {limit} bytes.",
+                             code="request_too_large")
+        declared = _header(scope, b"content-length")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        body = bytearray()
+        try:
+            async with asyncio.timeout(self.limits.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    body += message.get("body", b"")
+                    if len(body) > limit:
+                        raise too_large
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            raise APIError(408, f"The request body did not arrive within {self.limits.body_timeout_s:g} s.",
+                           code="request_timeout") from None
+        return bytes(body)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The app's receive: the whole body once, then the connection's own messages."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay

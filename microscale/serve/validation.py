@@ -1,0 +1,39 @@
+"""Request checks past the protocol's field types (protocol.py), run before anything reaches the tokenizer or the
+engine: the server's configurable limits (limits.py), and 400s for fields microscale does not implement (a client
+asking for JSON or tools must not silently get prose)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from microscale.serve.errors import APIError
+from microscale.serve.limits import ServeLimits
+
+# field -> the values that mean "not asked for" (the only ones microscale can honour).
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "logit_bias": (None, {}),
+    "suffix": (None, ""),
+}
+
+
+def check_request(body: Any, limits: ServeLimits) -> None:
+    """400 for a request the server will not take; run before tokenizing. `body`: a completion or chat request."""
+    for name, accepted in _UNSUPPORTED.items():
+        if name in type(body).model_fields and getattr(body, name) not in accepted:
+            raise APIError(400, f"{name} is not supported by this server.", name, "unsupported_parameter")
+    best_of = getattr(body, "best_of", None)
+    if best_of not in (None, body.n):  # best_of == n returns every candidate: the same as none
+        raise APIError(400, "best_of is not supported by this server (only best_of == n).", "best_of",
+                       "unsupported_parameter")
+    if body.n > limits.max_n:
+        raise APIError(400, f"n must be at most {limits.max_n}, got {body.n}.", "n")
+    chars = body.prompt_chars()
+    if chars > limits.max_prompt_chars:
+        param = "messages" if "messages" in type(body).model_fields else "prompt"
+        raise APIError(400, f"The prompt has {chars} characters; this server takes at most "
+                       f"{limits.max_prompt_chars}.", param)
