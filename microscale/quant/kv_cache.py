@@ -140,18 +140,23 @@ class KVCache(ABC):
         """Swap space for `num_blocks` blocks in host memory (pinned beside a GPU, for faster copies)."""
         pin = self.device.type == "cuda"
         self.host = [
-            torch.empty((2, num_blocks, *t.shape[2:]), dtype=t.dtype, pin_memory=pin) for t in self.block_tensors()
+            torch.empty((2, num_blocks, *t.shape[2:]), dtype=torch.uint8, pin_memory=pin)
+            for t in self._raw_block_tensors()
         ]
 
     def swap_out(self, blocks: torch.Tensor, host_blocks: torch.Tensor) -> None:
         """Copy device `blocks` into swap-space `host_blocks` (index tensors on the device and on the host)."""
-        for stored, host in zip(self.block_tensors(), self.host):
+        for stored, host in zip(self._raw_block_tensors(), self.host):
             host[:, host_blocks] = stored[:, blocks].cpu()
 
     def swap_in(self, host_blocks: torch.Tensor, blocks: torch.Tensor) -> None:
         """Copy swap-space `host_blocks` back into device `blocks`."""
-        for stored, host in zip(self.block_tensors(), self.host):
+        for stored, host in zip(self._raw_block_tensors(), self.host):
             stored[:, blocks] = host[:, host_blocks].to(self.device)
+
+    def _raw_block_tensors(self) -> list[torch.Tensor]:
+        # Copied as bytes: bit-exact by construction, and no indexing kernel is needed for float8 on a device.
+        return [t.view(torch.uint8) for t in self.block_tensors()]
 
     @abstractmethod
     def write(
