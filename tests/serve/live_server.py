@@ -46,16 +46,23 @@ class RunningServer:
     def async_client(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
-    def wait_idle(self, timeout: float = 10.0) -> dict[str, float]:
+    def wait_idle(self, timeout: float = 120.0) -> dict[str, float]:
         """The engine's stats once it reports no request (aborts reach it asynchronously) and no KV block in
-        use; fails after `timeout`."""
+        use. `timeout` only turns a hang into a failure: it is far past any loaded machine's wait."""
+        return self._wait(lambda stats: not stats["num_requests_running"] + stats["num_requests_waiting"]
+                          and stats["kv_cache_blocks_free"] == stats["kv_cache_blocks_total"], "idle", timeout)
+
+    def wait_running(self, timeout: float = 120.0) -> dict[str, float]:
+        """The engine's stats once it reports a request running."""
+        return self._wait(lambda stats: stats["num_requests_running"] > 0, "running a request", timeout)
+
+    def _wait(self, condition, state: str, timeout: float) -> dict[str, float]:
         deadline = time.monotonic() + timeout
         while True:
             stats = self.engine.latest_stats
-            busy = stats["num_requests_running"] + stats["num_requests_waiting"]
-            if not busy and stats["kv_cache_blocks_free"] == stats["kv_cache_blocks_total"]:
+            if condition(stats):
                 return stats
-            assert time.monotonic() < deadline, f"the engine is not idle: {stats}"
+            assert time.monotonic() < deadline, f"the engine is not {state}: {stats}"
             time.sleep(0.02)
 
 
