@@ -283,6 +283,9 @@ def _add_serve_limit_args(serve: argparse.ArgumentParser) -> None:
                             f"(default {d.max_prompt_chars})")
     serve.add_argument("--body-timeout", type=float, default=d.body_timeout_s, metavar="SECONDS",
                        help=f"a request body not received in full by then gets 408 (default {d.body_timeout_s:g})")
+    serve.add_argument("--header-timeout", type=float, default=d.header_timeout_s, metavar="SECONDS",
+                       help="a connection whose request headers are not all in by then is closed "
+                            f"(default {d.header_timeout_s:g})")
 
 
 def served_model_name(model: str) -> str:
@@ -312,7 +315,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     print(f"microscale: serving {name} at http://{args.host}:{args.port}/v1 "
           "(OpenAI API; /metrics, /health; Ctrl-C stops)", file=sys.stderr, flush=True)
     sys.exit(serve(app, engine, args.host, args.port, args.shutdown_drain_seconds,
-                   "info" if args.verbose else "warning"))
+                   "info" if args.verbose else "warning", args.header_timeout))
 
 
 def _run_as_torchrun_worker(args: argparse.Namespace) -> bool:

@@ -64,22 +64,23 @@ class RequestGuard:
         declared = _header(scope, b"content-length")
         if declared.isdigit() and int(declared) > limit:
             raise too_large
-        body = bytearray()
+        async def collect() -> bytes | None:
+            body = bytearray()
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return None
+                body += message.get("body", b"")
+                if len(body) > limit:
+                    raise too_large
+                if not message.get("more_body", False):
+                    return bytes(body)
+
         try:
-            async with asyncio.timeout(self.limits.body_timeout_s):
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        return None
-                    body += message.get("body", b"")
-                    if len(body) > limit:
-                        raise too_large
-                    if not message.get("more_body", False):
-                        break
-        except TimeoutError:
+            return await asyncio.wait_for(collect(), self.limits.body_timeout_s)
+        except asyncio.TimeoutError:  # TimeoutError's alias from 3.11; asyncio's own class on 3.10
             raise APIError(408, f"The request body did not arrive within {self.limits.body_timeout_s:g} s.",
                            code="request_timeout") from None
-        return bytes(body)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

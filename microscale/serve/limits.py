@@ -12,3 +12,4 @@ class ServeLimits:
     max_request_bytes: int = 16 * 2**20
     max_prompt_chars: int = 1_000_000
     body_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0

@@ -1,8 +1,11 @@
-"""`microscale serve` as a process: answers once up, and exits 0 on SIGTERM."""
+"""`microscale serve` as a process: answers once up, exits 0 on SIGTERM, and cuts off clients whose headers never
+arrive."""
 
 from __future__ import annotations
 
 import signal
+import socket
+from urllib.parse import urlsplit
 
 import httpx
 from live_server import serve_process
@@ -15,3 +18,13 @@ def test_serve_exits_zero_on_sigterm(pytestconfig):
         assert out.status_code == 200 and out.json()["model"] == "m"
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(30) == 0
+
+
+def test_a_connection_whose_headers_never_end_is_closed(pytestconfig):
+    with serve_process(pytestconfig.rootpath / "models" / "tiny-llama-pycode", "--header-timeout", "0.5") as server:
+        url = urlsplit(server.url)
+        with socket.create_connection((url.hostname, url.port)) as slow:
+            slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # never the blank line that ends them
+            assert httpx.get(f"{server.url}/health").status_code == 200  # everyone else is served meanwhile
+            slow.settimeout(120)  # only turns a hang into a failure: the server closes it long before
+            assert slow.recv(1024) == b""  # closed by the server, with nothing sent
