@@ -14,20 +14,13 @@ import triton
 import triton.language as tl
 
 from microscale.kernels.rounding import round_to, rounding_of
-from microscale.kernels.selector import FP8_MIN_CAPABILITY, interpreting
+from microscale.kernels.selector import fp8_unavailable_reason, interpreting
 
 _INTERPRET = interpreting()  # read once: kernels are defined (and their constexprs fixed) at import
 def fp8_gemm_unavailable_reason(device: torch.device) -> str | None:
     """None where fp8_gemm can run (a CUDA GPU with FP8 tensor cores, or any device under the interpreter),
     else one line saying why not."""
-    if interpreting():
-        return None
-    if device.type != "cuda":
-        return f"the Triton FP8 GEMM needs a CUDA device; on {device.type} it runs only under TRITON_INTERPRET=1"
-    capability = torch.cuda.get_device_capability(device)
-    if tuple(capability) < FP8_MIN_CAPABILITY:
-        return f"FP8 tl.dot needs compute capability 8.9+ (this GPU is {capability[0]}.{capability[1]})"
-    return None
+    return fp8_unavailable_reason(device, "FP8 tl.dot")
 
 
 @triton.jit

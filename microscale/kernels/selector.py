@@ -41,13 +41,20 @@ def resolve_kernel_backend(requested: str, device: torch.device) -> str:
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: FP8 tensor cores, and Triton's float8e4nv conversions
 
 
-def fp8_unavailable_reason(device: torch.device) -> str | None:
-    """Why Triton kernels that store or convert float8_e4m3fn (the FP8 KV cache, FP8-emitting norms and SwiGLU,
-    the FP8 GEMM) cannot run on `device`: Triton rejects float8e4nv below sm_89. None where they can (any CUDA
-    GPU from sm_89, or the interpreter)."""
-    if device.type != "cuda":
-        return None if interpreting() else f"Triton FP8 kernels need a CUDA device, not {device.type}"
+def fp8_capability_shortfall(device: torch.device) -> str | None:
+    """"compute capability 8.9+ (this GPU is X.Y)" for a CUDA GPU without FP8 support, else None: the one
+    capability check every FP8 path (Triton kernels, torch._scaled_mm) phrases its refusal with."""
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < FP8_MIN_CAPABILITY:
-        return f"Triton's float8e4nv needs compute capability 8.9+ (this GPU is {major}.{minor})"
+        return f"compute capability 8.9+ (this GPU is {major}.{minor})"
     return None
+
+
+def fp8_unavailable_reason(device: torch.device, needs: str = "Triton's float8e4nv") -> str | None:
+    """Why Triton kernels that store or convert float8_e4m3fn (the FP8 KV cache, FP8-emitting norms and SwiGLU,
+    the FP8 GEMM) cannot run on `device`: Triton rejects float8e4nv below sm_89. None where they can (any CUDA
+    GPU from sm_89, or the interpreter). `needs` names what needs it in the message."""
+    if device.type != "cuda":
+        return None if interpreting() else f"Triton FP8 kernels need a CUDA device, not {device.type}"
+    shortfall = fp8_capability_shortfall(device)
+    return None if shortfall is None else f"{needs} needs {shortfall}"

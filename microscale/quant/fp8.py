@@ -25,7 +25,7 @@ from torch import nn
 
 from microscale.distributed.parallel_state import all_reduce_max
 from microscale.kernels.candidates import Candidate, always, pick_kernel
-from microscale.kernels.selector import FP8_MIN_CAPABILITY, resolve_kernel_backend, triton_unavailable_reason
+from microscale.kernels.selector import fp8_capability_shortfall, resolve_kernel_backend, triton_unavailable_reason
 from microscale.quant.base import QuantMethod, register_quant_method
 from microscale.quant.scratch import scratch_buffer
 
@@ -110,9 +110,9 @@ def _scaled_mm_unavailable_reason(problem: Fp8Problem, rowwise: bool, device: to
     """torch._scaled_mm's own limits on CUDA (a CPU build accepts more, so they are checked here)."""
     if device.type != "cuda":
         return f"needs a CUDA device, not {device.type}"
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < FP8_MIN_CAPABILITY:
-        return f"needs FP8 tensor cores: compute capability 8.9+ (this GPU is {major}.{minor})"
+    shortfall = fp8_capability_shortfall(device)
+    if shortfall is not None:
+        return f"needs FP8 tensor cores: {shortfall}"
     if not rowwise and (problem.x_per_token or problem.w_per_row):
         return "takes one activation scale and one weight scale"
     # Row-wise runs CUTLASS on sm89 (and sm90 with cuBLAS before 12.9), whose float16 and float32 outputs are
