@@ -11,7 +11,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -46,24 +46,29 @@ class RunningServer:
     def async_client(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
-    def wait_idle(self, timeout: float = 120.0) -> dict[str, float]:
-        """The engine's stats once it reports no request (aborts reach it asynchronously) and no KV block in
-        use. `timeout` only turns a hang into a failure: it is far past any loaded machine's wait."""
-        return self._wait(lambda stats: not stats["num_requests_running"] + stats["num_requests_waiting"]
-                          and stats["kv_cache_blocks_free"] == stats["kv_cache_blocks_total"], "idle", timeout)
+    def wait_idle(self) -> dict[str, float]:
+        """The engine's stats once it reports no request (aborts reach it asynchronously) and no KV block in use."""
+        def idle(stats: dict[str, float]) -> bool:
+            busy = stats["num_requests_running"] + stats["num_requests_waiting"]
+            return not busy and stats["kv_cache_blocks_free"] == stats["kv_cache_blocks_total"]
 
-    def wait_running(self, timeout: float = 120.0) -> dict[str, float]:
-        """The engine's stats once it reports a request running."""
-        return self._wait(lambda stats: stats["num_requests_running"] > 0, "running a request", timeout)
+        wait_until(lambda: idle(self.engine.latest_stats),
+                   lambda: f"the engine is not idle: {self.engine.latest_stats}")
+        return self.engine.latest_stats
 
-    def _wait(self, condition, state: str, timeout: float) -> dict[str, float]:
-        deadline = time.monotonic() + timeout
-        while True:
-            stats = self.engine.latest_stats
-            if condition(stats):
-                return stats
-            assert time.monotonic() < deadline, f"the engine is not {state}: {stats}"
-            time.sleep(0.02)
+    def wait_running(self) -> None:
+        """Once the engine reports a request running."""
+        wait_until(lambda: self.engine.latest_stats["num_requests_running"] > 0,
+                   lambda: f"the engine runs no request: {self.engine.latest_stats}")
+
+
+def wait_until(ready: Callable[[], bool], failure: Callable[[], str], limit_s: float = 300.0) -> None:
+    """Poll observable state until `ready()`. Nothing here races a clock: `limit_s` only turns a hang into a
+    failure (`failure()` says what was awaited), far past any loaded machine's wait."""
+    deadline = time.monotonic() + limit_s
+    while not ready():
+        assert time.monotonic() < deadline, failure()
+        time.sleep(0.02)  # the polling interval, not a wait for something to happen
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +108,14 @@ class ServeProcess:
         return self._log.read().decode(errors="replace")
 
 
+def _health_ok(server: ServeProcess) -> bool:
+    assert server.proc.poll() is None, server.output()
+    try:
+        return httpx.get(f"{server.url}/health").status_code == 200
+    except httpx.TransportError:  # not listening yet
+        return False
+
+
 @contextmanager
 def serve_process(model: Path, *flags: str, fault_injection: bool = False) -> Iterator[ServeProcess]:
     """`microscale serve MODEL --served-model-name m ...flags` on a free port, once /health answers 200; killed at
@@ -115,15 +128,7 @@ def serve_process(model: Path, *flags: str, fault_injection: bool = False) -> It
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = ServeProcess(proc, f"http://127.0.0.1:{port}", log)
     try:
-        deadline = time.monotonic() + 300  # a hang guard only: start-up takes seconds even on a loaded machine
-        while True:
-            assert proc.poll() is None, server.output()
-            assert time.monotonic() < deadline, "server did not come up"
-            try:
-                if httpx.get(f"{server.url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_until(lambda: _health_ok(server), lambda: f"the server did not come up:\n{server.output()}")
         yield server
     finally:
         if proc.poll() is None:
