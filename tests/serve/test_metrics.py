@@ -7,6 +7,7 @@ import time
 
 import httpx
 import pytest
+from live_server import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from microscale.monitor.scrape import Snapshot, delta, parse
@@ -32,12 +33,14 @@ def _scrape(server) -> Snapshot:
 def _idle_snapshot(server) -> Snapshot:
     """A scrape once the engine is idle and its gauges say so (the loop thread records after the last step)."""
     server.wait_idle()
-    deadline = time.monotonic() + 5
-    while True:
-        snapshot = _scrape(server)
-        if snapshot.value(f"{P}num_requests_running") == 0 or time.monotonic() > deadline:
-            return snapshot
-        time.sleep(0.02)
+    scraped: list[Snapshot] = []
+
+    def idle() -> bool:
+        scraped.append(_scrape(server))
+        return scraped[-1].value(f"{P}num_requests_running") == 0
+
+    wait_until(idle, lambda: "the scraped gauges never showed the engine idle")
+    return scraped[-1]
 
 
 def test_metrics_parse_with_every_family(server):
