@@ -18,7 +18,7 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from unittest import mock
 
@@ -142,14 +142,6 @@ class Recorder:
                 yield
         finally:
             driver.set_active(previous)
-
-
-def compile_launches(arch: int, launch: Callable[[], None]) -> list[CompiledKernel]:
-    """Compile (not run) every kernel `launch` starts, for sm_`arch`; one entry per launch."""
-    recorder = Recorder()
-    with recorder.target(arch):
-        launch()
-    return recorder.launches
 
 
 def ptxas_supports(arch: int) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from microscale.kernels.aot.harness import CompiledKernel, compile_launches, ptxas_supports
+from microscale.kernels.aot.harness import CompiledKernel, Recorder, ptxas_supports
 from microscale.kernels.selector import fp8_unavailable_reason
 
 REPO = Path(__file__).resolve().parents[3]
@@ -319,18 +319,18 @@ def select(cases: list[Case], subset: str | None = None, match: str | None = Non
 
 
 def run_case(case: Case, arch: int) -> Result:
-    from unittest import mock
-
-    # Capability checks read torch.cuda.get_device_capability: answer for this target.
-    with mock.patch.object(torch.cuda, "get_device_capability", lambda device=None: divmod(arch, 10)):
-        reason = case.gate(_GPU) if case.gate is not None else None
-    if reason is not None:
-        return Result(case.name, arch, "refused", reason)
+    recorder = Recorder()
     try:
-        kernels = compile_launches(arch, case.launch)
+        # Inside, torch.cuda reports sm_`arch`: the gate is the engine's own capability check for this target.
+        with recorder.target(arch):
+            reason = case.gate(_GPU) if case.gate is not None else None
+            if reason is None:
+                case.launch()
     except Exception as error:  # noqa: BLE001 - one case's compile error is a result, not the end of the sweep
         return Result(case.name, arch, "failed", _first_line(error))
-    return Result(case.name, arch, "compiled", kernels=kernels)
+    if reason is not None:
+        return Result(case.name, arch, "refused", reason)
+    return Result(case.name, arch, "compiled", kernels=recorder.launches)
 
 
 def _first_line(error: BaseException) -> str:
