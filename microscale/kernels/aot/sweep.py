@@ -359,17 +359,38 @@ def run_sweep(cases: list[Case], targets: Iterable[int], log=print) -> list[Resu
     return results
 
 
+def summary_table(results: list[Result], targets: list[int]) -> list[str]:
+    """Cases per target by status, then per kernel and target the worst registers / spill bytes / shared memory
+    over every specialisation launched."""
+    lines = ["| target | compiled | refused | failed |", "|---|---|---|---|"]
+    for arch in targets:
+        count = {status: sum(r.arch == arch and r.status == status for r in results)
+                 for status in ("compiled", "refused", "failed")}
+        lines.append(f"| sm_{arch} | {count['compiled']} | {count['refused']} | {count['failed']} |")
+    worst: dict[tuple[str, int], tuple[int, int, int]] = {}
+    for k in (k for r in results for k in r.kernels):
+        regs, spills, shared = worst.get((k.kernel, k.arch), (0, 0, 0))
+        worst[(k.kernel, k.arch)] = (max(regs, k.registers), max(spills, k.spills), max(shared, k.shared))
+    lines += ["", "| kernel | " + " | ".join(f"sm_{a} regs / spill B / smem" for a in targets) + " |",
+              "|---|" + "---|" * len(targets)]
+    for kernel in sorted({kernel for kernel, _ in worst}):
+        cells = [f"{w[0]} / {w[1]} / {w[2] // 1024}K" if (w := worst.get((kernel, a))) else "–" for a in targets]
+        lines.append(f"| {kernel} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def kernel_table(results: Iterable[Result]) -> list[str]:
-    """One line per (kernel specialisation, target): the worst registers / spills / smem over its launches."""
-    rows: dict[tuple, tuple[int, int, int, int, str]] = {}
+    """One line per compiled specialisation (kernel, target, constexprs, warps, stages: its resources are fixed),
+    with the first case that launched it."""
+    first: dict[tuple, tuple[CompiledKernel, str]] = {}
     for r in results:
         for k in r.kernels:
-            key = (k.kernel, k.arch, k.constexprs, k.num_warps, k.num_stages)
-            rows[key] = (k.shared, k.registers, k.spills, k.num_warps, r.case)
+            first.setdefault((k.kernel, k.arch, k.constexprs, k.num_warps, k.num_stages), (k, r.case))
     lines = ["| kernel | sm | warps | smem B | regs | spills B | first case | constexprs |",
              "|---|---|---|---|---|---|---|---|"]
-    for (kernel, arch, constexprs, warps, _), (shared, regs, spills, _, case) in sorted(rows.items()):
-        lines.append(f"| {kernel} | {arch} | {warps} | {shared} | {regs} | {spills} | {case} | {constexprs} |")
+    for _, (k, case) in sorted(first.items()):
+        lines.append(f"| {k.kernel} | {k.arch} | {k.num_warps} | {k.shared} | {k.registers} | {k.spills} | {case} "
+                     f"| {k.constexprs} |")
     return lines
 
 
@@ -382,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", action="store_true", help="print the kernel x target resource table")
     args = parser.parse_args(argv)
     cases = select(build_cases(), args.subset, args.match)
-    results = run_sweep(cases, [int(t) for t in args.targets.split(",")])
+    targets = [int(t) for t in args.targets.split(",")]
+    results = run_sweep(cases, targets)
     spills = hot_spills(results)
     failed = [r for r in results if r.status == "failed"]
     refused = [r for r in results if r.status == "refused"]
@@ -390,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
     if args.table:
-        print("\n".join(kernel_table(results)))
+        print("\n".join(summary_table(results, targets) + ["", "## Every specialisation", ""]
+                        + kernel_table(results)))
     for line in spills:
         print(f"SPILL on sm_90 in a hot kernel: {line}")
     print(f"{len(compiled)} compiled, {len(refused)} refused by a capability check, {len(failed)} failed; "
