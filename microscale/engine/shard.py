@@ -60,9 +60,13 @@ def build_shard(args: EngineArgs, inputs: InputProcessor, device: torch.device) 
 
 def _num_swap_blocks(args: EngineArgs, runner: ModelRunner, max_model_len: int) -> int:
     """Blocks of the host swap space: swap_space GiB, but no more than max_num_seqs full sequences take."""
-    block_bytes = runner.kv_block_bytes(args.block_size)
-    blocks_per_seq = -(-max_model_len // args.block_size)
-    return min(int(args.swap_space * _GIB // block_bytes), args.max_num_seqs * blocks_per_seq)
+    swap_blocks = int(args.swap_space * _GIB // runner.kv_block_bytes(args.block_size))
+    return min(swap_blocks, args.max_num_seqs * _blocks_per_seq(args, max_model_len))
+
+
+def _blocks_per_seq(args: EngineArgs, max_model_len: int) -> int:
+    """KV blocks one sequence of max_model_len tokens takes."""
+    return -(-max_model_len // args.block_size)
 
 
 def _apply_checkpoint_kv_scales(runner: ModelRunner, kv_scales: dict, kv_cache_quant: str | None) -> None:
@@ -163,7 +167,7 @@ def _num_kv_blocks(
     args: EngineArgs, runner: ModelRunner, device: torch.device, max_model_len: int, start: GpuSnapshot | None
 ) -> int:
     block_bytes = runner.kv_block_bytes(args.block_size)
-    blocks_per_seq = -(-max_model_len // args.block_size)
+    blocks_per_seq = _blocks_per_seq(args, max_model_len)
     if args.kv_cache_memory is not None:
         budget = args.kv_cache_memory * _GIB
     elif device.type == "cuda":
