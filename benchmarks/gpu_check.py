@@ -28,12 +28,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import importlib.metadata
 import json
 import logging
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -55,6 +53,7 @@ from decode_timing import decode_tokens_per_s  # noqa: E402
 from microscale import LLM, SamplingParams  # noqa: E402
 from microscale.attention.metadata import DecodeBatch, PrefillChunk  # noqa: E402
 from microscale.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from microscale.bench import report  # noqa: E402
 from microscale.layers.activation import ClampedSwiGLU, SiluAndMul  # noqa: E402
 from microscale.layers.moe import FusedMoE, route_top_k  # noqa: E402
 from microscale.layers.norm import RMSNorm  # noqa: E402
@@ -888,17 +887,14 @@ def git_commit() -> str:
 
 
 def environment(device: torch.device, args: argparse.Namespace, argv: list[str]) -> dict:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), no GPU"
-    try:
-        triton_version = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        triton_version = None
+    """microscale bench's environment record, with this run's own keys."""
+    env = report.environment()
+    versions = env["versions"]
     return {
-        "device": name, "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
-        "python": platform.python_version(), "git_commit": git_commit(),
+        **env,
+        "device": env["gpu"] or f"CPU ({env['cpu']}, {env['cpu_count']} cores), no GPU",
+        "torch": versions["torch"], "triton": versions.get("triton"), "cuda": torch.version.cuda,
+        "python": versions["python"], "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dry_run": args.dry_run, "quick": args.quick, "interpreter": os.environ.get("TRITON_INTERPRET") == "1",
         "command": " ".join(["python", "benchmarks/gpu_check.py", *argv]),
