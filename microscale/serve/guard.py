@@ -6,10 +6,8 @@ chunk by chunk, refused as soon as it passes the limit (never buffered past it) 
 within the body timeout (a slow-body client cannot hold a request open). The app then gets the body in one
 message and the connection's later messages (disconnects) as they come.
 
-Not covered here: a client that never finishes its headers. uvicorn (h11/httptools) starts no timer until a
-request's headers are complete (`timeout_keep_alive` only runs between requests) and an ASGI app only sees
-complete headers; put a reverse proxy with a header timeout in front of a server that faces untrusted clients.
-uvicorn does bound the headers' size (h11_max_incomplete_event_size, 16 KiB).
+A client that never finishes its headers never reaches an ASGI app: server.py's protocol closes it after the
+header timeout (uvicorn itself bounds only the headers' size, 16 KiB).
 """
 
 from __future__ import annotations
@@ -64,6 +62,7 @@ class RequestGuard:
         declared = _header(scope, b"content-length")
         if declared.isdigit() and int(declared) > limit:
             raise too_large
+
         async def collect() -> bytes | None:
             body = bytearray()
             while True:
