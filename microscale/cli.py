@@ -306,7 +306,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     engine.start()
     name = args.served_model_name or served_model_name(args.model)
     limits = ServeLimits(max_n=args.max_n, max_request_bytes=args.max_request_bytes,
-                         max_prompt_chars=args.max_prompt_chars, body_timeout_s=args.body_timeout)
+                         max_prompt_chars=args.max_prompt_chars, body_timeout_s=args.body_timeout,
+                         header_timeout_s=args.header_timeout)
     app = build_app(engine, name, args.api_key, limits)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler it found:
     # ignoring it there makes that shutdown exit 0.
@@ -315,7 +316,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     print(f"microscale: serving {name} at http://{args.host}:{args.port}/v1 "
           "(OpenAI API; /metrics, /health; Ctrl-C stops)", file=sys.stderr, flush=True)
     sys.exit(serve(app, engine, args.host, args.port, args.shutdown_drain_seconds,
-                   "info" if args.verbose else "warning", args.header_timeout))
+                   "info" if args.verbose else "warning", limits.header_timeout_s))
 
 
 def _run_as_torchrun_worker(args: argparse.Namespace) -> bool:
