@@ -22,6 +22,7 @@ from microscale.distributed.parallel_state import tp_rank, tp_size
 from microscale.engine.block_manager import SwapPlan
 from microscale.engine.cuda_graphs import CudaGraph, DecodeGraphs
 from microscale.engine.scheduler import ScheduledChunk
+from microscale.kernels.batch_invariant import batch_invariant_mode
 from microscale.kernels.selector import resolve_kernel_backend
 from microscale.layers.attention import Attention
 from microscale.layers.moe import FusedMoE
@@ -56,13 +57,17 @@ class ModelRunner:
     def __init__(
         self, model: nn.Module, config: ModelConfig, device: torch.device, dtype: torch.dtype, max_num_seqs: int,
         max_model_len: int, kv_cache_quant: str | None = None, kernel_backend: str = "auto",
+        deterministic: bool = False,
     ) -> None:
         self.model = model
         self.config = config
         self.device = device
         self.dtype = dtype
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
-        self.attention_backend = backend = select_attention_backend(device, kernel_backend, kv_cache_quant)
+        self.deterministic = deterministic
+        kernel_backend = "torch" if deterministic else kernel_backend
+        self.attention_backend = backend = select_attention_backend(device, kernel_backend, kv_cache_quant,
+                                                                    deterministic)
         # Norms, activations, quantized matmuls and MoE take the kernel family too (even where an FP8 KV cache
         # keeps attention on torch).
         family = resolve_kernel_backend(kernel_backend, device)
@@ -229,10 +234,11 @@ class ModelRunner:
             meta.decode.keys, meta.decode.values = self.decode_buffer.k, self.decode_buffer.v
             meta.decode.length = self.decode_buffer.capacity
         try:
-            hidden = None if self.decode_graphs is None else self.decode_graphs.run(input_ids, positions, meta)
-            if hidden is None:
-                hidden = self.model(input_ids, positions, meta)
-            return self.model.compute_logits(hidden if rows is None else hidden[rows])
+            with batch_invariant_mode(self.deterministic):
+                hidden = None if self.decode_graphs is None else self.decode_graphs.run(input_ids, positions, meta)
+                if hidden is None:
+                    hidden = self.model(input_ids, positions, meta)
+                return self.model.compute_logits(hidden if rows is None else hidden[rows])
         except RuntimeError as e:
             if self.workers is not None:  # a collective failed: say which rank died
                 raise self.workers.failure(e) from e

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from microscale.distributed.parallel_state import expert_parallel, tp_rank, tp_size
+from microscale.kernels.batch_invariant import linear
 from microscale.quant.base import ExpertsQuantMethod, UnquantizedExpertsMethod
 
 
@@ -91,7 +91,7 @@ class FusedMoE(nn.Module):
             w13, w2 = self.quant_method.expert_weights(self, expert, x.dtype)
             b13 = None if self.w13_bias is None else self.w13_bias[expert]
             b2 = None if self.w2_bias is None else self.w2_bias[expert]
-            hidden = self.activation(F.linear(x[idx], w13, b13))
-            out.index_add_(0, idx, F.linear(hidden, w2, b2) * order_weights[rows])
+            hidden = self.activation(linear(x[idx], w13, b13))
+            out.index_add_(0, idx, linear(hidden, w2, b2) * order_weights[rows])
             start += count
         return out
