@@ -2,7 +2,7 @@
 how many other rows share its matmul. CPU BLAS (oneDNN/MKL) picks its kernel from the row count, and a row's
 last bits change with it (float32 at 2, 7 or 9 rows; bfloat16 at 1 row with K >= 2048); with the row count
 padded to a multiple of ROW_TILE every row of every batch gets the same kernel and the same reduction order
-(measured for 1-4100 rows, K 64-8192, N 64-8192, float32 and bfloat16; tests/kernels/test_batch_invariant.py
+(measured for 1-4100 rows, K 64-8192, N 64-8192, float32 and bfloat16; tests/kernels/test_batch_invariant_linear.py
 keeps it checked). The mode is scoped to a forward (a context variable), so engines with and without it can
 share a process."""
 
