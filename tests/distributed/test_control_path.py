@@ -55,7 +55,7 @@ def _sent_steps(tiny_model, monkeypatch) -> tuple[list, list]:
     # max_model_len: decodes read paged blocks, as under tensor parallelism.
     llm = LLM(str(tiny_model("llama")), dtype="float32", max_model_len=64, max_num_seqs=2, block_size=BLOCK_SIZE,
               kv_cache_memory=24 * BLOCK_SIZE * 512 / 2**30)
-    assert llm.engine.runner.decode_buffer is None
+    assert llm.engine.runner.attention_backend.decode_buffer is None
     monkeypatch.setattr(model_runner, "step_tensors", spy)
     workers = llm.engine.runner.workers = _RecordingWorkers()
     try:
