@@ -91,7 +91,7 @@ def test_a_rank_builds_a_step_on_its_own_device(tiny_model, monkeypatch):
         tensors = [input_ids, positions, meta.slot_blocks, meta.slot_offsets, rows]
         tensors += [chunk.block_table for chunk in meta.prefills]
         if meta.decode is not None:
-            tensors += [meta.decode.positions, meta.decode.block_tables, meta.decode.context_lens]
+            tensors += [meta.decode.positions, meta.decode.paged_block_tables(), meta.decode.context_lens]
         assert all(t.device == meta_device for t in tensors)
         assert [(c.query_start, c.query_len, c.context_start) for c in meta.prefills] == [
             (step.num_decodes + sum(q for q, _, _ in step.prefills[:i]), q, start)
