@@ -25,14 +25,27 @@ KEY_BLOCK = 64
 
 
 class BatchInvariantAttentionBackend:
+    """An AttentionBackend (attention/backend.py) that keeps no state: decodes read the paged blocks."""
+
     name = "batch-invariant"
-    uses_decode_buffer = False  # decodes read the paged blocks, padded the same way as prefill chunks
+    graph_safe = False  # CPU only
 
     @staticmethod
     def unavailable_reason(device: torch.device) -> str | None:
         if device.type != "cpu":
             return "batch invariance is established for CPU BLAS only (cuBLAS picks GEMM kernels per batch size)"
         return None
+
+    def bind_kv_caches(
+        self, kv_caches: list[KVCache], num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int
+    ) -> None:
+        pass
+
+    def kv_cache_changed(self) -> None:
+        pass
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        pass
 
     def forward(
         self,
@@ -52,7 +65,7 @@ class BatchInvariantAttentionBackend:
         decode = meta.decode
         if decode is not None:
             n = decode.size
-            keys, values = _contexts(kv_cache, decode.block_tables, decode.context_lens)
+            keys, values = _contexts(kv_cache, decode.paged_block_tables(), decode.positions + 1)
             out[:n] = _attend(q[:n, None], decode.positions[:, None], keys, values, scale, window, sinks)[:, 0]
         for chunk in meta.prefills:
             rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)

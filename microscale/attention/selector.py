@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from microscale.attention.backend import AttentionBackend
 from microscale.attention.batch_invariant import BatchInvariantAttentionBackend
 from microscale.attention.torch_backend import TorchAttentionBackend
 from microscale.kernels.selector import fp8_unavailable_reason, resolve_kernel_backend, triton_unavailable_reason
@@ -17,8 +18,8 @@ logger = logging.getLogger(__name__)
 def select_attention_backend(
     device: torch.device, kernel_backend: str = "auto", kv_cache_quant: str | None = None,
     deterministic: bool = False,
-):
-    """A TorchAttentionBackend, TritonAttentionBackend or BatchInvariantAttentionBackend (same interface; the
+) -> AttentionBackend:
+    """A TorchAttentionBackend, TritonAttentionBackend or BatchInvariantAttentionBackend (the
     last in deterministic mode, where it is the only choice). Triton's module is imported only when chosen (it
     defines kernels, which reads TRITON_INTERPRET). An FP8 KV cache below sm_89 stays with the torch backend
     (Triton cannot convert float8 there); the other ops keep their kernel family."""
