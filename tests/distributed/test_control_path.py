@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from microscale import LLM, SamplingParams
 from microscale.distributed import parallel_state
+from microscale.distributed.launch import free_port
 from microscale.distributed.parallel_state import (
     COLLECTIVE_TIMEOUT,
     CONTROL_TIMEOUT,
@@ -24,7 +25,6 @@ from microscale.distributed.parallel_state import (
     init_tensor_parallel,
     min_over_ranks,
 )
-from microscale.distributed.workers import free_port
 from microscale.engine import model_runner
 from microscale.engine.model_runner import StepInputs, step_tensors
 
@@ -57,11 +57,11 @@ def _sent_steps(tiny_model, monkeypatch) -> tuple[list, list]:
               kv_cache_memory=24 * BLOCK_SIZE * 512 / 2**30)
     assert llm.engine.runner.decode_buffer is None
     monkeypatch.setattr(model_runner, "step_tensors", spy)
-    workers = llm.engine.runner.workers = _RecordingWorkers()
+    workers = _RecordingWorkers()
+    monkeypatch.setattr(llm.engine.executor, "send", workers.send)
     try:
         llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     finally:
-        llm.engine.runner.workers = None
         llm.shutdown()
     return workers.sent, built
 
