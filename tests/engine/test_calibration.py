@@ -36,7 +36,8 @@ def _scorer(runner: ModelRunner, seen: list[list[int]]):
         seen.append(list(ids))
         table = list(range(-(-len(ids) // BLOCK)))
         step = StepInputs(input_ids=ids, positions=list(range(len(ids))), slots=list(range(len(ids))),
-                          num_decodes=0, decode_tables=None, prefills=[(len(ids), 0, table)], rows=None)
+                          num_decodes=0, decode_seq_ids=[], decode_tables=[], prefills=[(len(ids), 0, table)],
+                          rows=None)
         return runner.forward_logits(step)
 
     return score

@@ -45,7 +45,7 @@ def _sent_steps(tiny_model, monkeypatch) -> tuple[list, list]:
     # max_model_len: decodes read paged blocks, as under tensor parallelism.
     llm = LLM(str(tiny_model("llama")), dtype="float32", max_model_len=64, max_num_seqs=2, block_size=BLOCK_SIZE,
               kv_cache_memory=24 * BLOCK_SIZE * 512 / 2**30)
-    assert llm.engine.runner.decode_buffer is None
+    assert llm.engine.runner.attention_backend.decode_buffer is None
     monkeypatch.setattr(model_runner, "step_tensors", spy)
     workers = _RecordingWorkers()
     monkeypatch.setattr(llm.engine.executor, "send", workers.send)
@@ -81,7 +81,7 @@ def test_a_rank_builds_a_step_on_its_own_device(tiny_model, monkeypatch):
         tensors = [input_ids, positions, meta.slot_blocks, meta.slot_offsets, rows]
         tensors += [chunk.block_table for chunk in meta.prefills]
         if meta.decode is not None:
-            tensors += [meta.decode.positions, meta.decode.block_tables, meta.decode.context_lens]
+            tensors += [meta.decode.positions, meta.decode.paged_block_tables(), meta.decode.context_lens]
         assert all(t.device == meta_device for t in tensors)
         assert [(c.query_start, c.query_len, c.context_start) for c in meta.prefills] == [
             (step.num_decodes + sum(q for q, _, _ in step.prefills[:i]), q, start)
@@ -90,18 +90,16 @@ def test_a_rank_builds_a_step_on_its_own_device(tiny_model, monkeypatch):
 
 
 @pytest.mark.parametrize("shared_steps", [False, True])
-def test_a_runner_whose_steps_other_ranks_share_keeps_no_step_state_of_its_own(tiny_model, shared_steps):
-    """Under tensor parallelism (shared_steps) decodes read paged blocks and run eagerly on every rank: a worker
-    sees no sequences to keep decode-buffer rows for, and replays no graphs of rank 0's."""
+def test_a_runner_whose_steps_other_ranks_share_runs_them_eagerly(tiny_model, shared_steps):
+    """Under tensor parallelism (shared_steps, told by whoever builds the runner) rank 0 replays no decode
+    graphs: the workers run each broadcast step eagerly."""
     model_dir = tiny_model("llama")
     cfg = load_model_config(model_dir)
     model, _ = load_model(model_dir, cfg, torch.float32, torch.device("cpu"), 64, QuantScheme())
     runner = ModelRunner(model, cfg, torch.device("cpu"), torch.float32, max_num_seqs=2, max_model_len=64,
-                         shared_steps=shared_steps)
-    runner.allocate_kv_cache(num_blocks=64, block_size=BLOCK_SIZE)  # room for the decode buffer
-    assert (runner.decode_buffer is None) == shared_steps
+                         kernel_backend="triton", shared_steps=shared_steps)
     reason = runner.graphs_unavailable_reason()
-    assert (reason == "tensor parallel workers run each broadcast step eagerly") == shared_steps
+    assert reason == ("tensor parallel workers run each broadcast step eagerly" if shared_steps else None)
 
 
 def _imports(path: Path) -> set[str]:
