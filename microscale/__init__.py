@@ -5,8 +5,7 @@ from microscale.logger import init_logging
 from microscale.outputs import CompletionOutput, Logprob, RequestOutput
 from microscale.quant.config import CalibConfig, QuantAlgo, QuantConfig
 from microscale.sampling_params import SamplingParams
-
-__version__ = "0.1.0"
+from microscale.version import __version__
 
 init_logging()
 

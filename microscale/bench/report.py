@@ -97,9 +97,9 @@ def environment() -> dict[str, Any]:
     """Versions and hardware, so that two JSON files say whether they are comparable."""
     import torch
 
-    import microscale
+    from microscale.version import __version__
 
-    versions = {"microscale": microscale.__version__, "python": platform.python_version(), "torch": torch.__version__}
+    versions = {"microscale": __version__, "python": platform.python_version(), "torch": torch.__version__}
     for name in ("transformers", "triton"):
         try:
             versions[name] = __import__(name).__version__

@@ -48,7 +48,7 @@ def _scheme(name: str) -> str | None:
 
 
 def _run_microscale(config: BenchConfig, requests: list[BenchRequest]) -> dict[str, Any]:
-    from microscale import LLM
+    from microscale.llm import LLM
 
     e = config.engine
     llm = LLM(
@@ -67,7 +67,7 @@ def _run_microscale(config: BenchConfig, requests: list[BenchRequest]) -> dict[s
 
 
 def _measure(llm: Any, config: BenchConfig, requests: list[BenchRequest]) -> dict[str, Any]:
-    from microscale import SamplingParams
+    from microscale.sampling_params import SamplingParams
 
     e = config.engine
     engine = llm.engine

@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from microscale.kernels.mx_format import MXFP4_BLOCK
 from microscale.kernels.rounding import round_to, rounding_of
 from microscale.kernels.selector import interpreting
-from microscale.quant.mxfp4 import MXFP4_BLOCK
 
 # Under the interpreter tl.dot on bfloat16 operands multiplies raw bit patterns: upcast to float32 there.
 _INTERPRET = interpreting()  # read once: kernels are defined (and their constexprs fixed) at import

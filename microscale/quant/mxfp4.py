@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-MXFP4_BLOCK = 32
+from microscale.kernels.mx_format import MXFP4_BLOCK
 
 _E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 _E8M0_NAN = 0xFF

@@ -11,7 +11,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from microscale import __version__
 from microscale.serve.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
 from microscale.serve.chat import create_chat_completion
 from microscale.serve.completions import create_completion
@@ -20,6 +19,7 @@ from microscale.serve.guard import RequestGuard
 from microscale.serve.limits import ServeLimits
 from microscale.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from microscale.serve.validation import check_request
+from microscale.version import __version__
 
 RETRY_AFTER_S = 1
 _DISCONNECT_POLL_S = 0.25
