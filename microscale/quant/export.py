@@ -1,21 +1,12 @@
 """`microscale quantize`: write a pre-quantized checkpoint that microscale reloads as it is (and other
-tools too), streaming the source checkpoint one tensor at a time.
-
-- mxfp4 follows gpt-oss's own checkpoints: the MoE experts become `*_blocks` (uint8, two FP4 values per byte)
-  and `*_scales` (E8M0), out-features major; attention, router, norms, embeddings and biases keep their
-  16/32-bit tensors; config.json gets `quantization_config: {quant_method: mxfp4, ...}`. transformers loads it.
-- fp8 / fp8-dynamic follow compressed-tensors (the naming vLLM loads): each quantized Linear's `weight` in
-  float8_e4m3fn with `weight_scale` (per tensor [1], or per channel [out, 1]) and, for static activations,
-  `input_scale` [1]; an FP8 KV cache adds `self_attn.k_scale` / `v_scale`. The scales are the ones the
-  calibrated engine serves with.
-"""
+tools too), streaming the source checkpoint one tensor at a time. Each weight format names its own tensors and
+config (its `export`, in microscale/quant/); this is the workflow around it."""
 
 from __future__ import annotations
 
 import json
 import logging
 import shutil
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,131 +15,52 @@ from safetensors.torch import save_file
 
 from microscale.models.loader import load_model_config
 from microscale.models.weights import iterate_safetensors
-from microscale.quant.kv_cache import Fp8KVCache
-from microscale.quant.mxfp4 import pack_mxfp4
+from microscale.quant.format import exportable_weight_formats, weight_format
 
 if TYPE_CHECKING:
     from microscale.engine.engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("mxfp4", "fp8", "fp8-dynamic")
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
            "chat_template.jinja")
-# gpt-oss's MXFP4 checkpoints leave these in 16 bits (config.json's modules_to_not_convert).
-_NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
-_EXPERT_PROJECTIONS = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
 _SHARD_BYTES = 2 << 30
-
-TensorTransform = Callable[[str, torch.Tensor], Iterator[tuple[str, torch.Tensor]]]
-
-
-def _mxfp4_tensors(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    if not name.endswith(_EXPERT_PROJECTIONS):
-        yield name, tensor
-        return
-    # [experts, in, out] -> out-features major, quantised one expert at a time.
-    packed = [pack_mxfp4(expert.t()) for expert in tensor]
-    yield f"{name}_blocks", torch.stack([blocks for blocks, _ in packed])
-    yield f"{name}_scales", torch.stack([scales for _, scales in packed])
-
-
-def _fp8_tensors(engine: LLMEngine) -> TensorTransform:
-    """Each checkpoint Linear weight -> the served FP8 rows of its (possibly fused) layer, with their scales."""
-    model = engine.runner.model
-    modules = dict(model.named_modules())
-
-    def transform(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-        ours, _, shard = model.map_checkpoint_tensor(name, tensor)
-        module_name, _, leaf = ours.rpartition(".")
-        layer = modules.get(module_name)
-        if leaf != "weight" or getattr(layer, "weight", None) is None or layer.weight.dtype != torch.float8_e4m3fn:
-            yield name, tensor
-            return
-        prefix = name.removesuffix(".weight")
-        index = 0 if shard is None else shard
-        offset, rows = sum(layer.output_sizes[:index]), layer.output_sizes[index]
-        yield name, layer.weight[offset : offset + rows].cpu()
-        if engine.quant.linear == "fp8":
-            yield f"{prefix}.weight_scale", layer.weight_scale[index].reshape(1).cpu()
-            # A copy per shard: safetensors refuses tensors that share storage.
-            yield f"{prefix}.input_scale", layer.activation_scale.reshape(1).clone().cpu()
-        else:
-            yield f"{prefix}.weight_scale", layer.weight_scale[offset : offset + rows].reshape(-1, 1).cpu()
-
-    return transform
-
-
-def _compressed_tensors_config(linear: str, fp8_kv_cache: bool) -> dict:
-    static = linear == "fp8"
-    float8 = {"num_bits": 8, "type": "float", "symmetric": True}
-    config = {
-        "quant_method": "compressed-tensors",
-        "format": "float-quantized",
-        "quantization_status": "compressed",
-        "config_groups": {"group_0": {
-            "targets": ["Linear"],
-            "weights": {**float8, "strategy": "tensor" if static else "channel", "dynamic": False},
-            "input_activations": {**float8, "strategy": "tensor" if static else "token", "dynamic": not static},
-        }},
-        "ignore": ["lm_head"],
-    }
-    if fp8_kv_cache:
-        config["kv_cache_scheme"] = {**float8, "strategy": "tensor", "dynamic": False}
-    return config
 
 
 def quantize_checkpoint(model_dir: Path, out_dir: Path, quant: str = "mxfp4", engine: LLMEngine | None = None) -> Path:
-    """Write the `quant` checkpoint of the 16/32-bit model in `model_dir` to `out_dir`. fp8 formats take the
-    `engine` that serves `model_dir` with that quantization (calibrated, for static scales)."""
-    if quant not in EXPORT_FORMATS:
-        raise ValueError(f"Cannot write {quant!r} checkpoints; supported: {', '.join(EXPORT_FORMATS)}.")
+    """Write the `quant` checkpoint of the 16/32-bit model in `model_dir` to `out_dir`. Formats that export
+    served weights (fp8, fp8-dynamic) take the `engine` that serves `model_dir` in that format (calibrated, for
+    static scales)."""
+    if quant not in exportable_weight_formats():
+        raise ValueError(f"Cannot write {quant!r} checkpoints; supported: {', '.join(exportable_weight_formats())}.")
+    fmt = weight_format(quant)
     cfg = load_model_config(model_dir)
     if cfg.checkpoint_quant is not None:
         raise ValueError(f"{model_dir} is already quantized ({cfg.checkpoint_quant}).")
     if out_dir.is_dir() and any(out_dir.glob("*.safetensors")):
         raise ValueError(f"{out_dir} already holds a checkpoint; choose an empty or new folder.")
-    if quant == "mxfp4":
-        if cfg.num_experts == 0:
-            raise ValueError(
-                "MXFP4 checkpoints hold MoE experts (the gpt-oss layout); quantize a dense model at load time "
-                "instead, with --quant mxfp4."
-            )
-        transform: TensorTransform = _mxfp4_tensors
-        quant_config = {"quant_method": "mxfp4", "modules_to_not_convert": _NOT_CONVERTED}
-        extra: dict[str, torch.Tensor] = {}
+    if not fmt.exports_served_weights:
+        export = fmt.export(cfg, None, [])
+    elif engine is None or engine.quant.linear != quant:
+        raise ValueError(f"Writing {quant} needs an engine that serves the model with quantization={quant}.")
     else:
-        if engine is None or engine.quant.linear != quant:
-            raise ValueError(f"Writing {quant} needs an engine that serves the model with quantization={quant}.")
-        transform = _fp8_tensors(engine)
-        extra = _kv_scale_tensors(engine)
-        quant_config = _compressed_tensors_config(quant, fp8_kv_cache=bool(extra))
+        export = fmt.export(cfg, engine.runner.model, engine.runner.kv_caches)
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = _ShardWriter(out_dir)
     for name, tensor in iterate_safetensors(model_dir):
-        for out_name, out_tensor in transform(name, tensor):
+        for out_name, out_tensor in export.transform(name, tensor):
             writer.add(out_name, out_tensor)
-    for out_name, out_tensor in extra.items():
+    for out_name, out_tensor in export.extra.items():
         writer.add(out_name, out_tensor)
     writer.finish()
     hf_config = dict(cfg.hf_config)
-    hf_config["quantization_config"] = quant_config
+    hf_config["quantization_config"] = export.quantization_config
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     for name in _COPIED:
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, out_dir / name)
     logger.info("wrote the %s checkpoint of %s to %s", quant, model_dir, out_dir)
     return out_dir
-
-
-def _kv_scale_tensors(engine: LLMEngine) -> dict[str, torch.Tensor]:
-    """Static FP8 KV cache scales, as compressed-tensors names them (empty unless the KV cache is FP8)."""
-    tensors = {}
-    for layer, cache in enumerate(engine.runner.kv_caches):
-        if isinstance(cache, Fp8KVCache):
-            for half, name in enumerate(("k_scale", "v_scale")):
-                tensors[f"model.layers.{layer}.self_attn.{name}"] = cache.static_scales[half].reshape(1).cpu()
-    return tensors
 
 
 class _ShardWriter:
