@@ -44,7 +44,7 @@ def add_engine_flags(
         if only is not None and f.name not in only:
             continue
         if f.metadata.get("positional"):
-            parser.add_argument(f.name, help=f.metadata["help"])
+            parser.add_argument(f.name, help=f.metadata.get("help"))
             continue
         name = f.metadata.get("group", "engine")
         if name not in groups:
@@ -62,7 +62,7 @@ def add_engine_flags(
 def _add_flag(group: argparse._ArgumentGroup, f: dataclasses.Field, kind: type) -> None:
     meta = f.metadata
     flags = meta.get("flags") or (f"--{f.name.replace('_', '-')}",)
-    options: dict[str, Any] = {"dest": f.name, "help": meta["help"]}
+    options: dict[str, Any] = {"dest": f.name, "help": meta.get("help")}
     if kind is bool:  # a switch that turns the default over
         options["action"] = "store_false" if f.default else "store_true"
     else:
