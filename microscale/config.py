@@ -245,6 +245,11 @@ class EngineArgs:
                                         "else torch)", choices=KERNEL_BACKENDS)
     # Decode steps replay CUDA graphs captured at start-up (Triton kernels on a GPU); True: always eager.
     enforce_eager: bool = _knob(False, "no CUDA graphs for decode steps")
+    # Batch-invariant mode (SGLang's --enable-deterministic-inference, vLLM's batch invariance): a request's
+    # logits do not depend on what else is in the step, on chunk boundaries or on preemption. CPU only; slower
+    # (padded matmuls, blockwise attention); the torch kernels.
+    deterministic: bool = _knob(False, "batch-invariant mode: a request's output does not depend on what else is "
+                                       "batched with it (CPU; slower)")
     # Ranks the model is split over (one process each: a GPU each, or a share of the CPU's cores).
     tensor_parallel_size: int = _knob(
         1, "split the model over N ranks (GPUs, or shares of the CPU); under torchrun, its world size",
@@ -263,6 +268,9 @@ class EngineArgs:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}.")
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend must be auto, torch or triton, got {self.kernel_backend!r}.")
+        if self.deterministic and self.kernel_backend == "triton":
+            raise ValueError("deterministic=True runs the batch-invariant torch kernels: kernel_backend='triton' "
+                             "cannot be combined with it.")
         if not 0 < self.cache_max_entry_count <= 1:
             raise ValueError(f"cache_max_entry_count must be in (0, 1], got {self.cache_max_entry_count}.")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:

@@ -8,17 +8,15 @@ import time
 import torch
 
 from microscale.config import EngineArgs, SchedulerConfig
-from microscale.distributed.workers import start_tensor_parallel
 from microscale.engine.block_manager import BlockManager
+from microscale.engine.calibration import calibrate, calibration_windows
 from microscale.engine.detokenizer import IncrementalDetokenizer
+from microscale.engine.executor import Executor
 from microscale.engine.inputs import InputProcessor, PromptType
 from microscale.engine.scheduler import ScheduledChunk, Scheduler
 from microscale.engine.sequence import Request, Sequence
-from microscale.engine.shard import build_shard
 from microscale.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from microscale.outputs import Logprob, RequestOutput, SampleLogprobs
-from microscale.quant.calibration import calibrate
-from microscale.quant.kv_cache import kv_scales_from_amax
 from microscale.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -31,23 +29,15 @@ class LLMEngine:
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # Tokenizer, model config, generation defaults and prompt checks (shared with the server's front).
         self.inputs = inputs = InputProcessor(args)
-        self.model_config = cfg = inputs.model_config
+        self.model_config = inputs.model_config
         self.tokenizer, self.eos_token_ids = inputs.tokenizer, inputs.eos_token_ids
         max_model_len = inputs.max_model_len
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len)
-        # Tensor parallel: the other ranks start (and join the group) before any shard is built.
-        workers = start_tensor_parallel(args, cfg, self.device)
-        try:
-            shard = build_shard(args, inputs, self.device)
-        except BaseException:
-            if workers is not None:
-                workers.shutdown()
-            raise
+        self.executor = Executor(args, inputs, self.device)
+        shard = self.executor.shard
         self.runner, self.dtype, self.quant = shard.runner, shard.dtype, shard.quant
-        self.runner.workers = workers
-        kv_cache_quant, num_blocks = shard.kv_cache_quant, shard.num_blocks
-        self.graph_capture_seconds = self._capture_decode_graphs()
-        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching,
+        self.graph_capture_seconds = shard.graph_capture_seconds
+        self.block_manager = BlockManager(shard.num_blocks, args.block_size, args.enable_prefix_caching,
                                           shard.num_host_blocks)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.sampler = Sampler()
@@ -55,20 +45,8 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
         if args.calib_config is not None:
-            kv_amax = calibrate(self, args.calib_config)
-            if kv_cache_quant is not None:
-                for layer, (k_amax, v_amax) in kv_amax.items():
-                    self.runner.set_kv_scales(layer, *kv_scales_from_amax(kv_cache_quant, k_amax, v_amax))
-
-    def _capture_decode_graphs(self) -> float | None:
-        """On a GPU with the Triton kernels, unless enforce_eager: decode steps replay CUDA graphs."""
-        if self.args.enforce_eager or self.device.type != "cuda":
-            return None
-        reason = self.runner.graphs_unavailable_reason()
-        if reason is not None:
-            logger.info("decode steps run eagerly: %s", reason)
-            return None
-        return self.runner.enable_decode_graphs()
+            windows = calibration_windows(self.tokenizer, args.calib_config, max_model_len)
+            shard.set_kv_amax(calibrate(self.runner.model, self.prompt_logits, windows))
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -123,7 +101,7 @@ class LLMEngine:
             while seq.num_computed_tokens < len(ids):
                 n = min(len(ids) - seq.num_computed_tokens, self.scheduler_config.max_num_batched_tokens)
                 self.block_manager.allocate(seq, n)
-                rows.append(self.runner.execute_all_logits([ScheduledChunk(seq, n)]).float())
+                rows.append(self.executor.execute_all_logits([ScheduledChunk(seq, n)]).float())
                 seq.num_computed_tokens += n
         finally:
             self.block_manager.free(seq)
@@ -159,7 +137,7 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         if not chunks:
             if self.scheduler.swaps:  # every running sequence was swapped out: copy before blocks are reused
-                self.runner.execute([], self.scheduler.swaps)
+                self.executor.execute([], self.scheduler.swaps)
             if self.scheduler.num_unfinished and self.scheduler.num_preemptions == preemptions_before:
                 # Nothing fits although requests wait: stepping again would spin forever.
                 raise RuntimeError(
@@ -167,7 +145,7 @@ class LLMEngine:
                     "raise kv_cache_memory or lower max_model_len / max_num_seqs."
                 )
             return []
-        logits, sampling = self.runner.execute(chunks, self.scheduler.swaps)
+        logits, sampling = self.executor.execute(chunks, self.scheduler.swaps)
         for chunk in chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
             self.block_manager.cache_full_blocks(chunk.seq)
@@ -283,16 +261,9 @@ class LLMEngine:
             return "length"
         return None
 
-    @property
-    def workers(self):
-        """Rank 0's handle on the tensor-parallel workers (None on one device or after shutdown)."""
-        return self.runner.workers
-
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers and leave their group (nothing to do on one device)."""
-        if self.runner.workers is not None:
-            self.runner.workers.shutdown()
-            self.runner.workers = None
+        self.executor.shutdown()
 
     def get_stats(self) -> dict[str, float]:
         bm = self.block_manager

@@ -1,6 +1,8 @@
 """`microscale quantize`: write a pre-quantized checkpoint that microscale reloads as it is (and other
-tools too), streaming the source checkpoint one tensor at a time. Each weight format names its own tensors and
-config (its `export`, in microscale/quant/); this is the workflow around it."""
+tools too), streaming the source checkpoint one tensor at a time. What each format's tensors and config are
+called is its format class's (`export`, microscale/quant/); this is the workflow around it (checks, the engine
+that holds the served weights and scales, safetensors shards, the files copied beside them, the accuracy report).
+"""
 
 from __future__ import annotations
 
