@@ -23,7 +23,7 @@ LAYERS = [
     ["models"],
     ["engine"],
     ["llm", "eval", "bench", "serve", "export", "monitor"],
-    ["cli", "__main__", "", "kernels.aot"],  # "": the package's __init__, the public API
+    ["cli", "engine_flags", "__main__", "", "kernels.aot"],  # "": the package's __init__, the public API
 ]
 
 
@@ -40,8 +40,13 @@ def module_names() -> dict[str, Path]:
 def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The package's modules that `name` imports (`from a import b` counts a.b when b is a module)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only = {id(node) for block in ast.walk(tree) if _is_type_checking_block(block)
+                   for node in ast.walk(block)}
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(tree):
+        if id(node) in typing_only:  # annotations only: never imported at run time
+            continue
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -49,7 +54,9 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
-            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            submodules = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in modules]
+            # `from package import module` depends on the module; `from module import name` on the module
+            targets = submodules if len(submodules) == len(node.names) else [base, *submodules]
         else:
             continue
         for target in targets:
@@ -58,6 +65,10 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
             if target in modules and target != name:
                 found.add(target)
     return found
+
+
+def _is_type_checking_block(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING"
 
 
 def import_graph() -> dict[str, set[str]]:

@@ -12,7 +12,6 @@ import torch
 import torch.multiprocessing as mp
 
 from microscale.config import EngineArgs
-from microscale.distributed.checks import check_tensor_parallel
 from microscale.distributed.launch import free_port, share_cpus, torchrun_rank
 from microscale.distributed.parallel_state import broadcast_from_driver, destroy_tensor_parallel, init_tensor_parallel
 from microscale.engine.block_manager import SwapPlan
@@ -20,6 +19,7 @@ from microscale.engine.inputs import InputProcessor
 from microscale.engine.model_runner import StepInputs
 from microscale.engine.scheduler import ScheduledChunk
 from microscale.engine.shard import EngineShard, build_shard
+from microscale.engine.split_checks import check_tensor_parallel
 from microscale.engine.worker import run_worker
 
 logger = logging.getLogger(__name__)
