@@ -44,3 +44,19 @@ class AttentionBackend(Protocol):
         sinks: torch.Tensor | None = None,  # [num_heads] float32: a learned extra logit per head (gpt-oss)
     ) -> torch.Tensor:
         """Write the new keys/values into `kv_cache`, then attend: [T, num_heads * head_dim]."""
+
+
+class StatelessBackend:
+    """The members of a backend that keeps nothing between steps (its decodes read the paged blocks in place):
+    nothing to bind, forget or prepare."""
+
+    def bind_kv_caches(
+        self, kv_caches: list[KVCache], num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int
+    ) -> None:
+        pass
+
+    def kv_cache_changed(self) -> None:
+        pass
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        pass

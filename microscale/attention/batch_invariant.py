@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from microscale.attention.backend import StatelessBackend
 from microscale.attention.metadata import AttentionMetadata, PrefillChunk
 from microscale.kernels.batch_invariant import ROW_TILE, pad_rows
 from microscale.quant.kv_cache import KVCache
@@ -24,7 +25,7 @@ from microscale.quant.kv_cache import KVCache
 KEY_BLOCK = 64
 
 
-class BatchInvariantAttentionBackend:
+class BatchInvariantAttentionBackend(StatelessBackend):
     """An AttentionBackend (attention/backend.py) that keeps no state: decodes read the paged blocks."""
 
     name = "batch-invariant"
@@ -35,17 +36,6 @@ class BatchInvariantAttentionBackend:
         if device.type != "cpu":
             return "batch invariance is established for CPU BLAS only (cuBLAS picks GEMM kernels per batch size)"
         return None
-
-    def bind_kv_caches(
-        self, kv_caches: list[KVCache], num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int
-    ) -> None:
-        pass
-
-    def kv_cache_changed(self) -> None:
-        pass
-
-    def prepare(self, meta: AttentionMetadata) -> None:
-        pass
 
     def forward(
         self,

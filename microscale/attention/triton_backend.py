@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from microscale.attention.backend import StatelessBackend
 from microscale.attention.metadata import AttentionMetadata
 from microscale.kernels.decode_attention import choose_num_splits, paged_decode_attention
 from microscale.kernels.kv_cache_write import write_kv_cache
@@ -14,7 +15,7 @@ from microscale.kernels.selector import triton_unavailable_reason
 from microscale.quant.kv_cache import KVCache
 
 
-class TritonAttentionBackend:
+class TritonAttentionBackend(StatelessBackend):
     name = "triton"
     # Decodes read paged blocks in place: no per-sequence state, nothing to prepare per step.
     graph_safe = True
@@ -22,17 +23,6 @@ class TritonAttentionBackend:
     @staticmethod
     def unavailable_reason(device: torch.device) -> str | None:
         return triton_unavailable_reason(device)
-
-    def bind_kv_caches(
-        self, kv_caches: list[KVCache], num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int
-    ) -> None:
-        pass
-
-    def kv_cache_changed(self) -> None:
-        pass
-
-    def prepare(self, meta: AttentionMetadata) -> None:
-        pass
 
     def forward(
         self,
