@@ -21,11 +21,11 @@ from microscale.config import ModelConfig
 from microscale.distributed.parallel_state import tp_rank, tp_size
 from microscale.engine.block_manager import SwapPlan
 from microscale.engine.cuda_graphs import CudaGraph, DecodeGraphs
+from microscale.engine.sampler import Sampler, SamplingBatch
 from microscale.engine.scheduler import ScheduledChunk
 from microscale.kernels.selector import resolve_kernel_backend
 from microscale.layers.attention import Attention
 from microscale.layers.moe import FusedMoE
-from microscale.layers.sampler import Sampler, SamplingBatch
 from microscale.quant.kv_cache import make_kv_cache
 
 if TYPE_CHECKING:

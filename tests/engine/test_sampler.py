@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from microscale import LLM, SamplingParams
+from microscale.engine.sampler import Penalties, Sampler, SamplingBatch, apply_penalties, apply_top_k_top_p
 from microscale.engine.sequence import Request, Sequence
-from microscale.layers.sampler import Penalties, Sampler, SamplingBatch, apply_penalties, apply_top_k_top_p
 
 NEG_INF = float("-inf")
 
@@ -241,7 +241,7 @@ def test_sampling_batch_build():
     def seq(prompt, output, **params):
         s = Sequence(Request("r", None, prompt, SamplingParams(**params)), 0, detokenizer=None)
         s.token_ids += output
-        return s
+        return s.sampling_row()
 
     seqs = [
         seq([5, 6], [7], temperature=0),
