@@ -13,7 +13,7 @@ from microscale.engine.block_manager import BlockManager
 from microscale.engine.detokenizer import IncrementalDetokenizer
 from microscale.engine.inputs import InputProcessor, PromptType
 from microscale.engine.logprobs import prompt_logprobs
-from microscale.engine.sampler import SampledTokens, Sampler, sample
+from microscale.engine.sampler import Sampler, sample
 from microscale.engine.scheduler import Scheduler
 from microscale.engine.sequence import Request, Sequence
 from microscale.engine.shard import build_shard
@@ -107,8 +107,7 @@ class LLMEngine:
         chunks of max_num_batched_tokens, on KV blocks borrowed for the call (nothing enters the prefix cache)."""
         ids = list(token_ids)
         self.inputs.validate_prompt(ids, room_to_generate=False)
-        rows = self.scheduler.score_prompt(ids, lambda chunk: self.runner.execute_all_logits([chunk]).float())
-        return torch.cat(rows)
+        return torch.cat(self.scheduler.score_prompt(ids, lambda c: self.runner.execute_all_logits([c]).float()))
 
     def prompt_logprobs(self, token_ids: list[int], top_n: int) -> SampleLogprobs:
         """Per prompt token after the first (which has none): its logprob, rank and the top_n, in the shape of
@@ -130,10 +129,8 @@ class LLMEngine:
             return []
         logits, sampling = self.runner.execute(chunks, self.scheduler.swaps)
         seqs = [chunk.seq for chunk in sampling]
-        tokens = SampledTokens([], [])
-        if seqs:
-            rows = [seq.sampling_row() for seq in seqs]
-            tokens = sample(self.sampler, logits, rows, self.eos_token_ids, self.model_config.vocab_size)
+        rows = [seq.sampling_row() for seq in seqs]
+        tokens = sample(self.sampler, logits, rows, self.eos_token_ids, self.model_config.vocab_size)
         touched = self.scheduler.update_from_output(chunks, seqs, tokens)
         for request in touched:
             if request.finished:

@@ -213,6 +213,8 @@ def sample(
         return False
 
     everything = list(range(len(rows)))
+    if not rows:  # a step of prefill chunks that all end before their prompt does
+        return SampledTokens([], [])
     try:
         return run(everything).to_host(everything)
     except Exception as e:
