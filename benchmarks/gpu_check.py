@@ -321,7 +321,7 @@ def check_decode_attention(sizes: Sizes, shape: AttentionShape, kv: str, device:
                                  ops.k_scale, ops.v_scale)
     lens = case.context_lens.long()
     batch = DecodeBatch(size=len(lens), positions=lens - 1, length=int(lens.max()), block_tables=case.tables.long())
-    ref = TorchAttentionBackend._decode(q, None, None, case.cache, batch, 0, scale, shape.window, sinks)
+    ref = TorchAttentionBackend._decode(q, None, None, case.cache, batch, scale, shape.window, sinks)
     return within(got, ref, 3e-2, "3e-2 abs")
 
 

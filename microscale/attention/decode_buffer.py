@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from microscale.engine.sequence import Sequence
+from microscale.attention.metadata import DecodeSequences
 from microscale.quant.kv_cache import KVCache
 
 _GROWTH = 64  # tokens
@@ -49,15 +49,14 @@ class DecodeBuffer:
             self.k[..., :kept, :] = old_k
             self.v[..., :kept, :] = old_v
 
-    def assign(self, decodes: list[Sequence], kv_caches: list[KVCache], block_size: int) -> list[Sequence]:
-        """Give every decoding sequence a row in 0..n-1 holding its cached tokens; returns the sequences in
-        row order. `kv_caches`: the paged cache of each layer, in layer order."""
-        wanted = {s.seq_id: s for s in decodes}
-        kept = {sid: row for sid, row in self.row_of.items()
-                if sid in wanted and self.length[sid] == wanted[sid].num_computed_tokens}
+    def assign(self, decodes: DecodeSequences, kv_caches: list[KVCache], block_size: int) -> list[int]:
+        """Give every decoding sequence a row in 0..n-1 holding its cached tokens; returns each one's row, in
+        the order given. `kv_caches`: the paged cache of each layer, in layer order."""
+        cached = dict(zip(decodes.ids, decodes.num_cached))
+        kept = {sid: row for sid, row in self.row_of.items() if sid in cached and self.length[sid] == cached[sid]}
         self.row_of = {}
         self.length = {sid: self.length[sid] for sid in kept}
-        n = len(decodes)
+        n = len(decodes.ids)
         # Keep rows dense: a kept row beyond the first n moves into a free row below n.
         free_low = sorted(set(range(n)) - set(kept.values()))
         for sid, row in sorted(kept.items(), key=lambda item: item[1]):
@@ -68,24 +67,24 @@ class DecodeBuffer:
                 self.v[:, new_row, :, :used] = self.v[:, row, :, :used]
                 row = new_row
             self.row_of[sid] = row
-        needed = max((s.num_computed_tokens for s in decodes), default=0) + 1
+        needed = max(decodes.num_cached, default=0) + 1
         if needed > self.capacity:
             # Grown in small steps, so that attention over whole rows wastes little on empty positions.
             self._allocate(min(-(-needed // _GROWTH) * _GROWTH, self.max_len))
-        for seq in decodes:
-            if seq.seq_id not in self.row_of:
+        for sid, used, table in zip(decodes.ids, decodes.num_cached, decodes.block_tables):
+            if sid not in self.row_of:
                 row = free_low.pop(0)
-                self._fill(row, seq, kv_caches, block_size)
-                self.row_of[seq.seq_id] = row
-            self.length[seq.seq_id] = seq.num_computed_tokens + 1  # after this step's token is written
-        return sorted(decodes, key=lambda s: self.row_of[s.seq_id])
+                self._fill(row, used, table, kv_caches, block_size)
+                self.row_of[sid] = row
+            self.length[sid] = used + 1  # after this step's token is written
+        return [self.row_of[sid] for sid in decodes.ids]
 
-    def _fill(self, row: int, seq: Sequence, kv_caches: list[KVCache], block_size: int) -> None:
-        """Copy a sequence's cached tokens from the paged cache into its row, dequantised to the buffer's dtype."""
-        used = seq.num_computed_tokens
+    def _fill(self, row: int, used: int, table: list[int], kv_caches: list[KVCache], block_size: int) -> None:
+        """Copy a sequence's `used` cached tokens from the paged cache into its row, dequantised to the buffer's
+        dtype."""
         if used == 0:
             return
-        blocks = torch.tensor(seq.block_table[: -(-used // block_size)], device=self.device)
+        blocks = torch.tensor(table[: -(-used // block_size)], device=self.device)
         for layer, cache in enumerate(kv_caches):
             # [n_blocks, block_size, kv_heads, dim] -> [kv_heads, tokens, dim]
             keys, values = cache.read(blocks)

@@ -26,22 +26,41 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeSequences:
+    """The decoding sequences as host data, for a backend that keeps state per sequence (the torch backend's
+    decode buffer, attention/decode_buffer.py)."""
+
+    ids: list[int]
+    num_cached: list[int]  # tokens each has in the KV cache before this step (its new token's position)
+    block_tables: list[list[int]]  # each one's block table (unpadded)
+
+
+@dataclass
 class DecodeBatch:
     """This step's single-token queries; the new token of query i goes to position positions[i]. Their
-    contexts are read from rows 0..size-1 of the persistent decode buffer (keys/values, see decode_buffer.py)
-    or, when there is none, gathered from the paged cache through block_tables."""
+    contexts are read from the paged cache through block_tables (or from a copy the backend keeps)."""
 
     size: int
     positions: torch.Tensor  # [size] int64
-    length: int  # keys to attend over: the longest context (new token included), or the buffer's capacity
-    keys: torch.Tensor | None = None  # [layers, rows, kv_heads, capacity, head_dim] (the buffer itself)
-    values: torch.Tensor | None = None
-    block_tables: torch.Tensor | None = None  # [size, max_blocks] int64, padded with 0
-    context_lens: torch.Tensor | None = None  # [size] keys per sequence (positions + 1), with block_tables
+    length: int  # keys to attend over: the longest context (new token included)
+    sequences: DecodeSequences | None = None
+    # [size, max_blocks] int64, padded with 0: built from `sequences` on first use when not given.
+    block_tables: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None  # [size] keys per sequence (positions + 1)
     # Split-K partitions for decode kernels; None: chosen from `length` (CUDA graphs fix it at capture).
     num_splits: int | None = None
     # Masks depend only on the step, not the layer: build each window's mask once and share it.
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def paged_block_tables(self) -> torch.Tensor:
+        """block_tables, padded from the sequences' host tables on first use and shared by every layer (a
+        backend that reads a copy of the contexts never pays for it)."""
+        if self.block_tables is None:
+            tables = self.sequences.block_tables
+            width = max(len(table) for table in tables)
+            padded = [table + [0] * (width - len(table)) for table in tables]
+            self.block_tables = torch.tensor(padded, dtype=torch.int64, device=self.positions.device)
+        return self.block_tables
 
     def mask(self, window: int | None) -> torch.Tensor:
         """[size, 1, 1, length] True where a key may be attended to."""

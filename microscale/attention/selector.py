@@ -7,14 +7,17 @@ import logging
 
 import torch
 
+from microscale.attention.backend import AttentionBackend
 from microscale.attention.torch_backend import TorchAttentionBackend
 from microscale.kernels.selector import fp8_unavailable_reason, resolve_kernel_backend, triton_unavailable_reason
 
 logger = logging.getLogger(__name__)
 
 
-def select_attention_backend(device: torch.device, kernel_backend: str = "auto", kv_cache_quant: str | None = None):
-    """A TorchAttentionBackend or TritonAttentionBackend (same interface). Triton's module is imported only
+def select_attention_backend(
+    device: torch.device, kernel_backend: str = "auto", kv_cache_quant: str | None = None
+) -> AttentionBackend:
+    """A TorchAttentionBackend or TritonAttentionBackend. Triton's module is imported only
     when chosen (it defines kernels, which reads TRITON_INTERPRET). An FP8 KV cache below sm_89 stays with the
     torch backend (Triton cannot convert float8 there); the other ops keep their kernel family."""
     family = resolve_kernel_backend(kernel_backend, device)

@@ -3,21 +3,82 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from microscale.attention.decode_buffer import DecodeBuffer
 from microscale.attention.metadata import AttentionMetadata, DecodeBatch, PrefillChunk
+from microscale.distributed.parallel_state import tp_size
 from microscale.quant.kv_cache import KVCache
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _BufferRows:
+    """Where this step's decodes sit in the decode buffer."""
+
+    decode: DecodeBatch  # the step's decodes, in the flat batch's order
+    rows: torch.Tensor  # [n] the row of each
+    order: torch.Tensor | None  # [n] the decode in each row 0..n-1; None: decode i is in row i
+    in_row_order: DecodeBatch  # their positions in row order, over the buffer's capacity (masks shared by layers)
 
 
 class TorchAttentionBackend:
     name = "torch"
-    # On a CPU, decodes read a contiguous copy of each context (attention/decode_buffer.py) when it fits.
-    uses_decode_buffer = True
+    # On a CPU, decodes read a contiguous copy of each context (attention/decode_buffer.py) when it fits; its
+    # rows are assigned on the host every step.
+    graph_safe = False
+
+    def __init__(self) -> None:
+        self.decode_buffer: DecodeBuffer | None = None
+        self._kv_caches: list[KVCache] = []
+        self._block_size = 0
+        self._rows: _BufferRows | None = None
 
     @staticmethod
     def unavailable_reason(device: torch.device) -> str | None:
         return None  # works everywhere
+
+    def bind_kv_caches(
+        self, kv_caches: list[KVCache], num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int
+    ) -> None:
+        self._kv_caches, self._block_size = list(kv_caches), block_size
+        # The decode buffer pads every row to the longest context: use it only where it can never outgrow the
+        # paged cache's tokens, and only on CPU (a GPU's memory is already given to the paged cache); otherwise
+        # decodes read the paged blocks. It holds the model dtype, so beside a quantised cache it may take more
+        # bytes than the cache itself. Off under tensor parallelism: every rank decodes from paged blocks there.
+        first = kv_caches[0]
+        fits = max_num_seqs * max_model_len <= num_blocks * block_size
+        self.decode_buffer = None
+        if fits and first.device.type == "cpu" and tp_size() == 1:
+            self.decode_buffer = DecodeBuffer(len(kv_caches), max_num_seqs, first.kv_heads, first.head_dim,
+                                              max_model_len, first.dtype, first.device)
+        source = "the persistent decode buffer" if self.decode_buffer else "paged blocks"
+        logger.info("decode attention reads %s", source)
+
+    def kv_cache_changed(self) -> None:
+        if self.decode_buffer is not None:
+            self.decode_buffer.drop_rows()  # they hold values read with the old scales
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Give this step's decodes their rows in the decode buffer (filled from the paged cache when new). A
+        sequence swapped back in skipped a step, so its row was dropped and is refilled from its blocks."""
+        self._rows = None
+        decode = meta.decode
+        if self.decode_buffer is None or decode is None:
+            return
+        rows = self.decode_buffer.assign(decode.sequences, self._kv_caches, self._block_size)
+        device = decode.positions.device
+        order, positions = None, decode.positions
+        if rows != list(range(decode.size)):
+            order = torch.tensor(sorted(range(decode.size), key=rows.__getitem__), device=device)
+            positions = positions[order]
+        self._rows = _BufferRows(decode, torch.tensor(rows, device=device), order,
+                                 DecodeBatch(decode.size, positions, self.decode_buffer.capacity))
 
     def forward(
         self,
@@ -37,28 +98,36 @@ class TorchAttentionBackend:
         out = torch.empty_like(q)
         if meta.decode is not None:
             n = meta.decode.size
-            out[:n] = self._decode(q[:n], k[:n], v[:n], kv_cache, meta.decode, layer_index, scale, window, sinks)
+            if self._rows is not None and self._rows.decode is meta.decode:
+                out[:n] = self._decode_from_buffer(q[:n], k[:n], v[:n], layer_index, scale, window, sinks)
+            else:
+                out[:n] = self._decode(q[:n], k[:n], v[:n], kv_cache, meta.decode, scale, window, sinks)
         for chunk in meta.prefills:
             rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
             out[rows] = self._prefill(q[rows], k[rows], v[rows], kv_cache, chunk, scale, window, sinks)
         return out.flatten(1)
 
+    def _decode_from_buffer(self, q, k, v, layer_index: int, scale: float, window: int | None, sinks):
+        placed = self._rows
+        n = placed.decode.size
+        keys, values = self.decode_buffer.k[layer_index], self.decode_buffer.v[layer_index]
+        keys[placed.rows, :, placed.decode.positions] = k
+        values[placed.rows, :, placed.decode.positions] = v
+        if placed.order is not None:
+            q = q[placed.order]
+        # Whole rows 0..n-1, a contiguous slice that matmul reads in place (a cut at the longest context would
+        # be copied).
+        out = _grouped_attention(q[:, :, None], keys[:n], values[:n], placed.in_row_order.mask(window), scale,
+                                 sinks)[:, :, 0]
+        return out if placed.order is None else out[placed.rows]
+
     @staticmethod
-    def _decode(q, k, v, kv_cache, batch: DecodeBatch, layer_index: int, scale: float, window: int | None, sinks):
-        n, length = batch.size, batch.length
-        if batch.block_tables is None:
-            keys, values = batch.keys[layer_index], batch.values[layer_index]
-            rows = torch.arange(n, device=q.device)
-            keys[rows, :, batch.positions] = k
-            values[rows, :, batch.positions] = v
-            # Whole rows, a contiguous slice that matmul reads in place (a cut at `length` would be copied).
-            keys, values = keys[:n], values[:n]
-        else:
-            # Each gather gives [n * max_blocks, block_size, kv_heads, dim], viewed as [n, kv_heads, L, dim].
-            keys, values = kv_cache.read(batch.block_tables.flatten())
-            shape = (n, -1, *keys.shape[2:])
-            keys = keys.view(shape).transpose(1, 2)[:, :, :length]
-            values = values.view(shape).transpose(1, 2)[:, :, :length]
+    def _decode(q, k, v, kv_cache, batch: DecodeBatch, scale: float, window: int | None, sinks):
+        # Each gather gives [n * max_blocks, block_size, kv_heads, dim], viewed as [n, kv_heads, L, dim].
+        keys, values = kv_cache.read(batch.paged_block_tables().flatten())
+        shape = (batch.size, -1, *keys.shape[2:])
+        keys = keys.view(shape).transpose(1, 2)[:, :, : batch.length]
+        values = values.view(shape).transpose(1, 2)[:, :, : batch.length]
         return _grouped_attention(q[:, :, None], keys, values, batch.mask(window), scale, sinks)[:, :, 0]
 
     @staticmethod

@@ -16,12 +16,23 @@ from microscale.quant.kv_cache import KVCache
 
 class TritonAttentionBackend:
     name = "triton"
-    # Decodes read paged blocks in place: no contiguous per-sequence copy of the context is kept.
-    uses_decode_buffer = False
+    # Decodes read paged blocks in place: no per-sequence state, nothing to prepare per step.
+    graph_safe = True
 
     @staticmethod
     def unavailable_reason(device: torch.device) -> str | None:
         return triton_unavailable_reason(device)
+
+    def bind_kv_caches(
+        self, kv_caches: list[KVCache], num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int
+    ) -> None:
+        pass
+
+    def kv_cache_changed(self) -> None:
+        pass
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        pass
 
     def forward(
         self,
@@ -48,8 +59,8 @@ class TritonAttentionBackend:
             # From the host-side longest context: the kernel would otherwise read context_lens back (a sync).
             splits = batch.num_splits or choose_num_splits(batch.length, decoded, k.shape[1], window)
             parts.append(paged_decode_attention(
-                q[:decoded], cache.keys, cache.values, batch.block_tables, batch.context_lens, num_splits=splits,
-                **reads,
+                q[:decoded], cache.keys, cache.values, batch.paged_block_tables(), batch.context_lens,
+                num_splits=splits, **reads,
             ))
         if meta.prefills:
             chunks = meta.prefill_batch()

@@ -115,7 +115,7 @@ class DecodeGraphs:
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
         """The hidden states of a decode-only step by replay, or None when it must run eagerly."""
         decode = meta.decode
-        if meta.prefills or decode is None or decode.block_tables is None or decode.size > self.buckets[-1]:
+        if meta.prefills or decode is None or decode.size > self.buckets[-1]:
             return None
         n = decode.size
         size = next(b for b in self.buckets if b >= n)
@@ -123,8 +123,8 @@ class DecodeGraphs:
         self.positions[:n] = positions
         self.slot_blocks[:n] = meta.slot_blocks
         self.slot_offsets[:n] = meta.slot_offsets
-        width = decode.block_tables.shape[1]
-        self.block_tables[:n, :width] = decode.block_tables
+        tables = decode.paged_block_tables()
+        self.block_tables[:n, :tables.shape[1]] = tables
         self.context_lens[:n] = decode.context_lens
         # Rows n..size-1 may hold an earlier step's sequences: point them back at the scratch block, one key
         # long. (Table columns past a row's context are never read.)

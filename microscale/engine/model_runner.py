@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from microscale.attention.decode_buffer import DecodeBuffer
-from microscale.attention.metadata import AttentionMetadata, DecodeBatch, PrefillChunk
+from microscale.attention.metadata import AttentionMetadata, DecodeBatch, DecodeSequences, PrefillChunk
 from microscale.attention.selector import select_attention_backend
 from microscale.config import ModelConfig
 from microscale.distributed.parallel_state import tp_rank, tp_size
@@ -44,7 +43,8 @@ class StepInputs:
     positions: list[int]
     slots: list[int]  # KV cache slot (block * block_size + offset) of each new token
     num_decodes: int
-    decode_tables: list[list[int]] | None  # the decodes' block tables padded with 0; None: the decode buffer
+    decode_seq_ids: list[int]
+    decode_tables: list[list[int]]  # the decodes' block tables
     prefills: list[tuple[int, int, list[int]]]  # (query_len, context_start, block_table) of each chunk
     rows: list[int] | None  # the rows whose logits are wanted; None: every token
     # Block copies made before the forward (every rank swaps its own shard): device -> host, then host -> device.
@@ -80,7 +80,6 @@ class ModelRunner:
         self.block_size = 0
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
-        self.decode_buffer: DecodeBuffer | None = None
         self.decode_graphs: DecodeGraphs | None = None
         self.workers: Workers | None = None  # rank 0 under tensor parallelism (set by the engine)
         self.scratch_block = 0
@@ -100,31 +99,18 @@ class ModelRunner:
         memory saved goes to more blocks; later, what the cache already holds is re-quantised, but not what is
         swapped out: call it with no sequence preempted by swapping (the engine does, at start-up)."""
         self.kv_caches[layer_index].set_scales(k_scale, v_scale)
-        if self.decode_buffer is not None:
-            self.decode_buffer.drop_rows()  # they hold values read with the old scales
+        self.attention_backend.kv_cache_changed()
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> None:
         """num_blocks for the block manager; paged kernels get one more, a scratch block no sequence owns
         (padded rows of CUDA-graph decode steps write there). num_host_blocks: the swap space, in host memory."""
-        cfg = self.config
         self.scratch_block = num_blocks
         for cache in self.kv_caches:
-            cache.allocate(num_blocks + (0 if self.attention_backend.uses_decode_buffer else 1), block_size)
+            cache.allocate(num_blocks + (1 if self.attention_backend.graph_safe else 0), block_size)
             cache.allocate_host(num_host_blocks)
         self.block_size = block_size
-        # The persistent decode buffer pads every row to the longest context: use it only where it can never
-        # outgrow the paged cache's tokens, and only on CPU (a GPU's memory is already given to the paged cache,
-        # and its attention kernels read blocks in place); otherwise decodes read the paged blocks. It holds the
-        # model dtype, so beside a quantised cache it may take more bytes than the cache itself.
-        fits = self.max_num_seqs * self.max_model_len <= num_blocks * block_size
-        # Under tensor parallelism workers see no sequences to keep rows for: decodes read paged blocks.
-        if fits and self.device.type == "cpu" and self.attention_backend.uses_decode_buffer and tp_size() == 1:
-            self.decode_buffer = DecodeBuffer(
-                cfg.num_hidden_layers, self.max_num_seqs, cfg.num_key_value_heads, cfg.head_dim, self.max_model_len,
-                self.dtype, self.device,
-            )
-        source = "the persistent decode buffer" if self.decode_buffer else "paged blocks"
-        logger.info("decode attention reads %s", source)
+        self.attention_backend.bind_kv_caches(self.kv_caches, num_blocks, block_size, self.max_num_seqs,
+                                              self.max_model_len)
 
     @torch.inference_mode()
     def profile_step(self, num_tokens: int, block_size: int) -> None:
@@ -147,16 +133,10 @@ class ModelRunner:
         tokens) and the chunks that sample, in the same order."""
         bs = self.block_size
         decodes = [c for c in chunks if c.num_tokens == 1]
-        if self.decode_buffer is not None:
-            # Decodes in the order of their rows in the persistent decode buffer. A sequence swapped back in
-            # skipped a step, so its row was dropped and is refilled from its restored blocks.
-            by_seq = {c.seq.seq_id: c for c in decodes}
-            rows = self.decode_buffer.assign([c.seq for c in decodes], self.kv_caches, bs)
-            decodes = [by_seq[s.seq_id] for s in rows]
         prefills = [c for c in chunks if c.num_tokens > 1]
         step = StepInputs(input_ids=[], positions=[], slots=[], num_decodes=len(decodes),
-                          decode_tables=None if self.decode_buffer is not None else _padded_tables(decodes),
-                          prefills=[], rows=[])
+                          decode_seq_ids=[c.seq.seq_id for c in decodes],
+                          decode_tables=[c.seq.block_table for c in decodes], prefills=[], rows=[])
         if swaps is not None:
             step.swap_out, step.swap_in = swaps.out, swaps.into
         for c in decodes:
@@ -183,7 +163,7 @@ class ModelRunner:
     def graphs_unavailable_reason(self) -> str | None:
         if tp_size() > 1:
             return "tensor parallel workers run each broadcast step eagerly"
-        if self.attention_backend.uses_decode_buffer:
+        if not self.attention_backend.graph_safe:
             return f"the {self.attention_backend.name} attention backend is not graph-safe (Triton's is)"
         if any(isinstance(m, FusedMoE) and not m.fused for m in self.model.modules()):
             return "the reference MoE reads expert counts back to the host (the fused MoE kernel does not)"
@@ -225,9 +205,7 @@ class ModelRunner:
         if not step.input_ids:
             return None
         input_ids, positions, meta, rows = step_tensors(step, self.device, self.block_size)
-        if self.decode_buffer is not None and meta.decode is not None:
-            meta.decode.keys, meta.decode.values = self.decode_buffer.k, self.decode_buffer.v
-            meta.decode.length = self.decode_buffer.capacity
+        self.attention_backend.prepare(meta)
         try:
             hidden = None if self.decode_graphs is None else self.decode_graphs.run(input_ids, positions, meta)
             if hidden is None:
@@ -255,8 +233,7 @@ class ModelRunner:
 def step_tensors(
     step: StepInputs, device: torch.device, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None]:
-    """Input ids, positions, attention metadata and logit rows of `step` on `device`. Decodes that read the
-    decode buffer get its tensors from the runner that owns it."""
+    """Input ids, positions, attention metadata and logit rows of `step` on `device`."""
 
     def tensor(values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=device)
@@ -268,20 +245,15 @@ def step_tensors(
         start += query_len
     decode = None
     if step.num_decodes:
-        decode = DecodeBatch(size=step.num_decodes, positions=positions[: step.num_decodes],
-                             length=max(step.positions[: step.num_decodes]) + 1)
-        if step.decode_tables is not None:
-            decode.block_tables = tensor(step.decode_tables)
-            decode.context_lens = decode.positions + 1
+        decode_positions = positions[: step.num_decodes]
+        num_cached = step.positions[: step.num_decodes]
+        decode = DecodeBatch(size=step.num_decodes, positions=decode_positions, length=max(num_cached) + 1,
+                             sequences=DecodeSequences(step.decode_seq_ids, num_cached, step.decode_tables),
+                             context_lens=decode_positions + 1)
     meta = AttentionMetadata(slot_blocks=slots // block_size, slot_offsets=slots % block_size, decode=decode,
                              prefills=prefills)
     rows = None if step.rows is None else tensor(step.rows)
     return tensor(step.input_ids), positions, meta, rows
-
-
-def _padded_tables(decodes: list[ScheduledChunk]) -> list[list[int]]:
-    width = max((len(c.seq.block_table) for c in decodes), default=0)
-    return [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in decodes]
 
 
 def _profile_inputs(num_tokens: int, max_model_len: int, max_num_seqs: int, block_size: int) -> StepInputs:
@@ -292,7 +264,7 @@ def _profile_inputs(num_tokens: int, max_model_len: int, max_num_seqs: int, bloc
     positions = [p for n in lengths for p in range(n)]
     return StepInputs(
         input_ids=[0] * num_tokens, positions=positions, slots=[p % block_size for p in positions], num_decodes=0,
-        decode_tables=None, prefills=[(n, 0, [0] * -(-n // block_size)) for n in lengths],
+        decode_seq_ids=[], decode_tables=[], prefills=[(n, 0, [0] * -(-n // block_size)) for n in lengths],
         rows=list(range(num_tokens - min(max_num_seqs, num_tokens), num_tokens)),
     )
 

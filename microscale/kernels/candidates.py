@@ -43,6 +43,14 @@ def pick_kernel(op: str, candidates: Sequence[Candidate], device: torch.device) 
     raise ValueError(f"No {op} kernel runs on {device}: " + "; ".join(skipped))
 
 
+def pick_for_family(
+    op: str, family: str, fast: Sequence[Candidate], reference: Candidate, device: torch.device
+) -> Candidate:
+    """`op`'s kernel in `family`: the first of `fast` that applies, else the torch `reference` ("triton"); the
+    reference alone ("torch")."""
+    return pick_kernel(op, [*fast, reference] if family == "triton" else [reference], device)
+
+
 _FP8_FUSED = Candidate("FP8 output quantised inside the kernel", fp8_unavailable_reason, lambda: True)
 _FP8_AFTER = Candidate("16-bit kernel output, then torch FP8 quantisation", always, lambda: False)
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from microscale.attention.backend import AttentionBackend
 from microscale.attention.metadata import AttentionMetadata
-from microscale.attention.torch_backend import TorchAttentionBackend
 from microscale.distributed.parallel_state import tp_rank
 from microscale.quant.base import copy_checked
 from microscale.quant.kv_cache import KVCache
@@ -27,8 +27,8 @@ class Attention(nn.Module):
         self.window = window
         # Kept in float32 whatever the model dtype: they join float32 scores (bf16 values convert exactly).
         self.sinks = nn.Parameter(torch.zeros(num_heads), requires_grad=False) if sinks else None
-        self.backend: TorchAttentionBackend | None = None
-        self.kv_cache: KVCache | None = None  # bound by the model runner
+        self.backend: AttentionBackend | None = None  # both bound by the model runner
+        self.kv_cache: KVCache | None = None
 
     def load_weight(self, name: str, loaded: torch.Tensor, shard: int | None = None) -> list[str]:
         """The checkpoint's sinks cover every head; a tensor-parallel rank keeps those of its heads."""

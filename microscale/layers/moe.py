@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from microscale.distributed.parallel_state import expert_parallel, tp_rank, tp_size
+from microscale.kernels.candidates import Candidate, always, pick_for_family
+from microscale.kernels.selector import triton_unavailable_reason
 from microscale.quant.base import ExpertsQuantMethod, UnquantizedExpertsMethod
 
 
@@ -33,10 +35,12 @@ class FusedMoE(nn.Module):
         self.activation = activation
         self.quant_method = quant_method or UnquantizedExpertsMethod()
         self.quant_method.create_weights(self, self.num_local, hidden_size, intermediate_size, bias, dtype)
-        self.fused = False  # the runner turns on the fused Triton kernel (microscale/kernels/fused_moe.py)
+        self.kernel = _REFERENCE.fn  # select_kernels picks the kernel family's (the runner calls it once)
+        self.fused = False  # the fused Triton kernel (microscale/kernels/fused_moe.py): no host sync
 
     def select_kernels(self, family: str, device: torch.device) -> None:
-        self.fused = family == "triton"
+        picked = pick_for_family("MoE experts", family, [_FUSED], _REFERENCE, device)
+        self.kernel, self.fused = picked.fn, picked is _FUSED
 
     def load_weight(self, name: str, loaded: torch.Tensor, shard: int | None = None) -> list[str]:
         return self.quant_method.load_weight(self, name, self._rank_slice(name, loaded))
@@ -69,29 +73,41 @@ class FusedMoE(nn.Module):
             elsewhere = (expert_ids < 0) | (expert_ids >= self.num_local)
             expert_ids = expert_ids.masked_fill(elsewhere, self.num_local)
             weights = weights.masked_fill(elsewhere, 0.0)
-        if self.fused:
-            from microscale.kernels.fused_moe import fused_moe
+        return self.kernel(self, x, weights, expert_ids)
 
-            return fused_moe(x, weights, expert_ids, **self.quant_method.fused_operands(self),
-                             w13_bias=self.w13_bias, w2_bias=self.w2_bias, activation=self.activation.kernel_spec())
-        flat_ids = expert_ids.flatten()
-        order = flat_ids.argsort(stable=True)  # assignments grouped by expert, tokens in order within each
-        tokens = order // self.top_k
-        order_weights = weights.flatten()[order, None].to(x.dtype)
-        # The reference loops over experts in Python, so it needs the group sizes on the host: one sync per
-        # layer (the fused Triton MoE kernel does this on the device). Id num_local (other ranks') sorts last.
-        counts = torch.bincount(flat_ids, minlength=self.num_local + 1)[: self.num_local].tolist()
-        out = torch.zeros_like(x)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            rows = slice(start, start + count)
-            idx = tokens[rows]
-            w13, w2 = self.quant_method.expert_weights(self, expert, x.dtype)
-            b13 = None if self.w13_bias is None else self.w13_bias[expert]
-            b2 = None if self.w2_bias is None else self.w2_bias[expert]
-            hidden = self.activation(F.linear(x[idx], w13, b13))
-            out.index_add_(0, idx, F.linear(hidden, w2, b2) * order_weights[rows])
-            start += count
-        return out
+
+def _fused(moe: FusedMoE, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    from microscale.kernels.fused_moe import fused_moe
+
+    return fused_moe(x, weights, expert_ids, **moe.quant_method.fused_operands(moe), w13_bias=moe.w13_bias,
+                     w2_bias=moe.w2_bias, activation=moe.activation.kernel_spec())
+
+
+def _reference(moe: FusedMoE, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """One F.linear pair per expert over the tokens routed to it."""
+    flat_ids = expert_ids.flatten()
+    order = flat_ids.argsort(stable=True)  # assignments grouped by expert, tokens in order within each
+    tokens = order // moe.top_k
+    order_weights = weights.flatten()[order, None].to(x.dtype)
+    # The reference loops over experts in Python, so it needs the group sizes on the host: one sync per
+    # layer (the fused Triton MoE kernel does this on the device). Id num_local (other ranks') sorts last.
+    counts = torch.bincount(flat_ids, minlength=moe.num_local + 1)[: moe.num_local].tolist()
+    out = torch.zeros_like(x)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = slice(start, start + count)
+        idx = tokens[rows]
+        w13, w2 = moe.quant_method.expert_weights(moe, expert, x.dtype)
+        b13 = None if moe.w13_bias is None else moe.w13_bias[expert]
+        b2 = None if moe.w2_bias is None else moe.w2_bias[expert]
+        hidden = moe.activation(F.linear(x[idx], w13, b13))
+        out.index_add_(0, idx, F.linear(hidden, w2, b2) * order_weights[rows])
+        start += count
+    return out
+
+
+_FUSED = Candidate("triton fused MoE (expert grouping on the device: no host sync)", triton_unavailable_reason, _fused)
+_REFERENCE = Candidate("torch reference (a loop over the experts, their token counts read on the host)", always,
+                       _reference)

@@ -27,8 +27,24 @@ from microscale.config import EngineArgs
 from microscale.engine.inputs import InputProcessor
 from microscale.outputs import CompletionOutput, RequestOutput
 from microscale.sampling_params import SamplingParams
-from microscale.serve.engine_core import RequestDelta, StepReport, run_engine_core
+from microscale.serve.engine_core import run_engine_core
 from microscale.serve.errors import APIError
+from microscale.serve.messages import (
+    Abort,
+    AddRequest,
+    Call,
+    EngineDied,
+    FromEngine,
+    Ready,
+    Rejected,
+    Reply,
+    RequestDelta,
+    RequestError,
+    Shutdown,
+    StartupFailed,
+    StepReport,
+    ToEngine,
+)
 from microscale.serve.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -115,7 +131,7 @@ class AsyncEngine:
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._call_ids = itertools.count()
         self._num_sent = 0  # requests sent to the engine process (it reports how many it received)
-        self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[ToEngine | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._lock = threading.Lock()  # a stream or call registers, or the engine is lost, never both at once
@@ -147,13 +163,13 @@ class AsyncEngine:
         while not from_engine.poll(_STARTUP_POLL_S):
             if not self.process.is_alive():
                 raise RuntimeError(f"The engine process exited (code {self.process.exitcode}) while loading the model.")
-        message = from_engine.recv()
-        if message[0] == "failed":
+        message: Ready | StartupFailed = from_engine.recv()
+        if isinstance(message, StartupFailed):
             self.process.join()
-            raise _remote_error(*message[1:])
+            raise _remote_error(message.error_type, message.message)
         self._num_sent = 0
         self.metrics.new_engine()
-        self._record_stats(message[1])
+        self._record_stats(message.stats)
         self._to_engine, self._from_engine = to_engine, from_engine
 
     @property
@@ -169,7 +185,7 @@ class AsyncEngine:
             self._stopping = True
             self.state = "stopping"
         atexit.unregister(self.shutdown)
-        self._outbox.put(("shutdown",))
+        self._outbox.put(Shutdown())
         self._outbox.put(None)
         self._reap(timeout)
         for thread in self._threads:
@@ -209,7 +225,7 @@ class AsyncEngine:
             self._check_accepting()
             self._streams[request_id] = stream
         self._num_sent += 1
-        self._outbox.put(("add", request_id, prompt, params, time.monotonic()))
+        self._outbox.put(AddRequest(request_id, prompt, params, time.monotonic()))
         output = RequestOutput(request_id, prompt.get("prompt"), prompt["prompt_token_ids"],
                                [CompletionOutput(i, "", []) for i in range(params.n)], finished=False)
         try:
@@ -231,7 +247,7 @@ class AsyncEngine:
         finally:
             self._streams.pop(request_id, None)
             if not output.finished:
-                self._outbox.put(("abort", request_id))
+                self._outbox.put(Abort(request_id))
 
     def check_admission(self, num_requests: int = 1) -> None:
         """Raise (before any work starts) unless num_requests more can be taken now."""
@@ -250,7 +266,7 @@ class AsyncEngine:
         with self._lock:
             self._check_accepting()
             self._calls[call_id] = (loop, future)
-        self._outbox.put(("call", call_id, method, args))
+        self._outbox.put(Call(call_id, method, args))
         try:
             return await future
         finally:
@@ -288,18 +304,18 @@ class AsyncEngine:
         """Until the engine process stops: None if it was told to, else why it died."""
         try:
             while True:
-                message = self._from_engine.recv()
-                kind = message[0]
-                if kind == "report":
-                    self._on_report(message[1])
-                elif kind == "rejected":
-                    self._fail_stream(message[1], ValueError(message[2]))
-                elif kind == "request_error":
-                    self._fail_stream(message[1], RequestFailedError(message[2]))
-                elif kind == "reply":
-                    self._on_reply(*message[1:])
-                elif kind == "dead":
-                    return message[1]
+                message: FromEngine = self._from_engine.recv()
+                match message:
+                    case StepReport():
+                        self._on_report(message)
+                    case Rejected(request_id, error):
+                        self._fail_stream(request_id, ValueError(error))
+                    case RequestError(request_id, error_type):
+                        self._fail_stream(request_id, RequestFailedError(error_type))
+                    case Reply():
+                        self._on_reply(message)
+                    case EngineDied(why):
+                        return why
         except (EOFError, OSError):
             if self._stopping:
                 return None
@@ -324,7 +340,7 @@ class AsyncEngine:
             return False
         if self._stopping:  # shut down while it started (the sender thread is gone): this one stops too
             with suppress(OSError):
-                self._to_engine.send(("shutdown",))
+                self._to_engine.send(Shutdown())
             return False
         self._set_state("ok")
         return True
@@ -345,13 +361,13 @@ class AsyncEngine:
         self.latest_stats = {"requests_received": 0, **stats}
         self.metrics.record_stats(self.latest_stats)
 
-    def _on_reply(self, call_id: int, result: Any, error: tuple[str, str] | None) -> None:
-        pending = self._calls.get(call_id)
+    def _on_reply(self, reply: Reply) -> None:
+        pending = self._calls.get(reply.call_id)
         if pending is None:
             return  # the caller left
         loop, future = pending
-        outcome = _remote_error(*error) if error is not None else None
-        loop.call_soon_threadsafe(_settle, future, result, outcome)
+        outcome = _remote_error(*reply.error) if reply.error is not None else None
+        loop.call_soon_threadsafe(_settle, future, reply.result, outcome)
 
     def _fail_stream(self, request_id: str, error: BaseException) -> None:
         stream = self._streams.get(request_id)

@@ -2,15 +2,9 @@
 
 When the HTTP front (event loop, JSON, SSE) and the engine loop shared one interpreter, every GIL hand-off
 between them slowed the steps (benchmarks/gil_contention.py). Here the front sends requests, aborts and
-calls through one pipe and gets one StepReport per step back through another. Only what changed travels
-(new tokens, text and logprobs), so a step costs the same to report late in a long output as early on.
-
-Messages to the engine process: ("add", request_id, prompt, params, arrival_time), ("abort", request_id),
-("call", call_id, method, args), ("shutdown",). From it: ("ready", stats) or ("failed", error_type, message)
-once, then ("report", StepReport), ("rejected", request_id, message) (bad input), ("request_error", request_id,
-error_type) (adding it raised otherwise), ("reply", call_id, result, error), and ("dead", message) if a step
-raised. A step that fails on one request alone aborts that request (its delta carries the error) and goes on;
-only a fault of the engine itself ends the loop.
+calls through one pipe and gets one StepReport per step back through another (the messages:
+serve/messages.py). A step that fails on one request alone aborts that request (its delta carries the error)
+and goes on; only a fault of the engine itself ends the loop.
 """
 
 from __future__ import annotations
@@ -20,56 +14,36 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
 
 import torch
 
 from microscale.config import EngineArgs
 from microscale.engine.engine import LLMEngine
 from microscale.engine.sequence import Request
-from microscale.outputs import SampleLogprobs
 from microscale.serve import fault_injection
+from microscale.serve.messages import (
+    Abort,
+    AddRequest,
+    Call,
+    CompletionDelta,
+    EngineDied,
+    Ready,
+    Rejected,
+    Reply,
+    RequestDelta,
+    RequestError,
+    Shutdown,
+    StartupFailed,
+    StepReport,
+    ToEngine,
+)
 
 logger = logging.getLogger(__name__)
 
 _SYSTEM_STATS_PERIOD_S = 1.0
 # Engine methods the front may call between steps (the model is only touched on this process's thread).
 _CALLABLE = ("prompt_logprobs",)
-
-
-@dataclass
-class CompletionDelta:
-    """One sequence's progress since the last report."""
-
-    index: int
-    token_ids: list[int]
-    text: str
-    logprobs: SampleLogprobs | None
-    num_output_tokens: int
-    cumulative_logprob: float | None
-    finish_reason: str | None
-    stop_reason: int | str | None
-
-
-@dataclass
-class RequestDelta:
-    request_id: str
-    completions: list[CompletionDelta]
-    finished: bool
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    metrics: dict[str, float]  # arrival_time, first_scheduled_time, first_token_time (time.monotonic())
-    error: str | None = None  # the engine aborted the request: this failed on it (the exception's type only)
-
-
-@dataclass
-class StepReport:
-    deltas: list[RequestDelta]
-    # LLMEngine.get_stats() after the step, plus requests_received and this process's memory figures.
-    stats: dict[str, float]
-    step_seconds: float | None  # None: no step ran (an update after aborts while idle)
 
 
 def error_message(e: BaseException) -> tuple[str, str]:
@@ -89,7 +63,7 @@ class EngineCore:
         self._system_time = -_SYSTEM_STATS_PERIOD_S
 
     def run(self) -> bool:
-        """Until the front says shut down or goes away (True), or a step raises (False, after a "dead" message)."""
+        """Until the front says shut down or goes away (True), or a step raises (False, after an EngineDied message)."""
         try:
             while self._take_messages():
                 if self.engine.has_unfinished_requests():
@@ -97,7 +71,7 @@ class EngineCore:
             return True
         except Exception as e:
             logger.exception("engine loop died")
-            self.outbox.send(("dead", "{}: {}".format(*error_message(e))))
+            self.outbox.send(EngineDied("{}: {}".format(*error_message(e))))
             return False
 
     def _take_messages(self) -> bool:
@@ -114,45 +88,49 @@ class EngineCore:
             return False
         return True
 
-    def _handle(self, message: tuple) -> bool:
-        kind = message[0]
-        if kind == "add":
-            self._add(*message[1:])
-        elif kind == "abort":
-            request = self.engine.abort_request(message[1])
-            if request is not None:
-                self._pending.append(self._safe_delta(request))
-        elif kind == "call":
-            self._call(*message[1:])
-        elif kind == "shutdown":
-            return False
-        else:
-            raise ValueError(f"unknown message {kind!r} from the server front")
+    def _handle(self, message: ToEngine) -> bool:
+        """False once told to shut down."""
+        match message:
+            case AddRequest():
+                self._add(message)
+            case Abort(request_id):
+                request = self.engine.abort_request(request_id)
+                if request is not None:
+                    self._pending.append(self._safe_delta(request))
+            case Call():
+                self._call(message)
+            case Shutdown():
+                return False
+            case _:
+                raise ValueError(f"unknown message {message!r} from the server front")
         return True
 
-    def _add(self, request_id: str, prompt: Any, params: Any, arrival_time: float) -> None:
+    def _add(self, message: AddRequest) -> None:
         self._requests_received += 1
+        request_id = message.request_id
         try:
-            request = self.engine.add_request(request_id, prompt, params, arrival_time=arrival_time)
+            request = self.engine.add_request(request_id, message.prompt, message.params,
+                                              arrival_time=message.arrival_time)
         except ValueError as e:
-            self.outbox.send(("rejected", request_id, str(e)))
+            self.outbox.send(Rejected(request_id, str(e)))
             return
         except Exception as e:  # a bug this request's input hit: it fails, the engine goes on
             logger.exception("request %s could not be added", request_id)
-            self.outbox.send(("request_error", request_id, type(e).__name__))
+            self.outbox.send(RequestError(request_id, type(e).__name__))
             return
         self._sent_tokens[request_id] = [0] * len(request.seqs)
 
-    def _call(self, call_id: int, method: str, args: tuple) -> None:
-        if method not in _CALLABLE:
-            self.outbox.send(("reply", call_id, None, ("ValueError", f"{method!r} cannot be called remotely")))
+    def _call(self, message: Call) -> None:
+        if message.method not in _CALLABLE:
+            error = ("ValueError", f"{message.method!r} cannot be called remotely")
+            self.outbox.send(Reply(message.call_id, None, error))
             return
         try:
-            result = getattr(self.engine, method)(*args)
+            result = getattr(self.engine, message.method)(*message.args)
         except Exception as e:  # the caller's error (a bad prompt), not the engine's: the loop goes on
-            self.outbox.send(("reply", call_id, None, error_message(e)))
+            self.outbox.send(Reply(message.call_id, None, error_message(e)))
         else:
-            self.outbox.send(("reply", call_id, result, None))
+            self.outbox.send(Reply(message.call_id, result, None))
 
     def _step(self) -> None:
         started = time.monotonic()
@@ -164,7 +142,7 @@ class EngineCore:
     def _report(self, step_seconds: float | None) -> None:
         deltas, self._pending = self._pending, []
         stats = {**self.engine.get_stats(), "requests_received": self._requests_received, **self._system_stats()}
-        self.outbox.send(("report", StepReport(deltas, stats, step_seconds)))
+        self.outbox.send(StepReport(deltas, stats, step_seconds))
 
     def _safe_delta(self, request: Request) -> RequestDelta:
         """The request's delta; should reporting it fail (say, in its detokenizer), it is aborted with an error."""
@@ -234,11 +212,11 @@ def run_engine_core(args: EngineArgs, inbox: Connection, outbox: Connection, log
     try:
         engine = LLMEngine(args)
     except Exception as e:
-        outbox.send(("failed", *error_message(e)))
+        outbox.send(StartupFailed(*error_message(e)))
         return
     if fault_injection.enabled():
         fault_injection.install(engine)
-    outbox.send(("ready", engine.get_stats()))
+    outbox.send(Ready(engine.get_stats()))
     healthy = EngineCore(engine, inbox, outbox).run()
     engine.shutdown()  # tensor-parallel workers
     if not healthy:

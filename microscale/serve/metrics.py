@@ -16,7 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from microscale.serve.engine_core import RequestDelta, StepReport, resident_memory_bytes
+from microscale.serve.engine_core import resident_memory_bytes
+from microscale.serve.messages import RequestDelta, StepReport
 
 PREFIX = "microscale:"
 FINISH_REASONS = ("stop", "length", "abort")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from microscale.attention.decode_buffer import DecodeBuffer
-from microscale.attention.metadata import AttentionMetadata, DecodeBatch, PrefillChunk
+from microscale.attention.metadata import AttentionMetadata, DecodeBatch, DecodeSequences, PrefillChunk
 from microscale.attention.torch_backend import TorchAttentionBackend
 from microscale.quant.kv_cache import KVCache, kv_scales_from_amax, make_kv_cache
 
@@ -92,22 +92,15 @@ def test_matches_naive_attention(dtype, tol, heads, kv_heads, window, source, wi
     for i, (cached, _) in enumerate(layout):  # what earlier steps wrote
         write(kv_cache, tables[i], full_k[i][:cached], full_v[i][:cached], range(cached))
 
-    # The persistent decode buffer holds the decodes' cached contexts contiguously, one row each, as read from
-    # the paged cache.
-    cap = 40
-    keys_buf = torch.zeros(1, 4, kv_heads, cap, dim, dtype=dtype)
-    values_buf = torch.zeros(1, 4, kv_heads, cap, dim, dtype=dtype)
-    for row in range(4):
-        cached = layout[row][0]
-        keys, values = held(kv_cache, tables[row], cached)
-        keys_buf[0, row, :, :cached] = keys.transpose(0, 1)
-        values_buf[0, row, :, :cached] = values.transpose(0, 1)
-    decode = DecodeBatch(4, torch.tensor([30, 27, 3, 0]), 31)
+    decode = DecodeBatch(4, torch.tensor([30, 27, 3, 0]), 31,
+                         sequences=DecodeSequences([0, 1, 2, 3], [30, 27, 3, 0], tables[:4]))
+    backend = TorchAttentionBackend()
     if source == "buffer":
-        decode.keys, decode.values, decode.length = keys_buf, values_buf, cap
-    else:
-        width = max(len(t) for t in tables[:4])
-        decode.block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables[:4]])
+        # The persistent decode buffer holds the decodes' cached contexts contiguously, one row each, as read
+        # from the paged cache (rows 0..3, filled when the step is prepared).
+        backend.bind_kv_caches([kv_cache], num_blocks, BLOCK, max_num_seqs=4, max_model_len=40)
+        keys_buf, values_buf = backend.decode_buffer.k, backend.decode_buffer.v
+    # else: decodes read the paged cache through the block tables padded from `sequences`
     prefills, start = [], 4
     for i in (4, 5):
         cached, new = layout[i]
@@ -126,7 +119,8 @@ def test_matches_naive_attention(dtype, tol, heads, kv_heads, window, source, wi
 
     # Sinks around the scores' magnitude, so they take a real share of the attention mass.
     sinks = torch.randn(heads) + 1.0 if with_sinks else None
-    out = TorchAttentionBackend().forward(q, k_new, v_new, kv_cache, meta, scale, window, 0, sinks)
+    backend.prepare(meta)
+    out = backend.forward(q, k_new, v_new, kv_cache, meta, scale, window, 0, sinks)
 
     row = 0
     for i, (cached, new) in enumerate(layout):
@@ -194,7 +188,11 @@ def test_decode_buffer_rows_follow_the_paged_cache(kv_quant):
                        initial_len=8)
 
     def check(seqs):
-        ordered = buf.assign(seqs, caches, BLOCK)
+        decodes = DecodeSequences([s.seq_id for s in seqs], [s.num_computed_tokens for s in seqs],
+                                  [s.block_table for s in seqs])
+        rows = buf.assign(decodes, caches, BLOCK)
+        assert rows == [buf.row_of[s.seq_id] for s in seqs]
+        ordered = sorted(seqs, key=lambda s: buf.row_of[s.seq_id])
         assert sorted(buf.row_of[s.seq_id] for s in ordered) == list(range(len(seqs)))  # dense rows
         for s in ordered:
             row, used = buf.row_of[s.seq_id], s.num_computed_tokens

@@ -55,7 +55,7 @@ def _sent_steps(tiny_model, monkeypatch) -> tuple[list, list]:
     # max_model_len: decodes read paged blocks, as under tensor parallelism.
     llm = LLM(str(tiny_model("llama")), dtype="float32", max_model_len=64, max_num_seqs=2, block_size=BLOCK_SIZE,
               kv_cache_memory=24 * BLOCK_SIZE * 512 / 2**30)
-    assert llm.engine.runner.decode_buffer is None
+    assert llm.engine.runner.attention_backend.decode_buffer is None
     monkeypatch.setattr(model_runner, "step_tensors", spy)
     workers = llm.engine.runner.workers = _RecordingWorkers()
     try:
@@ -91,7 +91,7 @@ def test_a_rank_builds_a_step_on_its_own_device(tiny_model, monkeypatch):
         tensors = [input_ids, positions, meta.slot_blocks, meta.slot_offsets, rows]
         tensors += [chunk.block_table for chunk in meta.prefills]
         if meta.decode is not None:
-            tensors += [meta.decode.positions, meta.decode.block_tables, meta.decode.context_lens]
+            tensors += [meta.decode.positions, meta.decode.paged_block_tables(), meta.decode.context_lens]
         assert all(t.device == meta_device for t in tensors)
         assert [(c.query_start, c.query_len, c.context_start) for c in meta.prefills] == [
             (step.num_decodes + sum(q for q, _, _ in step.prefills[:i]), q, start)

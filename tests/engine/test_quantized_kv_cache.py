@@ -49,7 +49,7 @@ def model_dir(tiny_model):
 @pytest.mark.parametrize("kv_cache_quant", ["int8", "fp8"])
 def test_every_attention_path_gives_the_same_tokens(model_dir, kv_cache_quant):
     alone = make_llm(model_dir, kv_cache_quant, enable_prefix_caching=False)
-    assert alone.engine.runner.decode_buffer is not None
+    assert alone.engine.runner.attention_backend.decode_buffer is not None
     reference = [run(alone, [p], [sp])[0] for p, sp in zip(PROMPTS, PARAMS)]
     assert [len(t) for t in reference] == [sp.max_tokens for sp in PARAMS]
 
@@ -61,7 +61,7 @@ def test_every_attention_path_gives_the_same_tokens(model_dir, kv_cache_quant):
     gib = 12 * alone.engine.runner.kv_block_bytes(BLOCK) / _GIB
     paged = make_llm(model_dir, kv_cache_quant, kv_cache_memory=gib, max_num_seqs=6)
     assert paged.engine.block_manager.num_blocks == 12
-    assert paged.engine.runner.decode_buffer is None
+    assert paged.engine.runner.attention_backend.decode_buffer is None
     assert run(paged, PROMPTS, PARAMS) == reference
     assert paged.engine.scheduler.num_preemptions > 0
 

@@ -50,7 +50,7 @@ def make_case(
 def reference(cache, q, tables, context_lens, scale, window, sinks):
     lens = context_lens.long()
     batch = DecodeBatch(size=len(lens), positions=lens - 1, length=int(lens.max()), block_tables=tables.long())
-    return TorchAttentionBackend._decode(q, None, None, cache, batch, 0, scale, window, sinks)
+    return TorchAttentionBackend._decode(q, None, None, cache, batch, scale, window, sinks)
 
 
 def run_case(cache, q, tables, context_lens, window, sinks, num_splits):

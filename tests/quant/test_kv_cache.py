@@ -226,7 +226,7 @@ def test_runner_binds_each_layer_its_cache_and_drops_stale_buffer_rows():
     r.allocate_kv_cache(num_blocks=16, block_size=BLOCK)
     assert [layer.kv_cache for layer in r.attention_layers] == r.kv_caches
     assert r.kv_caches[0].data.dtype == torch.int8 and r.kv_caches[0].data.shape == (2, 16, BLOCK, KV_HEADS, DIM)
-    assert r.decode_buffer is not None
-    r.decode_buffer.row_of, r.decode_buffer.length = {7: 0}, {7: 3}
+    assert r.attention_backend.decode_buffer is not None
+    r.attention_backend.decode_buffer.row_of, r.attention_backend.decode_buffer.length = {7: 0}, {7: 3}
     r.set_kv_scales(1, torch.full((KV_HEADS,), 0.1), torch.full((KV_HEADS,), 0.2))
-    assert r.decode_buffer.row_of == {} and r.kv_caches[1].token_scales is None
+    assert r.attention_backend.decode_buffer.row_of == {} and r.kv_caches[1].token_scales is None
