@@ -25,7 +25,7 @@ from serving_throughput import start_server
 
 from microscale.bench.datasets import load_dataset
 from microscale.bench.serve_load import LoadSettings, run_load
-from microscale.distributed.workers import free_port
+from microscale.distributed.launch import free_port
 from microscale.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent

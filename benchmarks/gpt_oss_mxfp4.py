@@ -27,8 +27,8 @@ from decode_timing import decode_tokens_per_s
 
 from microscale import LLM
 from microscale.eval.perplexity import perplexity
+from microscale.export import quantize_checkpoint
 from microscale.layers.moe import FusedMoE
-from microscale.quant.export import quantize_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "models" / "tiny-gptoss-pycode"

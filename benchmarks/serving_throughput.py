@@ -31,7 +31,7 @@ from microscale.bench.config import load_config
 from microscale.bench.datasets import load_dataset
 from microscale.bench.serve_load import LoadSettings, run_load
 from microscale.bench.throughput import run_throughput
-from microscale.distributed.workers import free_port
+from microscale.distributed.launch import free_port
 from microscale.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -322,7 +322,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def _run_as_torchrun_worker(args: argparse.Namespace) -> bool:
     """Under torchrun every rank runs the same command; ranks other than 0 serve rank 0's engine as
     tensor-parallel workers instead (and return once it shuts down)."""
-    from microscale.distributed.workers import run_worker, torchrun_rank
+    from microscale.distributed.launch import torchrun_rank
+    from microscale.engine.worker import run_worker
 
     launched = torchrun_rank()
     if getattr(args, "tensor_parallel_size", 1) <= 1 or launched is None or launched[0] == 0:
@@ -406,8 +407,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     from microscale.engine.engine import LLMEngine
     from microscale.eval.compare import compare
+    from microscale.export import quantize_checkpoint, write_accuracy_report
     from microscale.models.loader import resolve_model_path
-    from microscale.quant.export import quantize_checkpoint, write_accuracy_report
 
     if args.verify and not args.verify_data:
         raise CLIError("--verify needs --verify-data FILE (held-out text, not the calibration data)")

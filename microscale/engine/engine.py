@@ -1,28 +1,23 @@
 """LLMEngine: requests in, one step at a time: schedule -> one forward -> sample -> update sequences. The
-scheduler does every step's bookkeeping; the engine composes it with the model runner and the sampler."""
+scheduler does every step's bookkeeping; the engine composes it with the executor (all ranks' forward) and the
+sampler."""
 
 from __future__ import annotations
-
-import logging
 
 import torch
 
 from microscale.config import EngineArgs, SchedulerConfig
-from microscale.distributed.workers import start_tensor_parallel
 from microscale.engine.block_manager import BlockManager
+from microscale.engine.calibration import calibrate, calibration_windows
 from microscale.engine.detokenizer import IncrementalDetokenizer
+from microscale.engine.executor import Executor
 from microscale.engine.inputs import InputProcessor, PromptType
 from microscale.engine.logprobs import prompt_logprobs
 from microscale.engine.sampler import Sampler, sample
 from microscale.engine.scheduler import Scheduler
 from microscale.engine.sequence import Request, Sequence
-from microscale.engine.shard import build_shard
 from microscale.outputs import RequestOutput, SampleLogprobs
-from microscale.quant.calibration import calibrate
-from microscale.quant.kv_cache import kv_scales_from_amax
 from microscale.sampling_params import SamplingParams
-
-logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -32,42 +27,22 @@ class LLMEngine:
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # Tokenizer, model config, generation defaults and prompt checks (shared with the server's front).
         self.inputs = inputs = InputProcessor(args)
-        self.model_config = cfg = inputs.model_config
+        self.model_config = inputs.model_config
         self.tokenizer, self.eos_token_ids = inputs.tokenizer, inputs.eos_token_ids
         max_model_len = inputs.max_model_len
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len)
-        # Tensor parallel: the other ranks start (and join the group) before any shard is built.
-        workers = start_tensor_parallel(args, cfg, self.device)
-        try:
-            shard = build_shard(args, inputs, self.device)
-        except BaseException:
-            if workers is not None:
-                workers.shutdown()
-            raise
+        self.executor = Executor(args, inputs, self.device)
+        shard = self.executor.shard
         self.runner, self.dtype, self.quant = shard.runner, shard.dtype, shard.quant
-        self.runner.workers = workers
-        kv_cache_quant, num_blocks = shard.kv_cache_quant, shard.num_blocks
-        self.graph_capture_seconds = self._capture_decode_graphs()
-        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching,
+        self.graph_capture_seconds = shard.graph_capture_seconds
+        self.block_manager = BlockManager(shard.num_blocks, args.block_size, args.enable_prefix_caching,
                                           shard.num_host_blocks)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager, self.eos_token_ids, self.tokenizer)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         if args.calib_config is not None:
-            kv_amax = calibrate(self, args.calib_config)
-            if kv_cache_quant is not None:
-                for layer, (k_amax, v_amax) in kv_amax.items():
-                    self.runner.set_kv_scales(layer, *kv_scales_from_amax(kv_cache_quant, k_amax, v_amax))
-
-    def _capture_decode_graphs(self) -> float | None:
-        """On a GPU with the Triton kernels, unless enforce_eager: decode steps replay CUDA graphs."""
-        if self.args.enforce_eager or self.device.type != "cuda":
-            return None
-        reason = self.runner.graphs_unavailable_reason()
-        if reason is not None:
-            logger.info("decode steps run eagerly: %s", reason)
-            return None
-        return self.runner.enable_decode_graphs()
+            windows = calibration_windows(self.tokenizer, args.calib_config, max_model_len)
+            shard.set_kv_amax(calibrate(self.runner.model, self.prompt_logits, windows))
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -107,7 +82,7 @@ class LLMEngine:
         chunks of max_num_batched_tokens, on KV blocks borrowed for the call (nothing enters the prefix cache)."""
         ids = list(token_ids)
         self.inputs.validate_prompt(ids, room_to_generate=False)
-        return torch.cat(self.scheduler.score_prompt(ids, lambda c: self.runner.execute_all_logits([c]).float()))
+        return torch.cat(self.scheduler.score_prompt(ids, lambda c: self.executor.execute_all_logits([c]).float()))
 
     def prompt_logprobs(self, token_ids: list[int], top_n: int) -> SampleLogprobs:
         """Per prompt token after the first (which has none): its logprob, rank and the top_n, in the shape of
@@ -125,9 +100,9 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         if not chunks:
             if self.scheduler.swaps:  # every running sequence was swapped out: copy before blocks are reused
-                self.runner.execute([], self.scheduler.swaps)
+                self.executor.execute([], self.scheduler.swaps)
             return []
-        logits, sampling = self.runner.execute(chunks, self.scheduler.swaps)
+        logits, sampling = self.executor.execute(chunks, self.scheduler.swaps)
         seqs = [chunk.seq for chunk in sampling]
         rows = [seq.sampling_row() for seq in seqs]
         tokens = sample(self.sampler, logits, rows, self.eos_token_ids, self.model_config.vocab_size)
@@ -137,16 +112,9 @@ class LLMEngine:
                 self.requests.pop(request.request_id, None)
         return touched
 
-    @property
-    def workers(self):
-        """Rank 0's handle on the tensor-parallel workers (None on one device or after shutdown)."""
-        return self.runner.workers
-
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers and leave their group (nothing to do on one device)."""
-        if self.runner.workers is not None:
-            self.runner.workers.shutdown()
-            self.runner.workers = None
+        self.executor.shutdown()
 
     def get_stats(self) -> dict[str, float]:
         return self.scheduler.get_stats()

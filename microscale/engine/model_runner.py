@@ -1,15 +1,15 @@
 """Turns a scheduled step into one flat batch of tensors, runs the model once, and returns the logits of
 the sequences that sample a token this step.
 
-The tensor-parallel seam lives here: rank 0 broadcasts each step's StepInputs (host lists), and every rank
-runs the same forward on its shard of the model; only the sampled ids leave the device.
+A step travels as StepInputs (host lists): under tensor parallelism that is what rank 0's executor broadcasts,
+and every rank builds its tensors from it and runs the same forward on its shard of the model; the runner
+itself knows no ranks. Only the sampled ids leave the device.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,7 +17,6 @@ from torch import nn
 from microscale.attention.metadata import AttentionMetadata, DecodeBatch, DecodeSequences, PrefillChunk
 from microscale.attention.selector import select_attention_backend
 from microscale.config import ModelConfig
-from microscale.distributed.parallel_state import tp_rank, tp_size
 from microscale.engine.block_manager import SwapPlan
 from microscale.engine.cuda_graphs import CudaGraph, DecodeGraphs
 from microscale.engine.sampler import Sampler, SamplingBatch
@@ -26,9 +25,6 @@ from microscale.kernels.selector import resolve_kernel_backend
 from microscale.layers.attention import Attention
 from microscale.layers.moe import FusedMoE
 from microscale.quant.kv_cache import make_kv_cache
-
-if TYPE_CHECKING:
-    from microscale.distributed.workers import Workers
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +52,10 @@ class ModelRunner:
     def __init__(
         self, model: nn.Module, config: ModelConfig, device: torch.device, dtype: torch.dtype, max_num_seqs: int,
         max_model_len: int, kv_cache_quant: str | None = None, kernel_backend: str = "auto",
+        shared_steps: bool = False,
     ) -> None:
+        """shared_steps: other processes run every step beside this one (tensor parallelism), so decode steps
+        run eagerly here too (the workers run each broadcast step eagerly)."""
         self.model = model
         self.config = config
         self.device = device
@@ -81,7 +80,7 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.decode_graphs: DecodeGraphs | None = None
-        self.workers: Workers | None = None  # rank 0 under tensor parallelism (set by the engine)
+        self.shared_steps = shared_steps
         self.scratch_block = 0
 
     def kv_block_bytes(self, block_size: int) -> int:
@@ -113,17 +112,18 @@ class ModelRunner:
                                               self.max_model_len)
 
     @torch.inference_mode()
-    def profile_step(self, num_tokens: int, block_size: int) -> None:
+    def profile_step(self, num_tokens: int, block_size: int, sample: bool = True) -> None:
         """One dummy step as large as the scheduler makes, run for the memory it takes (before the KV cache is
         sized): `num_tokens` prompt tokens in chunks of at most max_model_len, the logits of as many rows as a
         step samples, and the sampler's costliest path on them. Every token writes into the one block of a
-        placeholder cache, which allocate_kv_cache replaces."""
+        placeholder cache, which allocate_kv_cache replaces. sample: False on a tensor-parallel worker (its
+        logits are discarded)."""
         for cache in self.kv_caches:
             cache.allocate(1, block_size)
         self.block_size = block_size
         step = _profile_inputs(num_tokens, self.max_model_len, self.max_num_seqs, block_size)
         logits = self.forward_logits(step)
-        if tp_rank() == 0:  # workers discard their logits
+        if sample:
             Sampler()(logits, _costliest_sampling(len(step.rows), self.device))
 
     def prepare(
@@ -161,7 +161,7 @@ class ModelRunner:
         return step, sampling
 
     def graphs_unavailable_reason(self) -> str | None:
-        if tp_size() > 1:
+        if self.shared_steps:
             return "tensor parallel workers run each broadcast step eagerly"
         if not self.attention_backend.graph_safe:
             return f"the {self.attention_backend.name} attention backend is not graph-safe (Triton's is)"
@@ -179,42 +179,19 @@ class ModelRunner:
         with torch.inference_mode():
             return self.decode_graphs.capture()
 
-    def execute(
-        self, chunks: list[ScheduledChunk], swaps: SwapPlan | None = None
-    ) -> tuple[torch.Tensor | None, list[ScheduledChunk]]:
-        """Run one step (its block copies first); returns the logits of the sampling chunks (None for a step of
-        copies only), and those chunks in the same order."""
-        step, sampling = self.prepare(chunks, swaps)
-        return self.forward_logits(step), sampling
-
-    def execute_all_logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Run one step; returns the logits of every token of the flat batch (decodes first, then prefill
-        chunks), e.g. to score a prompt."""
-        step, _ = self.prepare(chunks)
-        step.rows = None
-        return self.forward_logits(step)
-
     @torch.inference_mode()
     def forward_logits(self, step: StepInputs) -> torch.Tensor | None:
         """The step's block copies, then one forward and the logits of `step.rows` (None: no tokens, only
-        copies). Under tensor parallelism rank 0 first broadcasts the step (host data), and every rank builds its
-        tensors on its own device and runs the same forward on its shard (workers discard the logits)."""
-        if self.workers is not None:
-            self.workers.send(step)
+        copies). The tensors are built here, on this runner's device."""
         self._swap(step)
         if not step.input_ids:
             return None
         input_ids, positions, meta, rows = step_tensors(step, self.device, self.block_size)
         self.attention_backend.prepare(meta)
-        try:
-            hidden = None if self.decode_graphs is None else self.decode_graphs.run(input_ids, positions, meta)
-            if hidden is None:
-                hidden = self.model(input_ids, positions, meta)
-            return self.model.compute_logits(hidden if rows is None else hidden[rows])
-        except RuntimeError as e:
-            if self.workers is not None:  # a collective failed: say which rank died
-                raise self.workers.failure(e) from e
-            raise
+        hidden = None if self.decode_graphs is None else self.decode_graphs.run(input_ids, positions, meta)
+        if hidden is None:
+            hidden = self.model(input_ids, positions, meta)
+        return self.model.compute_logits(hidden if rows is None else hidden[rows])
 
     def _swap(self, step: StepInputs) -> None:
         """The step's block copies, in every layer: swap-outs first (swap-ins may refill the blocks they free)."""

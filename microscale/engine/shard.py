@@ -1,4 +1,5 @@
-"""One rank's share of the engine: its model shard, its ModelRunner and its KV cache. The LLMEngine (rank 0)
+"""One rank's share of the engine, built in one call: its model shard, its ModelRunner, its KV cache (sized,
+allocated, with the checkpoint's static scales) and, where they apply, its decode graphs. Rank 0's executor
 and every tensor-parallel worker build it the same way, so their collectives line up."""
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from microscale.config import EngineArgs, resolve_dtype
-from microscale.distributed.parallel_state import min_over_ranks
+from microscale.distributed.parallel_state import min_over_ranks, tp_rank, tp_size
 from microscale.engine.inputs import InputProcessor
 from microscale.engine.model_runner import ModelRunner
 from microscale.models.loader import load_model
+from microscale.quant.kv_cache import kv_scales_from_amax
 from microscale.quant.scheme import QuantScheme
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,14 @@ class EngineShard:
     dtype: torch.dtype
     quant: QuantScheme
     kv_cache_quant: str | None
+    graph_capture_seconds: float | None  # None: decode steps run eagerly
+
+    def set_kv_amax(self, kv_amax: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Static KV cache scales from calibration's largest |k| and |v| per layer (a 16-bit cache takes none)."""
+        if self.kv_cache_quant is None:
+            return
+        for layer, (k_amax, v_amax) in kv_amax.items():
+            self.runner.set_kv_scales(layer, *kv_scales_from_amax(self.kv_cache_quant, k_amax, v_amax))
 
 
 def build_shard(args: EngineArgs, inputs: InputProcessor, device: torch.device) -> EngineShard:
@@ -50,12 +60,24 @@ def build_shard(args: EngineArgs, inputs: InputProcessor, device: torch.device) 
     logger.info("loaded %s (%s, %s) in %.1fs", cfg.architecture, dtype, device, time.perf_counter() - started)
     kv_cache_quant = args.kv_cache_quant or quant.checkpoint_kv_cache
     runner = ModelRunner(model, cfg, device, dtype, args.max_num_seqs, max_model_len, kv_cache_quant=kv_cache_quant,
-                         kernel_backend=args.kernel_backend)
+                         kernel_backend=args.kernel_backend, shared_steps=tp_size() > 1)
     _apply_checkpoint_kv_scales(runner, kv_scales, kv_cache_quant)
     num_blocks = min_over_ranks(_num_kv_blocks(args, runner, device, max_model_len, start))
     num_host_blocks = min_over_ranks(_num_swap_blocks(args, runner, max_model_len))
     runner.allocate_kv_cache(num_blocks, args.block_size, num_host_blocks)
-    return EngineShard(runner, num_blocks, num_host_blocks, dtype, quant, kv_cache_quant)
+    graph_capture_seconds = _capture_decode_graphs(args, runner, device)
+    return EngineShard(runner, num_blocks, num_host_blocks, dtype, quant, kv_cache_quant, graph_capture_seconds)
+
+
+def _capture_decode_graphs(args: EngineArgs, runner: ModelRunner, device: torch.device) -> float | None:
+    """On a GPU with the Triton kernels, unless enforce_eager: decode steps replay CUDA graphs."""
+    if args.enforce_eager or device.type != "cuda":
+        return None
+    reason = runner.graphs_unavailable_reason()
+    if reason is not None:
+        logger.info("decode steps run eagerly: %s", reason)
+        return None
+    return runner.enable_decode_graphs()
 
 
 def _num_swap_blocks(args: EngineArgs, runner: ModelRunner, max_model_len: int) -> int:
@@ -139,7 +161,7 @@ def _profile_gpu_memory(args: EngineArgs, runner: ModelRunner, device: torch.dev
     """Run the largest step the scheduler makes once, and measure what it took."""
     torch.cuda.reset_peak_memory_stats(device)
     held = torch.cuda.memory_allocated(device)
-    runner.profile_step(args.max_num_batched_tokens, args.block_size)
+    runner.profile_step(args.max_num_batched_tokens, args.block_size, sample=tp_rank() == 0)
     peak = torch.cuda.max_memory_allocated(device)
     torch.cuda.empty_cache()  # the step's freed blocks go back to the device, for mem_get_info to count as free
     end = GpuSnapshot.take(device)

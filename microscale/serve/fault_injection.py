@@ -43,7 +43,7 @@ def install(engine: LLMEngine) -> None:
             raise OverflowError("injected request fault")
         return build(cls, rows, *args)
 
-    execute = engine.runner.execute
+    execute = engine.executor.execute
 
     def faulty_execute(chunks: list, *args: Any) -> Any:
         if any(_marked(chunk.seq.request, ENGINE_FAULT) for chunk in chunks):
@@ -57,5 +57,5 @@ def install(engine: LLMEngine) -> None:
         return has_unfinished() and len(held) < len(engine.requests)
 
     SamplingBatch.build = classmethod(faulty_build)  # this process only: the engine process is the test's own
-    engine.runner.execute = faulty_execute
+    engine.executor.execute = faulty_execute
     engine.has_unfinished_requests = has_unfinished_unheld

@@ -1,7 +1,6 @@
-"""The tensor-parallel control path without NCCL: rank 0 broadcasts each step as host data that every rank
-builds on its own device; control messages (and the KV block count) travel over a gloo group whose workers may
-idle for as long as the server does, while the model group keeps COLLECTIVE_TIMEOUT; a dead rank 0 still fails
-an idle worker at once."""
+"""The tensor-parallel control path without NCCL: control messages (and the KV block count) travel over a gloo
+group whose workers may idle for as long as the server does, while the model group keeps COLLECTIVE_TIMEOUT; a
+dead rank 0 still fails an idle worker at once. (What rank 0 broadcasts: tests/engine/test_executor.py.)"""
 
 from __future__ import annotations
 
@@ -13,8 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from microscale import LLM, SamplingParams
 from microscale.distributed import parallel_state
+from microscale.distributed.launch import free_port
 from microscale.distributed.parallel_state import (
     COLLECTIVE_TIMEOUT,
     CONTROL_TIMEOUT,
@@ -24,79 +23,6 @@ from microscale.distributed.parallel_state import (
     init_tensor_parallel,
     min_over_ranks,
 )
-from microscale.distributed.workers import free_port
-from microscale.engine import model_runner
-from microscale.engine.model_runner import StepInputs, step_tensors
-
-BLOCK_SIZE = 4
-PROMPTS = [[5, 17, 99, 3, 250, 42, 7], [300, 12, 12, 8]]
-
-
-class _RecordingWorkers:
-    """Stands in for rank 0's handle on the workers: keeps every step it is asked to broadcast."""
-
-    def __init__(self) -> None:
-        self.sent: list = []
-
-    def send(self, step: StepInputs) -> None:
-        self.sent.append(step)
-
-
-def _sent_steps(tiny_model, monkeypatch) -> tuple[list, list]:
-    """The steps rank 0 broadcasts while generating (decodes and prefills), and (step, device) of every step it
-    built tensors from itself."""
-    built = []
-
-    def spy(step, device, block_size):
-        built.append((step, device))
-        return step_tensors(step, device, block_size)
-
-    # 24 blocks (512 bytes a token: 2 layers x (k, v) x 2 heads x 16 x float32), fewer tokens than max_num_seqs x
-    # max_model_len: decodes read paged blocks, as under tensor parallelism.
-    llm = LLM(str(tiny_model("llama")), dtype="float32", max_model_len=64, max_num_seqs=2, block_size=BLOCK_SIZE,
-              kv_cache_memory=24 * BLOCK_SIZE * 512 / 2**30)
-    assert llm.engine.runner.attention_backend.decode_buffer is None
-    monkeypatch.setattr(model_runner, "step_tensors", spy)
-    workers = llm.engine.runner.workers = _RecordingWorkers()
-    try:
-        llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-    finally:
-        llm.engine.runner.workers = None
-        llm.shutdown()
-    return workers.sent, built
-
-
-def _host_only(value) -> bool:
-    if isinstance(value, (list, tuple)):
-        return all(_host_only(v) for v in value)
-    return value is None or isinstance(value, int)
-
-
-def test_rank_0_broadcasts_host_data_and_builds_its_own_tensors_from_it(tiny_model, monkeypatch):
-    sent, built = _sent_steps(tiny_model, monkeypatch)
-    assert any(s.prefills for s in sent) and any(s.num_decodes for s in sent)
-    # No tensor of rank 0's device goes out: nothing in a message says where it will live.
-    assert all(isinstance(s, StepInputs) and _host_only(list(vars(s).values())) for s in sent)
-    # Rank 0 runs its forward from the very message it sent, on its own device, as every worker does.
-    assert len(built) == len(sent) and all(step is s for (step, _), s in zip(built, sent))
-    assert {device for _, device in built} == {torch.device("cpu")}
-
-
-def test_a_rank_builds_a_step_on_its_own_device(tiny_model, monkeypatch):
-    """`meta` stands in for another rank's device: every tensor of the step lands there, not on rank 0's CPU."""
-    sent, _ = _sent_steps(tiny_model, monkeypatch)
-    meta_device = torch.device("meta")
-    for step in sent:
-        input_ids, positions, meta, rows = step_tensors(step, meta_device, BLOCK_SIZE)
-        tensors = [input_ids, positions, meta.slot_blocks, meta.slot_offsets, rows]
-        tensors += [chunk.block_table for chunk in meta.prefills]
-        if meta.decode is not None:
-            tensors += [meta.decode.positions, meta.decode.paged_block_tables(), meta.decode.context_lens]
-        assert all(t.device == meta_device for t in tensors)
-        assert [(c.query_start, c.query_len, c.context_start) for c in meta.prefills] == [
-            (step.num_decodes + sum(q for q, _, _ in step.prefills[:i]), q, start)
-            for i, (q, start, _) in enumerate(step.prefills)
-        ]
 
 
 class _FakeDist:

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from microscale import LLM, SamplingParams
+from microscale.distributed.launch import free_port
 from microscale.distributed.parallel_state import tp_size
-from microscale.distributed.workers import free_port
 
 KNOBS = dict(dtype="float32", max_model_len=64, max_num_seqs=3, block_size=4)
 PROMPTS = [[5, 17, 99, 3, 250, 42, 7], [300, 12, 12, 8], [61, 70, 71, 72, 90, 91, 5, 17, 99, 3, 250, 42]]
@@ -71,7 +71,7 @@ def test_tp2_loads_a_static_fp8_checkpoint(tiny_model, tmp_path):
     """Static FP8 is calibrated on one device, saved, then loaded split in two: scales are per tensor, so both
     give the same logits."""
     from microscale import CalibConfig
-    from microscale.quant.export import quantize_checkpoint
+    from microscale.export import quantize_checkpoint
 
     text = tmp_path / "calib.txt"
     text.write_text("def add(a, b):\n    return a + b\n" * 40)
@@ -108,7 +108,7 @@ def test_calibration_is_refused_under_tensor_parallelism(tiny_model, tmp_path):
 def test_a_dead_worker_ends_the_engine_with_a_clear_error(tiny_model):
     llm = LLM(str(tiny_model("llama")), tensor_parallel_size=2, kv_cache_memory=_kv_gib(2, None), **KNOBS)
     try:
-        worker = llm.engine.workers.processes[0]
+        worker = llm.engine.executor.processes[0]
         os.kill(worker.pid, signal.SIGKILL)
         worker.join(5)
         started = time.monotonic()

@@ -59,9 +59,9 @@ def test_swapped_preemption_keeps_every_output(model_dir, kv_cache_quant):
     assert len(bm.free_host_blocks) == bm.num_host_blocks  # the swap space is empty again
 
     # A step of copies only (every running sequence swapped out): no forward, block 0 copied out and into 1.
-    runner = llm.engine.runner
+    runner = llm.engine.executor
     assert runner.execute([], SwapPlan(out=[(0, 0)], into=[(0, 1)])) == (None, [])
-    for cache in runner.kv_caches:
+    for cache in llm.engine.runner.kv_caches:
         for stored in cache.block_tensors():
             assert torch.equal(stored[:, 1], stored[:, 0])
 

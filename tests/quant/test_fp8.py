@@ -298,7 +298,7 @@ def test_calibration_is_reproducible_and_jsonl_works(tmp_path, calib_file) -> No
 
 @pytest.mark.parametrize("scheme", ["fp8", "fp8-dynamic"])
 def test_checkpoint_reloads_without_recalibrating(scheme, tmp_path, calib_file) -> None:
-    from microscale.quant.export import quantize_checkpoint
+    from microscale.export import quantize_checkpoint
 
     kwargs = {"calib_config": calib(calib_file)} if scheme == "fp8" else {}
     llm = LLM(str(BUNDLED_MODEL), dtype="float32", quantization=scheme, max_model_len=256, **kwargs)
@@ -316,7 +316,7 @@ def test_checkpoint_reloads_without_recalibrating(scheme, tmp_path, calib_file) 
 
 def test_checkpoint_from_another_tool_and_missing_scales(tmp_path, calib_file) -> None:
     """Scales stored as 0-d tensors (as some tools write them); then a scale deleted."""
-    from microscale.quant.export import quantize_checkpoint
+    from microscale.export import quantize_checkpoint
 
     llm = LLM(str(BUNDLED_MODEL), dtype="float32", quantization="fp8", max_model_len=256,
               calib_config=calib(calib_file))

@@ -15,8 +15,8 @@ from conftest import REPO, TOKENIZER_FILES
 from hf_reference import ATOL, hf_logits, max_diff, prompt_logits, small_llm
 
 from microscale.cli import main
+from microscale.export import quantize_checkpoint
 from microscale.layers.moe import FusedMoE
-from microscale.quant.export import quantize_checkpoint
 from microscale.quant.mxfp4 import pack_mxfp4, unpack_mxfp4
 
 transformers = pytest.importorskip("transformers")

@@ -23,7 +23,7 @@ import uvicorn
 
 from microscale import LLM
 from microscale.config import EngineArgs
-from microscale.distributed.workers import free_port
+from microscale.distributed.launch import free_port
 from microscale.serve.app import build_app
 from microscale.serve.async_engine import AsyncEngine
 from microscale.serve.fault_injection import ENV_VAR as FAULT_INJECTION_ENV

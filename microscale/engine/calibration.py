@@ -1,4 +1,6 @@
-"""Calibration: run sample text through the model and turn what it sees into static scales.
+"""Calibration: run sample text through the model and turn what it sees into static scales. It takes the model
+(to watch) and a scoring callable (to run text through it: the engine passes its prompt scoring), so it knows
+nothing of the engine that serves the model.
 
 FP8 static activations: the largest |input| of each such Linear (while calibrating the layer runs with its
 FP8 weights and 16-bit activations) becomes its input scale (amax / 448). KV cache: the largest |k| and |v|
@@ -9,9 +11,9 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,10 +24,10 @@ from microscale.quant.config import CalibConfig
 from microscale.quant.fp8 import Fp8StaticMethod, fp8_scale
 from microscale.tokenizer import Tokenizer
 
-if TYPE_CHECKING:
-    from microscale.engine.engine import LLMEngine
-
 logger = logging.getLogger(__name__)
+
+# Runs one token sequence through the model (its return value is not read).
+Scorer = Callable[[list[int]], object]
 
 
 def read_documents(path: str | Path) -> list[str]:
@@ -100,12 +102,14 @@ def _recording(model: nn.Module):
             layer.calibrating = False
 
 
-def calibrate(engine: LLMEngine, calib: CalibConfig) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Measure, then set, the static scales of the engine's model; returns the K/V amax per layer."""
-    windows = calibration_windows(engine.tokenizer, calib, engine.scheduler_config.max_model_len)
-    with _recording(engine.runner.model) as (fp8_layers, kv_amax):
+def calibrate(
+    model: nn.Module, score: Scorer, windows: list[list[int]]
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Score every window while `model` records what it sees, then set its static FP8 input scales; returns
+    the K/V amax per attention layer and KV head (the KV cache's scales come from them)."""
+    with _recording(model) as (fp8_layers, kv_amax):
         for window in windows:
-            engine.prompt_logits(window)
+            score(window)
     for layer in fp8_layers:
         layer.quant_method.set_input_scale(layer, fp8_scale(layer.input_amax))
     logger.info("calibrated on %d sequences (%d tokens): %d FP8 input scales, K/V amax of %d layers",
