@@ -53,6 +53,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"],
                    help="kernels for attention, norms, activations (default auto: Triton on a GPU, else torch)")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    g.add_argument("--deterministic", action="store_true",
+                   help="batch-invariant mode: a request's output does not depend on what else is batched with it "
+                        "(CPU; slower)")
     g.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=1, metavar="N",
                    help="split the model over N ranks (GPUs, or shares of the CPU); under torchrun, its world size")
     g.add_argument("--enable-expert-parallel", action="store_true",

@@ -223,6 +223,10 @@ class EngineArgs:
     kernel_backend: str = "auto"
     # Decode steps replay CUDA graphs captured at start-up (Triton kernels on a GPU); True: always eager.
     enforce_eager: bool = False
+    # Batch-invariant mode (SGLang's --enable-deterministic-inference, vLLM's batch invariance): a request's
+    # logits do not depend on what else is in the step, on chunk boundaries or on preemption. CPU only; slower
+    # (padded matmuls, blockwise attention); the torch kernels.
+    deterministic: bool = False
     # Ranks the model is split over (one process each: a GPU each, or a share of the CPU's cores).
     tensor_parallel_size: int = 1
     # MoE under tensor parallelism: whole experts per rank (experts / N each) instead of every expert split.
@@ -238,6 +242,9 @@ class EngineArgs:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}.")
         if self.kernel_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"kernel_backend must be auto, torch or triton, got {self.kernel_backend!r}.")
+        if self.deterministic and self.kernel_backend == "triton":
+            raise ValueError("deterministic=True runs the batch-invariant torch kernels: kernel_backend='triton' "
+                             "cannot be combined with it.")
         if not 0 < self.cache_max_entry_count <= 1:
             raise ValueError(f"cache_max_entry_count must be in (0, 1], got {self.cache_max_entry_count}.")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:

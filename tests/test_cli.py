@@ -142,6 +142,14 @@ def test_generate_prompt_with_output_file(tmp_path, capsys, model_dir, llm):
     assert record == {"prompt": "x = 1\n", "text": ref.text, "token_ids": ref.token_ids, "finish_reason": "length"}
 
 
+def test_generate_deterministic(capsys, model_dir, llm):
+    """--deterministic runs the batch-invariant kernels: the same greedy text."""
+    prompt = "x = 1\n"
+    assert run_cli(["generate", model_dir, *ENGINE, "--deterministic", "--prompt", prompt, "--max-tokens", "4",
+                    *GREEDY]) == 0
+    assert capsys.readouterr().out == prompt + complete(llm, prompt, 4).text + "\n"
+
+
 def test_sample_seed_is_reproducible(capsys, model_dir):
     argv = ["generate", model_dir, *ENGINE, "--prompt", "def f():", "--max-tokens", "12", "--ignore-eos",
             "--temperature", "1.0"]
@@ -165,9 +173,10 @@ def test_sample_seed_is_reproducible(capsys, model_dir):
         (["--prompt", "x", "--block-size", "0"], "block_size"),
         (["--prompt", "x", "--dtype", "float8"], "dtype"),
         (["--prompt", "x", "--kv-cache-memory", "0.0000001"], "KV cache"),
+        (["--prompt", "x", "--deterministic", "--kernel-backend", "triton"], "deterministic"),
     ],
     ids=["empty-prompt", "too-long", "max-tokens-0", "max-tokens-neg", "top-p-big", "top-p-0", "temp-neg",
-         "block-size-0", "dtype", "kv-too-small"],
+         "block-size-0", "dtype", "kv-too-small", "deterministic-triton"],
 )
 def test_generate_user_errors(capsys, model_dir, args, match):
     assert_one_line_error(capsys, ["generate", model_dir, *ENGINE, *args], match)

@@ -8,6 +8,7 @@ import logging
 import torch
 
 from microscale.attention.backend import AttentionBackend
+from microscale.attention.batch_invariant import BatchInvariantAttentionBackend
 from microscale.attention.torch_backend import TorchAttentionBackend
 from microscale.kernels.selector import fp8_unavailable_reason, resolve_kernel_backend, triton_unavailable_reason
 
@@ -15,11 +16,19 @@ logger = logging.getLogger(__name__)
 
 
 def select_attention_backend(
-    device: torch.device, kernel_backend: str = "auto", kv_cache_quant: str | None = None
+    device: torch.device, kernel_backend: str = "auto", kv_cache_quant: str | None = None,
+    deterministic: bool = False,
 ) -> AttentionBackend:
-    """A TorchAttentionBackend or TritonAttentionBackend. Triton's module is imported only
-    when chosen (it defines kernels, which reads TRITON_INTERPRET). An FP8 KV cache below sm_89 stays with the
-    torch backend (Triton cannot convert float8 there); the other ops keep their kernel family."""
+    """A TorchAttentionBackend, TritonAttentionBackend or BatchInvariantAttentionBackend (the
+    last in deterministic mode, where it is the only choice). Triton's module is imported only when chosen (it
+    defines kernels, which reads TRITON_INTERPRET). An FP8 KV cache below sm_89 stays with the torch backend
+    (Triton cannot convert float8 there); the other ops keep their kernel family."""
+    if deterministic:
+        reason = BatchInvariantAttentionBackend.unavailable_reason(device)
+        if reason is not None:
+            raise ValueError(f"deterministic=True cannot run on {device.type}: {reason}.")
+        logger.info("attention backend: batch-invariant (deterministic mode)")
+        return BatchInvariantAttentionBackend()
     family = resolve_kernel_backend(kernel_backend, device)
     reason = fp8_unavailable_reason(device) if family == "triton" and kv_cache_quant == "fp8" else None
     if family == "triton" and reason is None:

@@ -21,6 +21,7 @@ from microscale.engine.block_manager import SwapPlan
 from microscale.engine.cuda_graphs import CudaGraph, DecodeGraphs
 from microscale.engine.sampler import Sampler, SamplingBatch
 from microscale.engine.scheduler import ScheduledChunk
+from microscale.kernels.batch_invariant import batch_invariant_mode
 from microscale.kernels.selector import resolve_kernel_backend
 from microscale.layers.attention import Attention
 from microscale.layers.moe import FusedMoE
@@ -52,7 +53,7 @@ class ModelRunner:
     def __init__(
         self, model: nn.Module, config: ModelConfig, device: torch.device, dtype: torch.dtype, max_num_seqs: int,
         max_model_len: int, kv_cache_quant: str | None = None, kernel_backend: str = "auto",
-        shared_steps: bool = False,
+        shared_steps: bool = False, deterministic: bool = False,
     ) -> None:
         """shared_steps: other processes run every step beside this one (tensor parallelism), so decode steps
         run eagerly here too (the workers run each broadcast step eagerly)."""
@@ -61,7 +62,10 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
-        self.attention_backend = backend = select_attention_backend(device, kernel_backend, kv_cache_quant)
+        self.deterministic = deterministic
+        kernel_backend = "torch" if deterministic else kernel_backend
+        self.attention_backend = backend = select_attention_backend(device, kernel_backend, kv_cache_quant,
+                                                                    deterministic)
         # Norms, activations, quantized matmuls and MoE take the kernel family too (even where an FP8 KV cache
         # keeps attention on torch).
         family = resolve_kernel_backend(kernel_backend, device)
@@ -188,10 +192,11 @@ class ModelRunner:
             return None
         input_ids, positions, meta, rows = step_tensors(step, self.device, self.block_size)
         self.attention_backend.prepare(meta)
-        hidden = None if self.decode_graphs is None else self.decode_graphs.run(input_ids, positions, meta)
-        if hidden is None:
-            hidden = self.model(input_ids, positions, meta)
-        return self.model.compute_logits(hidden if rows is None else hidden[rows])
+        with batch_invariant_mode(self.deterministic):
+            hidden = None if self.decode_graphs is None else self.decode_graphs.run(input_ids, positions, meta)
+            if hidden is None:
+                hidden = self.model(input_ids, positions, meta)
+            return self.model.compute_logits(hidden if rows is None else hidden[rows])
 
     def _swap(self, step: StepInputs) -> None:
         """The step's block copies, in every layer: swap-outs first (swap-ins may refill the blocks they free)."""

@@ -60,7 +60,8 @@ def build_shard(args: EngineArgs, inputs: InputProcessor, device: torch.device) 
     logger.info("loaded %s (%s, %s) in %.1fs", cfg.architecture, dtype, device, time.perf_counter() - started)
     kv_cache_quant = args.kv_cache_quant or quant.checkpoint_kv_cache
     runner = ModelRunner(model, cfg, device, dtype, args.max_num_seqs, max_model_len, kv_cache_quant=kv_cache_quant,
-                         kernel_backend=args.kernel_backend, shared_steps=tp_size() > 1)
+                         kernel_backend=args.kernel_backend, shared_steps=tp_size() > 1,
+                         deterministic=args.deterministic)
     _apply_checkpoint_kv_scales(runner, kv_scales, kv_cache_quant)
     num_blocks = min_over_ranks(_num_kv_blocks(args, runner, device, max_model_len, start))
     num_host_blocks = min_over_ranks(_num_swap_blocks(args, runner, max_model_len))

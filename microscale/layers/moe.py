@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from microscale.distributed.parallel_state import expert_parallel, tp_rank, tp_size
+from microscale.kernels.batch_invariant import linear
 from microscale.kernels.candidates import Candidate, always, pick_for_family
 from microscale.kernels.selector import triton_unavailable_reason
 from microscale.quant.base import ExpertsQuantMethod, UnquantizedExpertsMethod
@@ -84,7 +84,7 @@ def _fused(moe: FusedMoE, x: torch.Tensor, weights: torch.Tensor, expert_ids: to
 
 
 def _reference(moe: FusedMoE, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-    """One F.linear pair per expert over the tokens routed to it."""
+    """One linear pair per expert over the tokens routed to it."""
     flat_ids = expert_ids.flatten()
     order = flat_ids.argsort(stable=True)  # assignments grouped by expert, tokens in order within each
     tokens = order // moe.top_k
@@ -102,8 +102,8 @@ def _reference(moe: FusedMoE, x: torch.Tensor, weights: torch.Tensor, expert_ids
         w13, w2 = moe.quant_method.expert_weights(moe, expert, x.dtype)
         b13 = None if moe.w13_bias is None else moe.w13_bias[expert]
         b2 = None if moe.w2_bias is None else moe.w2_bias[expert]
-        hidden = moe.activation(F.linear(x[idx], w13, b13))
-        out.index_add_(0, idx, F.linear(hidden, w2, b2) * order_weights[rows])
+        hidden = moe.activation(linear(x[idx], w13, b13))
+        out.index_add_(0, idx, linear(hidden, w2, b2) * order_weights[rows])
         start += count
     return out
 

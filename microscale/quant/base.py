@@ -8,9 +8,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from microscale.kernels.batch_invariant import linear
 from microscale.quant.registry import Registry
 
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, int | None], None]
@@ -95,7 +95,7 @@ class UnquantizedLinearMethod(QuantMethod):
             layer.register_parameter("bias", None)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, layer.weight, layer.bias)
+        return linear(x, layer.weight, layer.bias)
 
 
 # ---- MoE experts ------------------------------------------------------------------------------------------

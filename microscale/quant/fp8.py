@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from microscale.distributed.parallel_state import all_reduce_max
+from microscale.kernels.batch_invariant import linear
 from microscale.kernels.candidates import Candidate, always, pick_kernel
 from microscale.kernels.selector import fp8_capability_shortfall, resolve_kernel_backend, triton_unavailable_reason
 from microscale.quant.base import QuantMethod, register_quant_method
@@ -154,7 +154,7 @@ def fp8_matmul_reference(
     """The oracle: exact FP8 -> out_dtype conversions, one matmul, then the scales. float16 outputs are
     accumulated in float32: one product of raw E4M3 values reaches 448² = 200704, past float16's range."""
     compute = torch.float32 if out_dtype == torch.float16 else out_dtype
-    y = F.linear(x_q.to(compute), dequantize_fp8_weight(w_q, compute))
+    y = linear(x_q.to(compute), dequantize_fp8_weight(w_q, compute))
     y = (y.float() * (x_scale.reshape(-1, 1) if x_scale.numel() > 1 else x_scale) * w_scale).to(out_dtype)
     return y if bias is None else y + bias
 
@@ -194,7 +194,7 @@ def _matmul_decoded(
     """`weight`: w_q * w_scale decoded at load in the model dtype (w_q and w_scale are not read again). The
     activations are dequantised to that dtype too: in range for float16, where raw FP8 products are not."""
     x = (x_q.float() * x_scale).to(weight.dtype)
-    return F.linear(x, weight, bias).to(out_dtype)
+    return linear(x, weight, bias).to(out_dtype)
 
 
 _TRITON = Candidate("triton FP8 GEMM", _triton_unavailable_reason, _triton_matmul)
@@ -356,7 +356,7 @@ class Fp8StaticMethod(_Fp8Method):
         if layer.calibrating:
             torch.maximum(layer.input_amax, x.detach().abs().amax().float(), out=layer.input_amax)
             weight = (dequantize_fp8_weight(layer.weight, torch.float32) * layer.gemm_weight_scale[:, None]).to(x.dtype)
-            return F.linear(x, weight, layer.bias)
+            return linear(x, weight, layer.bias)
         if not layer.has_input_scale:
             raise RuntimeError("FP8 static activations need an input scale: calibrate, or load a checkpoint with one.")
         return self.apply_fp8_input(layer, quantize_fp8(x, layer.activation_scale), x.dtype)

@@ -5,9 +5,9 @@ weight to the activation dtype for every matmul."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from microscale.kernels.batch_invariant import linear
 from microscale.kernels.candidates import Candidate, always, pick_kernel
 from microscale.kernels.selector import triton_unavailable_reason
 from microscale.quant.base import QuantMethod, register_quant_method
@@ -79,7 +79,7 @@ def _reference_matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     shape = (blocks.shape[0], blocks.shape[1] * MXFP4_BLOCK)
     weight = unpack_mxfp4(blocks, layer.weight_scales, x.dtype,
                           out=scratch_buffer("mxfp4-linear", shape, x.dtype, blocks.device))
-    return F.linear(x, weight, layer.bias)  # the bias is created in the model dtype
+    return linear(x, weight, layer.bias)  # the bias is created in the model dtype
 
 
 def _triton_matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
