@@ -15,10 +15,10 @@ from typing import Any
 from microscale.bench import BenchError
 from microscale.bench.cli import add_bench_parser
 from microscale.config import EngineArgs
+from microscale.engine_flags import add_engine_flags, engine_kwargs
 from microscale.jsonl import json_lines
-from microscale.quant import known_quant_methods
-from microscale.quant.config import CalibConfig
-from microscale.quant.export import EXPORT_FORMATS
+from microscale.quant.format import exportable_weight_formats, weight_format
+from microscale.quant.kv_cache import KV_CACHES
 from microscale.sampling_params import SamplingParams
 
 
@@ -26,55 +26,14 @@ class CLIError(Exception):
     """A user error worth one line on stderr, not a traceback."""
 
 
+# `quantize` takes the engine's KV cache and calibration flags; its --quant is the checkpoint format.
+_QUANTIZE_ENGINE_FLAGS = ("kv_cache_quant", "calib_config")
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="local Hugging Face model folder, or a hub id (org/name) when online")
-    g = p.add_argument_group("engine")
-    g.add_argument("--tokenizer", default=None, help="tokenizer folder, if not the model's (e.g. with dummy weights)")
-    g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    g.add_argument("--kv-cache-memory", type=float, default=None, help="KV cache size in GiB (CPU default: 4)")
-    g.add_argument("--swap-space", type=float, default=4.0,
-                   help="host GiB that preempted sequences' KV is swapped to (0: recompute them; default 4)")
-    g.add_argument("--cache-max-entry-count", type=float, default=0.8,
-                   help="GPU: KV cache share of the memory left free after the weights and a profiled step's peak "
-                        "activations (LMDeploy's meaning; default 0.8)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="GPU: share of the total memory the engine may use in all, the KV cache getting the rest "
-                        "after weights and peak activations (vLLM's meaning); wins over --cache-max-entry-count")
-    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                   help="turn automatic prefix caching off")
-    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
-                   help="dummy: random weights of the right shapes (for benchmarks)")
-    g.add_argument("--seed", type=int, default=0, help="global random seed")
-    g.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"],
-                   help="kernels for attention, norms, activations (default auto: Triton on a GPU, else torch)")
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    g.add_argument("--deterministic", action="store_true",
-                   help="batch-invariant mode: a request's output does not depend on what else is batched with it "
-                        "(CPU; slower)")
-    g.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=1, metavar="N",
-                   help="split the model over N ranks (GPUs, or shares of the CPU); under torchrun, its world size")
-    g.add_argument("--enable-expert-parallel", action="store_true",
-                   help="with --tp: place whole MoE experts on ranks instead of splitting each one")
-    g.add_argument("-v", "--verbose", action="store_true", help="log engine details (KV cache size, ...)")
-    _add_quant_args(p)
-
-
-def _add_quant_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
-    g = p.add_argument_group("quantization")
-    if weights:
-        g.add_argument("--quant", dest="quantization", default=None, choices=known_quant_methods(),
-                       help="weight quantization at load time (a pre-quantized checkpoint keeps its own format)")
-    g.add_argument("--kv-cache-quant", default=None, choices=["fp8", "int8"], help="KV cache storage")
-    g.add_argument("--calib-data", default=None, metavar="FILE",
-                   help="text or JSONL to calibrate static scales on (needed by --quant fp8)")
-    g.add_argument("--calib-batches", type=int, default=64)
-    g.add_argument("--calib-batch-size", type=int, default=1)
-    g.add_argument("--calib-max-seq-length", type=int, default=512)
+    groups = add_engine_flags(p)
+    groups["engine"].add_argument("-v", "--verbose", action="store_true",
+                                  help="log engine details (KV cache size, ...)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -146,12 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
                                        "mxfp4 (gpt-oss-style MXFP4 MoE experts), fp8 / fp8-dynamic "
                                        "(compressed-tensors naming, as vLLM loads).")
     quant.add_argument("model", help="local Hugging Face model folder")
-    quant.add_argument("--quant", required=True, choices=list(EXPORT_FORMATS), help="checkpoint format")
+    quant.add_argument("--quant", required=True, choices=exportable_weight_formats(), help="checkpoint format")
     quant.add_argument("--out", required=True, help="output folder (new or empty)")
     quant.add_argument("--dtype", default="auto", help="dtype to calibrate in (default: the checkpoint's)")
     quant.add_argument("--device", default=None, help="cpu or cuda")
     quant.add_argument("--max-model-len", type=int, default=None)
-    _add_quant_args(quant, weights=False)
+    add_engine_flags(quant, only=_QUANTIZE_ENGINE_FLAGS)
     quant.add_argument("--verify", action="store_true",
                        help="compare the written checkpoint with the original on --verify-data; the figures go "
                             "into the output folder's README.md and accuracy.json")
@@ -175,18 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--json", action="store_true", help="print one JSON object")
         e.set_defaults(func=cmd_eval_ppl if name == "ppl" else cmd_eval_compare)
     return parser
-
-
-def _calib_config(args: argparse.Namespace) -> CalibConfig | None:
-    if args.calib_data is None:
-        return None
-    return CalibConfig(calib_dataset=args.calib_data, calib_batches=args.calib_batches,
-                       calib_batch_size=args.calib_batch_size, calib_max_seq_length=args.calib_max_seq_length)
-
-
-def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs = {f.name: getattr(args, f.name) for f in fields(EngineArgs) if f.name not in ("model", "calib_config")}
-    return {**kwargs, "calib_config": _calib_config(args)}
 
 
 def _sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -228,7 +175,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if not pairs:
             raise CLIError(f"{args.prompts_file} holds no prompts")
         prompts, per_prompt = [p for p, _ in pairs], [o for _, o in pairs]
-    llm = LLM(args.model, **_engine_kwargs(args))
+    llm = LLM(args.model, **engine_kwargs(args))
     params = [llm.engine.inputs.default_sampling_params(**{**overrides, **own}) for own in per_prompt]
     outputs = llm.generate(prompts, params, use_tqdm=args.prompts_file is not None)
     if args.prompt is not None and args.output is None:
@@ -245,7 +192,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from microscale.engine.engine import LLMEngine
 
-    engine = LLMEngine(EngineArgs(model=args.model, **_engine_kwargs(args)))
+    engine = LLMEngine(EngineArgs(model=args.model, **engine_kwargs(args)))
     if not engine.tokenizer.chat_template:
         raise CLIError("this model's tokenizer_config.json has no chat_template; use `microscale generate`")
     params = engine.inputs.default_sampling_params(**_sampling_overrides(args))
@@ -305,7 +252,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from microscale.serve.limits import ServeLimits
     from microscale.serve.server import serve
 
-    engine = AsyncEngine(EngineArgs(model=args.model, **_engine_kwargs(args)), args.max_waiting, args.engine_restarts)
+    engine = AsyncEngine(EngineArgs(model=args.model, **engine_kwargs(args)), args.max_waiting, args.engine_restarts)
     engine.start()
     name = args.served_model_name or served_model_name(args.model)
     limits = ServeLimits(max_n=args.max_n, max_request_bytes=args.max_request_bytes,
@@ -331,7 +278,7 @@ def _run_as_torchrun_worker(args: argparse.Namespace) -> bool:
     launched = torchrun_rank()
     if getattr(args, "tensor_parallel_size", 1) <= 1 or launched is None or launched[0] == 0:
         return False
-    run_worker(EngineArgs(model=args.model, **_engine_kwargs(args)), *launched)
+    run_worker(EngineArgs(model=args.model, **engine_kwargs(args)), *launched)
     return True
 
 
@@ -364,7 +311,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
     from microscale.eval.perplexity import perplexity
 
     text = _read_data(args.data, args.max_chars)
-    engine = LLMEngine(EngineArgs(model=args.model, **_engine_kwargs(args)))
+    engine = LLMEngine(EngineArgs(model=args.model, **engine_kwargs(args)))
     context, stride = _window(args, engine)
     result = perplexity(engine, text, context, stride)
     record = {"perplexity": result.perplexity, "nll": result.nll, "tokens": result.tokens, "windows": result.windows,
@@ -383,7 +330,7 @@ def cmd_eval_compare(args: argparse.Namespace) -> None:
     if not (args.quantization or args.kv_cache_quant):
         raise CLIError("compare needs --quant and/or --kv-cache-quant (what to compare against the reference)")
     text = _read_data(args.data, args.max_chars)
-    kwargs = _engine_kwargs(args)
+    kwargs = engine_kwargs(args)
     quantized = LLMEngine(EngineArgs(model=args.model, **kwargs))
     reference = LLMEngine(EngineArgs(
         model=args.model, **{**kwargs, "quantization": None, "kv_cache_quant": None, "calib_config": None}
@@ -415,14 +362,15 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     if args.verify and not args.verify_data:
         raise CLIError("--verify needs --verify-data FILE (held-out text, not the calibration data)")
-    if args.kv_cache_quant == "int8":
-        raise CLIError("checkpoints carry FP8 KV cache scales only; int8 KV is a load-time option (--kv-cache-quant)")
+    if args.kv_cache_quant and not KV_CACHES.get(args.kv_cache_quant).checkpoint_scales:
+        raise CLIError(f"checkpoints carry FP8 KV cache scales only; {args.kv_cache_quant} KV is a load-time option "
+                       "(--kv-cache-quant)")
     model_dir, out_dir = resolve_model_path(args.model), Path(args.out)
     common = {"dtype": args.dtype, "device": args.device, "max_model_len": args.max_model_len}
     engine = None
-    if args.quant != "mxfp4":
-        engine = LLMEngine(EngineArgs(model=str(model_dir), quantization=args.quant, kv_cache_quant=args.kv_cache_quant,
-                                      calib_config=_calib_config(args), **common))
+    if weight_format(args.quant).exports_served_weights:
+        engine = LLMEngine(EngineArgs(model=str(model_dir), quantization=args.quant, **common,
+                                      **engine_kwargs(args, only=_QUANTIZE_ENGINE_FLAGS)))
     out = quantize_checkpoint(model_dir, out_dir, args.quant, engine)
     print(f"wrote {out}")
     if args.verify:

@@ -182,55 +182,81 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
 
 
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+KERNEL_BACKENDS = ("auto", "torch", "triton")
+
+
+def _knob(default: Any, help: str, **flag: Any) -> Any:
+    """An EngineArgs field with its command-line flag (microscale/engine_flags.py builds them): its `help`, and
+    where the derived ones do not fit, its `flags`, `choices`, `metavar` or `group` ("engine" unless set)."""
+    return field(default=default, metadata={"help": help, **flag})
+
+
 @dataclass
 class EngineArgs:
-    """Everything `LLM(...)` and the CLI accept about the engine (vLLM's names)."""
+    """Everything `LLM(...)` and the CLI accept about the engine (vLLM's names). Each field's metadata is its
+    command-line flag: a new field is a flag of every engine command."""
 
-    model: str
+    model: str = field(metadata={"positional": True,
+                                 "help": "local Hugging Face model folder, or a hub id (org/name) when online"})
     # A separate tokenizer folder (e.g. for a config-only folder run with load_format="dummy").
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    block_size: int = 16
+    tokenizer: str | None = _knob(None, "tokenizer folder, if not the model's (e.g. with dummy weights)")
+    dtype: str = _knob("auto", "auto, float32, bfloat16 or float16 (default: auto)")
+    max_num_seqs: int = _knob(256, "most sequences in one step")
+    max_num_batched_tokens: int = _knob(2048, "token budget of one step")
+    max_model_len: int | None = _knob(None, "context length (default: the model's)")
+    block_size: int = _knob(16, "tokens per KV cache block")
     # KV cache size. kv_cache_memory: GiB, exactly (CPU default: 4). Otherwise, on a GPU, sized after a profiled
     # dummy step of max_num_batched_tokens tokens measured the peak activation memory:
     # cache_max_entry_count (LMDeploy's meaning): this fraction of the GPU memory left free after the weights and
     # the profiled peak activations;
     # gpu_memory_utilization (vLLM's meaning; wins when set): this fraction of the GPU's TOTAL memory for the whole
     # engine, the KV cache getting what weights, peak activations and non-torch memory (CUDA, NCCL) leave of it.
-    kv_cache_memory: float | None = None
-    cache_max_entry_count: float = 0.8
-    gpu_memory_utilization: float | None = None
-    enable_prefix_caching: bool = True
+    kv_cache_memory: float | None = _knob(None, "KV cache size in GiB (CPU default: 4)")
+    cache_max_entry_count: float = _knob(
+        0.8, "GPU: KV cache share of the memory left free after the weights and a profiled step's peak activations "
+             "(LMDeploy's meaning; default 0.8)")
+    gpu_memory_utilization: float | None = _knob(
+        None, "GPU: share of the total memory the engine may use in all, the KV cache getting the rest after weights "
+              "and peak activations (vLLM's meaning); wins over --cache-max-entry-count")
+    enable_prefix_caching: bool = _knob(True, "turn automatic prefix caching off", flags=("--no-prefix-caching",))
     # GiB of host memory (per rank; pinned beside a GPU) that preempted sequences' KV blocks are swapped out to,
     # and copied back from when they resume; capped at what max_num_seqs full sequences take. When it is full,
     # or 0, a preempted sequence is recomputed instead (in 16-bit dtypes its continuation may then differ).
-    swap_space: float = 4.0
-    seed: int = 0
-    load_format: str = "auto"
-    device: str | None = None
-    # Weight quantization applied at load time ("fp8", "fp8-dynamic", "mxfp4"); a pre-quantized checkpoint
-    # keeps its own.
-    quantization: str | None = None
-    # KV cache storage: None (the model dtype), "int8" or "fp8".
-    kv_cache_quant: str | None = None
-    # Calibration for static scales (FP8 activations, KV cache); see microscale.quant.config.CalibConfig.
-    calib_config: CalibConfig | None = None
+    swap_space: float = _knob(4.0, "host GiB that preempted sequences' KV is swapped to (0: recompute them; default 4)")
+    seed: int = _knob(0, "global random seed")
+    load_format: str = _knob("auto", "dummy: random weights of the right shapes (for benchmarks)",
+                             choices=LOAD_FORMATS)
+    device: str | None = _knob(None, "cpu or cuda (default: cuda when available)")
+    # Weight quantization applied at load time (a format of microscale.quant.format's registry: "fp8",
+    # "fp8-dynamic", "mxfp4"); a pre-quantized checkpoint keeps its own.
+    quantization: str | None = _knob(
+        None, "weight quantization at load time (a pre-quantized checkpoint keeps its own format)",
+        flags=("--quant",), group="quantization")
+    # KV cache storage: None (the model dtype) or a format of microscale.quant.kv_cache's registry ("int8", "fp8").
+    kv_cache_quant: str | None = _knob(None, "KV cache storage", group="quantization")
+    # Calibration for static scales (FP8 activations, KV cache); see microscale.quant.config.CalibConfig. On the
+    # command line: a flag per CalibConfig field, the config built when `set_by` is given.
+    calib_config: CalibConfig | None = _knob(None, "calibration for static scales", group="quantization",
+                                             set_by="calib_dataset")
     # Kernels for attention, KV cache writes, norms and activations: "auto" (Triton on a GPU, else the torch
     # reference), "torch", or "triton" (on a CPU only under TRITON_INTERPRET=1, for tests).
-    kernel_backend: str = "auto"
+    kernel_backend: str = _knob("auto", "kernels for attention, norms, activations (default auto: Triton on a GPU, "
+                                        "else torch)", choices=KERNEL_BACKENDS)
     # Decode steps replay CUDA graphs captured at start-up (Triton kernels on a GPU); True: always eager.
-    enforce_eager: bool = False
+    enforce_eager: bool = _knob(False, "no CUDA graphs for decode steps")
     # Batch-invariant mode (SGLang's --enable-deterministic-inference, vLLM's batch invariance): a request's
     # logits do not depend on what else is in the step, on chunk boundaries or on preemption. CPU only; slower
     # (padded matmuls, blockwise attention); the torch kernels.
-    deterministic: bool = False
+    deterministic: bool = _knob(False, "batch-invariant mode: a request's output does not depend on what else is "
+                                       "batched with it (CPU; slower)")
     # Ranks the model is split over (one process each: a GPU each, or a share of the CPU's cores).
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = _knob(
+        1, "split the model over N ranks (GPUs, or shares of the CPU); under torchrun, its world size",
+        flags=("--tp", "--tensor-parallel-size"), metavar="N")
     # MoE under tensor parallelism: whole experts per rank (experts / N each) instead of every expert split.
-    enable_expert_parallel: bool = False
+    enable_expert_parallel: bool = _knob(
+        False, "with --tp: place whole MoE experts on ranks instead of splitting each one")
 
     def __post_init__(self) -> None:
         # Fail early, naming the knob, on cache settings the engine cannot use (block_size=0 would divide by 0).
@@ -240,7 +266,7 @@ class EngineArgs:
             raise ValueError(f"kv_cache_memory must be positive GiB, got {self.kv_cache_memory}.")
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}.")
-        if self.kernel_backend not in ("auto", "torch", "triton"):
+        if self.kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend must be auto, torch or triton, got {self.kernel_backend!r}.")
         if self.deterministic and self.kernel_backend == "triton":
             raise ValueError("deterministic=True runs the batch-invariant torch kernels: kernel_backend='triton' "

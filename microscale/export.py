@@ -1,7 +1,7 @@
 """`microscale quantize`: write a pre-quantized checkpoint that microscale reloads as it is (and other
 tools too), streaming the source checkpoint one tensor at a time. What each format's tensors and config are
-called is quant/export.py's; this is the workflow around it (checks, the engine that holds fp8's served
-weights and scales, safetensors shards, the files copied beside them, the accuracy report).
+called is its format class's (`export`, microscale/quant/); this is the workflow around it (checks, the engine
+that holds the served weights and scales, safetensors shards, the files copied beside them, the accuracy report).
 """
 
 from __future__ import annotations
@@ -17,15 +17,7 @@ from safetensors.torch import save_file
 
 from microscale.models.loader import load_model_config
 from microscale.models.weights import iterate_safetensors
-from microscale.quant.export import (
-    EXPORT_FORMATS,
-    MXFP4_QUANT_CONFIG,
-    TensorTransform,
-    compressed_tensors_config,
-    fp8_tensors,
-    kv_scale_tensors,
-    mxfp4_tensors,
-)
+from microscale.quant.format import exportable_weight_formats, weight_format
 
 if TYPE_CHECKING:
     from microscale.engine.engine import LLMEngine
@@ -38,40 +30,33 @@ _SHARD_BYTES = 2 << 30
 
 
 def quantize_checkpoint(model_dir: Path, out_dir: Path, quant: str = "mxfp4", engine: LLMEngine | None = None) -> Path:
-    """Write the `quant` checkpoint of the 16/32-bit model in `model_dir` to `out_dir`. fp8 formats take the
-    `engine` that serves `model_dir` with that quantization (calibrated, for static scales)."""
-    if quant not in EXPORT_FORMATS:
-        raise ValueError(f"Cannot write {quant!r} checkpoints; supported: {', '.join(EXPORT_FORMATS)}.")
+    """Write the `quant` checkpoint of the 16/32-bit model in `model_dir` to `out_dir`. Formats that export
+    served weights (fp8, fp8-dynamic) take the `engine` that serves `model_dir` in that format (calibrated, for
+    static scales)."""
+    if quant not in exportable_weight_formats():
+        raise ValueError(f"Cannot write {quant!r} checkpoints; supported: {', '.join(exportable_weight_formats())}.")
+    fmt = weight_format(quant)
     cfg = load_model_config(model_dir)
     if cfg.checkpoint_quant is not None:
         raise ValueError(f"{model_dir} is already quantized ({cfg.checkpoint_quant}).")
     if out_dir.is_dir() and any(out_dir.glob("*.safetensors")):
         raise ValueError(f"{out_dir} already holds a checkpoint; choose an empty or new folder.")
-    if quant == "mxfp4":
-        if cfg.num_experts == 0:
-            raise ValueError(
-                "MXFP4 checkpoints hold MoE experts (the gpt-oss layout); quantize a dense model at load time "
-                "instead, with --quant mxfp4."
-            )
-        transform: TensorTransform = mxfp4_tensors
-        quant_config = MXFP4_QUANT_CONFIG
-        extra: dict[str, torch.Tensor] = {}
+    if not fmt.exports_served_weights:
+        export = fmt.export(cfg, None, [])
+    elif engine is None or engine.quant.linear != quant:
+        raise ValueError(f"Writing {quant} needs an engine that serves the model with quantization={quant}.")
     else:
-        if engine is None or engine.quant.linear != quant:
-            raise ValueError(f"Writing {quant} needs an engine that serves the model with quantization={quant}.")
-        transform = fp8_tensors(engine.runner.model, engine.quant.linear)
-        extra = kv_scale_tensors(engine.runner.kv_caches)
-        quant_config = compressed_tensors_config(quant, fp8_kv_cache=bool(extra))
+        export = fmt.export(cfg, engine.runner.model, engine.runner.kv_caches)
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = _ShardWriter(out_dir)
     for name, tensor in iterate_safetensors(model_dir):
-        for out_name, out_tensor in transform(name, tensor):
+        for out_name, out_tensor in export.transform(name, tensor):
             writer.add(out_name, out_tensor)
-    for out_name, out_tensor in extra.items():
+    for out_name, out_tensor in export.extra.items():
         writer.add(out_name, out_tensor)
     writer.finish()
     hf_config = dict(cfg.hf_config)
-    hf_config["quantization_config"] = quant_config
+    hf_config["quantization_config"] = export.quantization_config
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     for name in _COPIED:
         if (model_dir / name).is_file():

@@ -4,7 +4,7 @@ what does not divide."""
 from __future__ import annotations
 
 from microscale.config import EngineArgs, ModelConfig
-from microscale.quant.mxfp4 import MXFP4_BLOCK
+from microscale.quant.scheme import QuantScheme
 
 
 def check_tensor_parallel(cfg: ModelConfig, args: EngineArgs) -> None:
@@ -24,11 +24,8 @@ def check_tensor_parallel(cfg: ModelConfig, args: EngineArgs) -> None:
         problems.append(f"{cfg.num_experts} experts (expert parallel)")
     if not whole_experts and cfg.intermediate_size % n:
         problems.append(f"intermediate size {cfg.intermediate_size}")
-    mxfp4 = args.quantization == "mxfp4" or cfg.checkpoint_quant == "mxfp4"
-    if mxfp4 and not whole_experts and (cfg.intermediate_size // n) % MXFP4_BLOCK:
-        problems.append(f"an MXFP4 intermediate slice of {cfg.intermediate_size // n} (not a multiple of 32)")
-    if args.quantization == "mxfp4" and (cfg.num_attention_heads // n * cfg.head_dim) % MXFP4_BLOCK:
-        problems.append(f"an MXFP4 attention-output slice of {cfg.num_attention_heads // n * cfg.head_dim}")
+    quant = QuantScheme.resolve(args.quantization, cfg.hf_config.get("quantization_config"))
+    problems += quant.tensor_parallel_problems(cfg, n, whole_experts)
     if problems:
         raise ValueError(f"tensor_parallel_size={n} does not divide this model: " + "; ".join(problems) + ".")
     if args.calib_config is not None:

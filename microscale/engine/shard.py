@@ -15,7 +15,7 @@ from microscale.distributed.parallel_state import min_over_ranks, tp_rank, tp_si
 from microscale.engine.inputs import InputProcessor
 from microscale.engine.model_runner import ModelRunner
 from microscale.models.loader import load_model
-from microscale.quant.kv_cache import kv_scales_from_amax
+from microscale.quant.kv_cache import KV_CACHES, kv_scales_from_amax
 from microscale.quant.scheme import QuantScheme
 
 logger = logging.getLogger(__name__)
@@ -93,10 +93,10 @@ def _blocks_per_seq(args: EngineArgs, max_model_len: int) -> int:
 
 
 def _apply_checkpoint_kv_scales(runner: ModelRunner, kv_scales: dict, kv_cache_quant: str | None) -> None:
-    """Static FP8 KV scales a pre-quantized checkpoint carries (used when its KV cache is FP8)."""
+    """Static KV scales a pre-quantized checkpoint carries (used when the KV cache format takes them)."""
     if not kv_scales:
         return
-    if kv_cache_quant != "fp8":
+    if not KV_CACHES.get(kv_cache_quant).checkpoint_scales:
         logger.warning("the checkpoint's FP8 KV cache scales are unused (KV cache: %s)", kv_cache_quant or "none")
         return
     for layer, scales in kv_scales.items():

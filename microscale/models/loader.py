@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from microscale.config import ModelConfig
+from microscale.config import LOAD_FORMATS, ModelConfig
 from microscale.distributed.parallel_state import tp_size
 from microscale.models.registry import get_model_class
 from microscale.models.weights import CheckpointReader, init_dummy_weights
@@ -21,7 +21,6 @@ from microscale.quant.scheme import QuantScheme
 logger = logging.getLogger(__name__)
 
 _HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
-LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -99,8 +98,7 @@ def load_model(
         missing = expected - loaded
         if cfg.tie_word_embeddings:
             missing.discard("lm_head.weight")
-        if quant.needs_calibration:  # static activation scales come from calibration, after loading
-            missing = {name for name in missing if not name.endswith(".input_scale")}
+        missing = {name for name in missing if not quant.filled_by_calibration(name)}
         if missing:
             raise ValueError(f"Checkpoint in {model_dir} lacks weights: {', '.join(sorted(missing)[:5])}")
     for module in model.modules():

@@ -1,6 +1,3 @@
-"""Quantization schemes. Importing the package registers every scheme under its name."""
+"""Quantization formats. Importing the package registers every weight format under its name (one line each)."""
 
-from microscale.quant import fp8, mxfp4_experts, mxfp4_linear  # noqa: F401 - registration
-from microscale.quant.base import known_quant_methods
-
-__all__ = ["known_quant_methods"]
+from microscale.quant import fp8_formats, mxfp4_format  # noqa: F401 - registration

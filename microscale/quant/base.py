@@ -1,6 +1,6 @@
 """The quantization seam: a Linear layer owns a QuantMethod that creates, loads, post-processes and applies
-its weights; an MoE layer's experts own an ExpertsQuantMethod. Schemes register by name, so the model code
-never branches on the quantization format."""
+its weights; an MoE layer's experts own an ExpertsQuantMethod. Each weight format (microscale/quant/format.py)
+names its methods, so the model code never branches on the quantization format."""
 
 from __future__ import annotations
 
@@ -11,23 +11,8 @@ import torch
 from torch import nn
 
 from microscale.kernels.batch_invariant import linear
-from microscale.quant.registry import Registry
 
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, int | None], None]
-
-LINEAR_METHODS: Registry[type[QuantMethod]] = Registry("quantization")
-EXPERTS_METHODS: Registry[type[ExpertsQuantMethod]] = Registry("MoE experts quantization")
-register_quant_method = LINEAR_METHODS.register
-register_experts_method = EXPERTS_METHODS.register
-known_quant_methods = LINEAR_METHODS.names
-
-
-def get_quant_method(name: str | None, prequantized: bool = False) -> QuantMethod:
-    return LINEAR_METHODS.get(name)(prequantized)
-
-
-def get_experts_method(name: str | None) -> ExpertsQuantMethod:
-    return EXPERTS_METHODS.get(name)()
 
 
 class QuantMethod(ABC):
@@ -81,7 +66,6 @@ class QuantMethod(ABC):
         raise NotImplementedError(f"{type(self).__name__} takes no FP8 input.")
 
 
-@register_quant_method("none")
 class UnquantizedLinearMethod(QuantMethod):
     def create_weights(self, layer, input_size, output_sizes, bias, dtype, weight_loader) -> None:
         weight = nn.Parameter(torch.empty(sum(output_sizes), input_size, dtype=dtype), requires_grad=False)
@@ -149,7 +133,6 @@ def create_expert_biases(layer: nn.Module, num_experts: int, hidden: int, interm
     layer.register_parameter("w2_bias", _parameter((num_experts, hidden), dtype) if bias else None)
 
 
-@register_experts_method("none")
 class UnquantizedExpertsMethod(ExpertsQuantMethod):
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size, bias, dtype) -> None:
         layer.register_parameter("w13", _parameter((num_experts, 2 * intermediate_size, hidden_size), dtype))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 
@@ -63,12 +63,17 @@ class CalibConfig:
     strings or objects with a "text" field. `tokenizer_max_seq_length` caps how many tokens of each document
     are used."""
 
-    calib_dataset: str | None = None
-    calib_batches: int = 64
-    calib_batch_size: int = 1
-    calib_max_seq_length: int = 512
-    tokenizer_max_seq_length: int = 1024
-    random_seed: int = 1234
+    # The metadata are the command-line flags (microscale/engine_flags.py).
+    calib_dataset: str | None = field(default=None, metadata={
+        "help": "text or JSONL to calibrate static scales on (needed by --quant fp8)", "flags": ("--calib-data",),
+        "metavar": "FILE"})
+    calib_batches: int = field(default=64, metadata={"help": "calibration batches (default 64)"})
+    calib_batch_size: int = field(default=1, metadata={"help": "sequences per calibration batch (default 1)"})
+    calib_max_seq_length: int = field(default=512, metadata={"help": "tokens per calibration sequence (default 512)"})
+    tokenizer_max_seq_length: int = field(default=1024, metadata={
+        "not_cli": "how much of each document is read rarely matters once calib_max_seq_length caps the sequences"})
+    random_seed: int = field(default=1234, metadata={
+        "not_cli": "the fixed draw keeps calibrated scales reproducible from the data file alone"})
 
     def __post_init__(self) -> None:
         for name in ("calib_batches", "calib_batch_size", "calib_max_seq_length", "tokenizer_max_seq_length"):

@@ -26,7 +26,7 @@ from microscale.distributed.parallel_state import all_reduce_max
 from microscale.kernels.batch_invariant import linear
 from microscale.kernels.candidates import Candidate, always, pick_kernel
 from microscale.kernels.selector import fp8_capability_shortfall, resolve_kernel_backend, triton_unavailable_reason
-from microscale.quant.base import QuantMethod, register_quant_method
+from microscale.quant.base import QuantMethod
 from microscale.quant.scratch import scratch_buffer
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -285,7 +285,6 @@ class _Fp8Method(QuantMethod):
             raise ValueError("An FP8 checkpoint lacks weight_scale for some Linear layer (or one of its shards).")
 
 
-@register_quant_method("fp8")
 class Fp8StaticMethod(_Fp8Method):
     """Per-tensor weight scales, one per shard ([num_shards]), and a static activation scale. Checkpoints give
     `input_scale` per shard (all shards see the same input: their maximum is used); online quantization gets it
@@ -362,7 +361,6 @@ class Fp8StaticMethod(_Fp8Method):
         return self.apply_fp8_input(layer, quantize_fp8(x, layer.activation_scale), x.dtype)
 
 
-@register_quant_method("fp8-dynamic")
 class Fp8DynamicMethod(_Fp8Method):
     """Per-output-channel weight scales ([out]) and per-token activation scales computed for every call."""
 

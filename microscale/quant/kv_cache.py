@@ -55,11 +55,15 @@ def kv_scales_from_amax(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Static scales from calibration's largest |k| and |v| per KV head ([kv_heads] each): per head for int8
     (amax / 127), one per tensor for fp8 (max over heads / 448)."""
-    cls = KV_CACHES.get(scheme) if scheme in KV_CACHES else None
-    if cls is None or not issubclass(cls, QuantizedKVCache):
-        quantized = sorted(name for name, c in KV_CACHES.items() if issubclass(c, QuantizedKVCache))
-        raise ValueError(f"KV cache scheme {scheme!r} has no scales; known: {quantized}.")
+    if scheme not in quantized_kv_cache_names():
+        raise ValueError(f"KV cache scheme {scheme!r} has no scales; known: {quantized_kv_cache_names()}.")
+    cls = KV_CACHES.get(scheme)
     return cls.scales_from_amax(k_amax.float()), cls.scales_from_amax(v_amax.float())
+
+
+def quantized_kv_cache_names() -> list[str]:
+    """The schemes that quantize (every one but the model dtype's)."""
+    return [name for name in KV_CACHES.names() if issubclass(KV_CACHES.get(name), QuantizedKVCache)]
 
 
 # ---- the formulas ------------------------------------------------------------------------------------------
@@ -113,6 +117,9 @@ class KVCache(ABC):
     `bytes_per_token` can count it), then `allocate`d once."""
 
     storage_dtype: torch.dtype | None = None  # None: the model dtype
+    # Its static scales are the ones pre-quantized checkpoints carry (compressed-tensors' per-tensor
+    # self_attn.k_scale / v_scale): loaded from them, and written by `microscale quantize`.
+    checkpoint_scales: bool = False
 
     def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         self.kv_heads, self.head_dim = kv_heads, head_dim
@@ -342,6 +349,7 @@ class Int8KVCache(QuantizedKVCache):
 @register_kv_cache("fp8")
 class Fp8KVCache(QuantizedKVCache):
     storage_dtype = _FP8
+    checkpoint_scales = True
 
     def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         if _FP8 is None:

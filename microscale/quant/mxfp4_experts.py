@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from microscale.quant.base import ExpertsQuantMethod, copy_checked, create_expert_biases, register_experts_method
+from microscale.quant.base import ExpertsQuantMethod, copy_checked, create_expert_biases
 from microscale.quant.mxfp4 import MXFP4_BLOCK, pack_mxfp4, unpack_mxfp4
 from microscale.quant.scratch import scratch_buffer
 
@@ -16,7 +16,6 @@ def _packed(shape: tuple[int, ...]) -> nn.Parameter:
     return nn.Parameter(torch.zeros(shape, dtype=torch.uint8), requires_grad=False)
 
 
-@register_experts_method("mxfp4")
 class Mxfp4ExpertsMethod(ExpertsQuantMethod):
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size, bias, dtype) -> None:
         for name, out, inp in (("w13", 2 * intermediate_size, hidden_size), ("w2", hidden_size, intermediate_size)):

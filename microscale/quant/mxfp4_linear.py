@@ -10,7 +10,7 @@ from torch import nn
 from microscale.kernels.batch_invariant import linear
 from microscale.kernels.candidates import Candidate, always, pick_kernel
 from microscale.kernels.selector import triton_unavailable_reason
-from microscale.quant.base import QuantMethod, register_quant_method
+from microscale.quant.base import QuantMethod
 from microscale.quant.mxfp4 import MXFP4_BLOCK, pack_mxfp4, unpack_mxfp4
 from microscale.quant.scratch import scratch_buffer
 
@@ -23,7 +23,6 @@ def _packed(shape: tuple[int, ...], weight_loader) -> nn.Parameter:
     return param
 
 
-@register_quant_method("mxfp4")
 class Mxfp4LinearMethod(QuantMethod):
     """W4A16 with MXFP4 weights: `weight_blocks` uint8 [out, in / 32, 16] and `weight_scales` uint8
     [out, in / 32], out-features major with the 32-value blocks along the input dim, as in gpt-oss

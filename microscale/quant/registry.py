@@ -1,5 +1,5 @@
-"""Schemes registered by name (Linear methods, MoE experts methods, KV caches): the model code asks for a
-name and never branches on the format."""
+"""Formats registered by name (weight formats, KV cache formats): the rest of microscale asks for a name and
+never branches on the format."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ class Registry(Generic[T]):
             return cls
 
         return wrap
+
+    def unregister(self, name: str) -> None:
+        del self._classes[name]
 
     def names(self) -> list[str]:
         return sorted(self._classes)

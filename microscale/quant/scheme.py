@@ -4,84 +4,93 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from microscale.quant.base import (
-    EXPERTS_METHODS,
-    ExpertsQuantMethod,
-    QuantMethod,
-    get_experts_method,
-    get_quant_method,
-    known_quant_methods,
+from microscale.quant.base import ExpertsQuantMethod, QuantMethod
+from microscale.quant.format import (
+    NO_QUANT,
+    WEIGHT_FORMATS,
+    CheckpointQuant,
+    checkpoint_formats,
+    known_weight_formats,
+    weight_format,
 )
+
+if TYPE_CHECKING:
+    from microscale.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class QuantScheme:
-    linear: str = "none"  # dense Linear layers (attention projections, dense MLPs)
-    experts: str = "none"  # MoE experts
+    linear: str = NO_QUANT  # weight format of the dense Linear layers (attention projections, dense MLPs)
+    experts: str = NO_QUANT  # weight format of the MoE experts
     # Static scales come from the checkpoint (True) or must be calibrated (False).
     prequantized: bool = False
-    # The checkpoint's own KV cache scheme ("fp8" with k_scale / v_scale tensors), if any.
+    # The checkpoint's own KV cache format (with k_scale / v_scale tensors), if any.
     checkpoint_kv_cache: str | None = None
 
     def linear_method(self) -> QuantMethod:
-        return get_quant_method(self.linear, self.prequantized)
+        return weight_format(self.linear).linear_method(self.prequantized)
 
     def experts_method(self) -> ExpertsQuantMethod:
-        return get_experts_method(self.experts)
+        return weight_format(self.experts).experts_method_class()
 
     @property
     def needs_calibration(self) -> bool:
-        """Static FP8 activation scales quantized at load time must be measured on calibration data."""
-        return self.linear == "fp8" and not self.prequantized
+        """Static scales quantized at load time (not read from the checkpoint) must be measured on data."""
+        return weight_format(self.linear).needs_calibration and not self.prequantized
+
+    def filled_by_calibration(self, parameter: str) -> bool:
+        """Whether calibration, after loading, gives `parameter` its value (so the checkpoint may lack it)."""
+        return self.needs_calibration and parameter.endswith(weight_format(self.linear).calibrated_parameters)
+
+    def tensor_parallel_problems(self, cfg: ModelConfig, n: int, whole_experts: bool) -> list[str]:
+        problems = weight_format(self.linear).tensor_parallel_problems(cfg, n, whole_experts, linear=True)
+        if self.experts != self.linear:
+            problems += weight_format(self.experts).tensor_parallel_problems(cfg, n, whole_experts, linear=False)
+        return problems
 
     @classmethod
     def resolve(cls, quantization: str | None, checkpoint_config: dict[str, Any] | None) -> QuantScheme:
-        """`quantization`: the user's load-time scheme (None: none); `checkpoint_config`: config.json's
+        """`quantization`: the user's load-time format (None: none); `checkpoint_config`: config.json's
         quantization_config of a pre-quantized checkpoint. A pre-quantized part keeps its format."""
-        chosen = quantization or "none"
-        if chosen not in known_quant_methods():
-            known = ", ".join(known_quant_methods())
+        chosen = quantization or NO_QUANT
+        if chosen not in WEIGHT_FORMATS:
+            known = ", ".join(known_weight_formats())
             raise ValueError(f"Unknown quantization {quantization!r}; choose one of {known}.")
-        experts = chosen if chosen in EXPERTS_METHODS else "none"
-        method = (checkpoint_config or {}).get("quant_method")
-        if method is None:
+        experts = chosen if weight_format(chosen).experts_method_class is not None else NO_QUANT
+        if (checkpoint_config or {}).get("quant_method") is None:
             return cls(linear=chosen, experts=experts)
-        if method == "mxfp4":  # gpt-oss: MXFP4 experts, everything else in 16 bits
-            if experts not in ("none", "mxfp4"):
-                logger.warning("experts stay in the checkpoint's mxfp4 (not %s)", chosen)
-            return cls(linear=chosen, experts="mxfp4")
-        if method == "compressed-tensors":
-            linear, kv = _compressed_tensors_scheme(checkpoint_config)
-            if chosen not in ("none", linear):
-                raise ValueError(f"The checkpoint is already quantized ({linear}); it cannot be loaded as {chosen}.")
-            return cls(linear=linear, experts="none", prequantized=True, checkpoint_kv_cache=kv)
-        raise ValueError(
-            f"The checkpoint is quantized with {method!r}, which microscale cannot load "
-            "(supported: mxfp4, compressed-tensors FP8)."
-        )
+        checkpoint = _read_checkpoint(checkpoint_config)
+        if checkpoint.experts is not None:
+            if experts not in (NO_QUANT, checkpoint.experts):
+                logger.warning("experts stay in the checkpoint's %s (not %s)", checkpoint.experts, chosen)
+            experts = checkpoint.experts
+        if checkpoint.linear is None:
+            return cls(linear=chosen, experts=experts)
+        if chosen not in (NO_QUANT, checkpoint.linear):
+            raise ValueError(
+                f"The checkpoint is already quantized ({checkpoint.linear}); it cannot be loaded as {chosen}."
+            )
+        return cls(linear=checkpoint.linear, experts=experts, prequantized=True,
+                   checkpoint_kv_cache=checkpoint.kv_cache)
 
 
-def _compressed_tensors_scheme(config: dict[str, Any]) -> tuple[str, str | None]:
-    """(linear scheme, KV cache scheme) of a compressed-tensors FP8 config (the naming vLLM loads)."""
-    groups = list((config.get("config_groups") or {}).values())
-    if len(groups) != 1:
-        raise ValueError("compressed-tensors checkpoints with other than one config group are not supported.")
-    weights, inputs = groups[0].get("weights") or {}, groups[0].get("input_activations") or {}
-    fp8 = all(part.get("type") == "float" and part.get("num_bits") == 8 for part in (weights, inputs))
-    if fp8 and weights.get("strategy") == "tensor" and inputs.get("strategy") == "tensor" and not inputs.get("dynamic"):
-        linear = "fp8"
-    elif fp8 and weights.get("strategy") == "channel" and inputs.get("strategy") == "token" and inputs.get("dynamic"):
-        linear = "fp8-dynamic"
-    else:
+def _read_checkpoint(config: dict[str, Any]) -> CheckpointQuant:
+    """The formats a checkpoint's quantization_config fixes, asked of the formats of its quant_method."""
+    method = config["quant_method"]
+    formats = checkpoint_formats(method)
+    if not formats:
+        supported = sorted({cls.checkpoint_method for _, cls in WEIGHT_FORMATS.items() if cls.checkpoint_method})
         raise ValueError(
-            "Unsupported compressed-tensors scheme: microscale loads FP8 with per-tensor weights and static "
-            "per-tensor activations, or per-channel weights and dynamic per-token activations."
+            f"The checkpoint is quantized with {method!r}, which microscale cannot load (supported: "
+            f"{', '.join(supported)})."
         )
-    kv = config.get("kv_cache_scheme")
-    if kv and not (kv.get("type") == "float" and kv.get("num_bits") == 8):
-        raise ValueError(f"Unsupported kv_cache_scheme in the checkpoint: {kv}.")
-    return linear, "fp8" if kv else None
+    for fmt in formats:
+        found = fmt.read_checkpoint(config)
+        if found is not None:
+            return found
+    loadable = ", or ".join(fmt.checkpoint_description for fmt in formats)
+    raise ValueError(f"Unsupported {method} scheme: microscale loads {loadable}.")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from microscale.layers.linear import Linear
 from microscale.quant import mxfp4
-from microscale.quant.base import get_quant_method
+from microscale.quant.format import get_quant_method
 from microscale.quant.mxfp4 import MXFP4_BLOCK, pack_mxfp4, unpack_mxfp4
 from microscale.quant.mxfp4_linear import Mxfp4LinearMethod
 
