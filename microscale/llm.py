@@ -92,7 +92,7 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def reset_prefix_cache(self) -> None:
-        self.engine.block_manager.reset_prefix_cache()
+        self.engine.scheduler.reset_prefix_cache()
 
     def _run(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:
         results: list[RequestOutput | None] = [None] * len(order)

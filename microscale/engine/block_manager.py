@@ -79,30 +79,33 @@ class BlockManager:
         revived = sum(1 for b in cached if self.ref_counts[b] == 0)  # cached blocks taken off the free list
         return new_blocks + revived <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int] = ()) -> None:
-        """Give `seq` the blocks to hold `num_new_tokens` more tokens, reusing `cached` prefix blocks."""
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int] = ()) -> int:
+        """Give `seq` the blocks to hold `num_new_tokens` more tokens after its computed ones, reusing `cached`
+        prefix blocks (for a sequence with none yet); returns the tokens those hold, computed from now on."""
         if cached:
             assert not seq.block_table and seq.num_computed_tokens == 0
             for block in cached:
                 self._take(block)
                 seq.block_table.append(block)
                 seq.block_hashes.append(self.block_hash[block])
-            seq.num_computed_tokens = len(cached) * self.block_size
-        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        computed = seq.num_computed_tokens + len(cached) * self.block_size
+        needed = self.blocks_needed(computed + num_new_tokens) - len(seq.block_table)
         for _ in range(needed):
             seq.block_table.append(self._pop_free())
+        return len(cached) * self.block_size
 
     def record_prefix_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
         self.stats.queries += num_prompt_tokens
         self.stats.hits += num_hit_tokens
 
-    def fork(self, parent: Sequence, child: Sequence, num_blocks: int) -> None:
-        """Let `child` share the first `num_blocks` (full, immutable) blocks of `parent`."""
+    def fork(self, parent: Sequence, child: Sequence, num_blocks: int) -> int:
+        """Let `child` share the first `num_blocks` (full, immutable) blocks of `parent`; returns the tokens they
+        hold, computed for the child from now on."""
         for block in parent.block_table[:num_blocks]:
             self.ref_counts[block] += 1
             child.block_table.append(block)
         child.block_hashes = list(parent.block_hashes[:num_blocks])
-        child.num_computed_tokens = num_blocks * self.block_size
+        return num_blocks * self.block_size
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the hashes of blocks that became full of computed tokens."""
@@ -116,12 +119,11 @@ class BlockManager:
             self._register(seq.block_table[i], h)
 
     def free(self, seq: Sequence) -> None:
-        """Release everything `seq` holds, on the device and in the swap space: it starts from scratch."""
+        """Release everything `seq` holds, on the device and in the swap space (none of its KV is kept)."""
         self._release(seq)
         self.free_host_blocks.extend(seq.host_blocks)
         seq.host_blocks = []
         seq.block_hashes = []
-        seq.num_computed_tokens = 0
 
     def swap_out(self, seq: Sequence) -> list[tuple[int, int]] | None:
         """Move the blocks of `seq`'s computed tokens to the swap space: their (device, host) copies, to be made

@@ -19,12 +19,12 @@ from microscale.attention.selector import select_attention_backend
 from microscale.config import ModelConfig
 from microscale.engine.block_manager import SwapPlan
 from microscale.engine.cuda_graphs import CudaGraph, DecodeGraphs
+from microscale.engine.sampler import Sampler, SamplingBatch
 from microscale.engine.scheduler import ScheduledChunk
 from microscale.kernels.batch_invariant import batch_invariant_mode
 from microscale.kernels.selector import resolve_kernel_backend
 from microscale.layers.attention import Attention
 from microscale.layers.moe import FusedMoE
-from microscale.layers.sampler import Sampler, SamplingBatch
 from microscale.quant.kv_cache import make_kv_cache
 
 logger = logging.getLogger(__name__)

@@ -8,6 +8,11 @@ it is resumed, so it continues on exactly the KV its own steps computed. When th
 recomputed instead: its blocks are freed and its tokens (all kept) prefilled again, in one pass whose batch
 shape differs from the steps that first computed them, so in 16-bit dtypes rounding may change what greedy
 decoding picks next.
+
+After the step's forward, update_from_output() does the step's bookkeeping: the scheduled tokens become
+computed (full blocks enter the prefix cache), each sampled sequence gets its token (and logprobs), siblings of
+an n > 1 request fork off their parent once its prompt is done, and finished sequences release their blocks.
+The scheduler is the only writer of that state and the only caller of the block manager.
 """
 
 from __future__ import annotations
@@ -15,13 +20,21 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from microscale.config import SchedulerConfig
 from microscale.engine.block_manager import BlockManager, SwapPlan
-from microscale.engine.sequence import Sequence, SequenceStatus
+from microscale.engine.detokenizer import Decoder
+from microscale.engine.logprobs import logprob_entry
+from microscale.engine.sampler import SampledTokens
+from microscale.engine.sequence import Request, Sequence, SequenceStatus
+from microscale.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -36,14 +49,28 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(
+        self, config: SchedulerConfig, block_manager: BlockManager, eos_token_ids: list[int], tokenizer: Decoder
+    ) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.eos_token_ids = eos_token_ids
+        self.tokenizer = tokenizer  # for the text of logprob entries
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_recomputed_preemptions = 0  # of those, recomputed because the swap space was full
         self.swaps = SwapPlan()  # the last schedule()'s block copies, for the step to make before its forward
+        self.num_prompt_tokens = 0
+        self.num_generated_tokens = 0
+
+    # ---- requests -------------------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Its first sequence queues; siblings (n > 1) wait for its prompt, then share its blocks."""
+        request.unforked = request.seqs[1:]
+        self.add(request.seqs[0])
+        self.num_prompt_tokens += len(request.prompt_token_ids)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -51,6 +78,23 @@ class Scheduler:
     def add_forked(self, seqs: list[Sequence]) -> None:
         """Siblings of an n > 1 request jump the queue: they share their parent's prompt blocks."""
         self.waiting.extendleft(reversed(seqs))
+
+    def abort(self, request: Request) -> None:
+        """Finish the request's unfinished sequences with "abort", freeing their blocks."""
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.finish(seq, "abort")
+        request.unforked = []
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Remove a finished or aborted sequence and release its blocks."""
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
 
     @property
     def num_unfinished(self) -> int:
@@ -62,7 +106,30 @@ class Scheduler:
         waiting = {id(seq.request) for seq in self.waiting} - running
         return len(running), len(waiting)
 
+    def reset_prefix_cache(self) -> None:
+        self.block_manager.reset_prefix_cache()
+
+    def get_stats(self) -> dict[str, float]:
+        bm = self.block_manager
+        running, waiting = self.num_requests()
+        return {
+            "num_requests_running": running,
+            "num_requests_waiting": waiting,
+            "kv_cache_blocks_total": bm.num_blocks,
+            "kv_cache_blocks_free": bm.num_free_blocks,
+            "kv_cache_usage": 1 - bm.num_free_blocks / bm.num_blocks,
+            "prefix_cache_queries": bm.stats.queries,
+            "prefix_cache_hits": bm.stats.hits,
+            "num_preemptions": self.num_preemptions,
+            "prompt_tokens": self.num_prompt_tokens,
+            "generation_tokens": self.num_generated_tokens,
+        }
+
+    # ---- before the forward ---------------------------------------------------------------------------
+
     def schedule(self) -> list[ScheduledChunk]:
+        """The step's chunks (its block copies in self.swaps). Empty with work left only after a preemption:
+        were nothing preempted, stepping again would spin forever, so that raises."""
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledChunk] = []
         self.swaps = SwapPlan()
@@ -85,6 +152,11 @@ class Scheduler:
         # Admitting new work right after preempting would only thrash.
         if not preempted:
             self._admit_waiting(scheduled, budget)
+            if not scheduled and self.num_unfinished:
+                raise RuntimeError(
+                    f"No request fits in the KV cache ({self.block_manager.num_free_blocks} free blocks); "
+                    "raise kv_cache_memory or lower max_model_len / max_num_seqs."
+                )
         return scheduled
 
     def _admit_waiting(self, scheduled: list[ScheduledChunk], budget: int) -> None:
@@ -100,7 +172,7 @@ class Scheduler:
             self.waiting.popleft()
             if seq.host_blocks:
                 self.swaps.into.extend(bm.swap_in(seq))
-            bm.allocate(seq, n, cached)
+            seq.num_computed_tokens += bm.allocate(seq, n, cached)
             if fresh and seq.num_preemptions == 0:
                 bm.record_prefix_lookup(seq.num_prompt_tokens, seq.num_computed_tokens)
                 seq.request.num_cached_tokens = max(seq.request.num_cached_tokens, seq.num_computed_tokens)
@@ -114,7 +186,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         copies = self.block_manager.swap_out(seq)
         if copies is None:
-            self.block_manager.free(seq)
+            self._release(seq)
             self.num_recomputed_preemptions += 1
             logger.info("swap space full: preempted sequence %d (%d tokens) will be recomputed", seq.seq_id,
                         seq.num_tokens)
@@ -125,12 +197,108 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """Remove a finished or aborted sequence and release its blocks."""
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = reason
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
+    def _release(self, seq: Sequence) -> None:
+        """Its blocks (and swap space) go back: none of its tokens is computed any more."""
         self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+
+    def score_prompt(self, token_ids: list[int], forward: Callable[[ScheduledChunk], T]) -> list[T]:
+        """`forward` over a prompt in chunks of at most max_num_batched_tokens, in order, outside the step loop:
+        on KV blocks borrowed for the call and released at its end (nothing enters the prefix cache)."""
+        seq = Sequence(Request("prompt-logits", None, token_ids, SamplingParams(max_tokens=1)), 0, None)
+        if not self.block_manager.can_allocate(seq, seq.num_tokens):
+            raise ValueError(f"The KV cache has no room for {seq.num_tokens} tokens now.")
+        results = []
+        try:
+            while seq.num_computed_tokens < seq.num_tokens:
+                n = min(seq.num_tokens - seq.num_computed_tokens, self.config.max_num_batched_tokens)
+                self.block_manager.allocate(seq, n)
+                results.append(forward(ScheduledChunk(seq, n)))
+                seq.num_computed_tokens += n
+        finally:
+            self._release(seq)
+        return results
+
+    # ---- after the forward ----------------------------------------------------------------------------
+
+    def update_from_output(
+        self, chunks: list[ScheduledChunk], sampled: list[Sequence], tokens: SampledTokens
+    ) -> list[Request]:
+        """The step's bookkeeping once its forward ran: every chunk's tokens are computed, and the sequences that
+        sampled (`sampled`, in the rows of `tokens`) get their tokens. A request a row failed on, or that fails
+        taking its token (its detokenizer, say), is aborted with its error; the others go on. Returns the
+        requests that got a token or failed, each once."""
+        for chunk in chunks:
+            chunk.seq.num_computed_tokens += chunk.num_tokens
+            self.block_manager.cache_full_blocks(chunk.seq)
+        touched: dict[str, Request] = {}
+        for row, error in tokens.failed.items():
+            request = sampled[row].request
+            if request.error is None:
+                self._fail(request, error)
+                touched[request.request_id] = request
+        now = time.monotonic()
+        for i, row in enumerate(tokens.rows):
+            seq = sampled[row]
+            request = seq.request
+            if request.error is not None:  # a sibling failed
+                continue
+            touched[request.request_id] = request
+            try:
+                self._append_token(seq, tokens, i, now)
+            except Exception as e:  # this request's detokenizer, logprobs or stop checks: only it ends
+                self._fail(request, e)
+                continue
+            self.num_generated_tokens += 1
+        return list(touched.values())
+
+    def _fail(self, request: Request, error: Exception) -> None:
+        """Abort a request that a step failed on; its error goes to its client, the other requests go on."""
+        logger.error("request %s failed in a step; aborting it", request.request_id, exc_info=error)
+        request.error = type(error).__name__
+        self.abort(request)
+
+    def _append_token(self, seq: Sequence, tokens: SampledTokens, i: int, now: float) -> None:
+        token = tokens.token_ids[i]
+        seq.token_ids.append(token)
+        request = seq.request
+        if request.first_token_time is None:
+            request.first_token_time = now
+        if seq.logprobs is not None:
+            top_n = seq.params.logprobs
+            seq.logprobs.append(logprob_entry(self.tokenizer.decode, token, tokens.chosen_logprobs[i],
+                                              tokens.chosen_ranks[i], tokens.top_ids[i][:top_n],
+                                              tokens.top_logprobs[i][:top_n]))
+            seq.cumulative_logprob += tokens.chosen_logprobs[i]
+        if request.unforked and seq.index == 0:
+            self._fork(seq, request.unforked)
+            request.unforked = []
+        past_min = seq.num_output_tokens >= seq.params.min_tokens
+        stop_string = seq.detokenizer.add_token(token, check_stop=past_min)
+        reason = self._finish_reason(seq, token, stop_string, past_min)
+        if reason is not None:
+            self.finish(seq, reason)
+
+    def _fork(self, parent: Sequence, siblings: list[Sequence]) -> None:
+        """Siblings share the parent's full prompt blocks; each computes the rest of its prompt itself."""
+        shared_blocks = (parent.num_prompt_tokens - 1) // self.block_manager.block_size
+        for sibling in siblings:
+            sibling.num_computed_tokens = self.block_manager.fork(parent, sibling, shared_blocks)
+        self.add_forked(siblings)
+
+    def _finish_reason(self, seq: Sequence, token: int, stop_string: str | None, past_min: bool) -> str | None:
+        params = seq.params
+        if past_min:
+            if not params.ignore_eos and token in self.eos_token_ids:
+                return "stop"
+            if token in params.stop_token_ids:
+                seq.stop_reason = token
+                return "stop"
+            if stop_string is not None:
+                seq.stop_reason = stop_string
+                return "stop"
+        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+            return "length"
+        if seq.num_tokens >= self.config.max_model_len:
+            return "length"
+        return None

@@ -11,6 +11,7 @@ import time
 import torch
 
 from microscale.engine.detokenizer import IncrementalDetokenizer
+from microscale.engine.sampler import SamplingRow
 from microscale.outputs import CompletionOutput, Logprob, RequestOutput
 from microscale.sampling_params import SamplingParams
 
@@ -29,7 +30,7 @@ class Sequence:
         self,
         request: Request,
         index: int,
-        detokenizer: IncrementalDetokenizer,
+        detokenizer: IncrementalDetokenizer | None,  # None: a prompt only scored, never detokenized
     ) -> None:
         self.seq_id = next(_seq_counter)
         self.request = request
@@ -70,6 +71,9 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
+
+    def sampling_row(self) -> SamplingRow:
+        return SamplingRow(self.params, self.token_ids, self.num_prompt_tokens, self.generator)
 
     def to_completion_output(self) -> CompletionOutput:
         return CompletionOutput(

@@ -16,8 +16,8 @@ import os
 from typing import Any
 
 from microscale.engine.engine import LLMEngine
+from microscale.engine.sampler import SamplingBatch, SamplingRow
 from microscale.engine.sequence import Request
-from microscale.layers.sampler import SamplingBatch
 
 ENV_VAR = "MICROSCALE_FAULT_INJECTION"
 REQUEST_FAULT = "<fault:request>"
@@ -36,10 +36,12 @@ def _marked(request: Request, marker: str) -> bool:
 def install(engine: LLMEngine) -> None:
     build = SamplingBatch.build.__func__
 
-    def faulty_build(cls: type[SamplingBatch], seqs: list, *args: Any) -> SamplingBatch:
-        if any(_marked(seq.request, REQUEST_FAULT) for seq in seqs):
+    def faulty_build(cls: type[SamplingBatch], rows: list[SamplingRow], *args: Any) -> SamplingBatch:
+        # A row carries its request's parameters: here one object per request (each arrives pickled on its own).
+        marked = {id(r.params) for r in engine.requests.values() if _marked(r, REQUEST_FAULT)}
+        if any(id(row.params) in marked for row in rows):
             raise OverflowError("injected request fault")
-        return build(cls, seqs, *args)
+        return build(cls, rows, *args)
 
     execute = engine.executor.execute
 

@@ -26,10 +26,15 @@ def admit(bm: BlockManager, seq: Sequence) -> list[int]:
     cached = bm.find_cached_prefix(seq)
     n = seq.num_tokens - len(cached) * bm.block_size
     assert bm.can_allocate(seq, n, cached)
-    bm.allocate(seq, n, cached)
-    seq.num_computed_tokens += n
+    seq.num_computed_tokens += bm.allocate(seq, n, cached) + n
     bm.cache_full_blocks(seq)
     return cached
+
+
+def release(bm: BlockManager, seq: Sequence) -> None:
+    """What the scheduler does when a sequence ends or is recomputed: its blocks go back, nothing is computed."""
+    bm.free(seq)
+    seq.num_computed_tokens = 0
 
 
 def check_invariants(bm: BlockManager, live: list[Sequence]) -> None:
@@ -64,7 +69,7 @@ def test_allocate_free_and_ref_counts():
     assert len(a.block_table) == 4 and bm.num_free_blocks == 3
     check_invariants(bm, [a, b])
 
-    bm.free(a)
+    release(bm, a)
     assert a.block_table == [] and a.num_computed_tokens == 0 and a.block_hashes == []
     check_invariants(bm, [b])
     bm.free(b)
@@ -236,7 +241,7 @@ def test_fork_shares_full_prompt_blocks():
     parent = make_seq(range(1, 11))  # 10 tokens: blocks 0 and 1 full, block 2 partial
     compute(bm, parent)
     child = make_seq(range(1, 11))
-    bm.fork(parent, child, 2)
+    child.num_computed_tokens = bm.fork(parent, child, 2)
     assert child.block_table == parent.block_table[:2]
     assert child.block_hashes == parent.block_hashes[:2]
     assert child.num_computed_tokens == 8
@@ -273,7 +278,7 @@ def test_can_allocate_counts_all_blocks_behind_a_cached_prefix():
     assert not bm.can_allocate(second, second.num_tokens - 12, cached)
     # A first chunk of 8 uncached tokens (2 new blocks, 5 taken) fits.
     assert bm.can_allocate(second, 8, cached)
-    bm.allocate(second, 8, cached)
+    second.num_computed_tokens += bm.allocate(second, 8, cached)
     assert len(second.block_table) == 5 and second.num_computed_tokens == 12
     bm.free(second)
     bm.free(hog)
@@ -395,7 +400,7 @@ def test_free_releases_a_swapped_out_sequence():
     a = make_seq(range(1, 7))
     compute(bm, a)
     bm.swap_out(a)
-    bm.free(a)  # aborted while swapped out
+    release(bm, a)  # aborted while swapped out
     assert a.host_blocks == [] and a.num_computed_tokens == 0
     assert bm.num_free_blocks == 8 and len(bm.free_host_blocks) == 4
     check_invariants(bm, [])

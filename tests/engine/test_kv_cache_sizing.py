@@ -12,8 +12,8 @@ import torch
 from microscale.config import EngineArgs
 from microscale.engine import shard
 from microscale.engine.inputs import InputProcessor
+from microscale.engine.sampler import Sampler
 from microscale.engine.shard import GpuMemory, GpuSnapshot, build_shard, kv_cache_budget
-from microscale.layers.sampler import Sampler
 
 GIB = 1 << 30
 CUDA = torch.device("cuda")

@@ -12,8 +12,8 @@ import pytest
 from live_server import ENGINE_KNOBS, serve_process
 
 from microscale import LLM
+from microscale.engine.sampler import SamplingBatch
 from microscale.engine.sequence import Request
-from microscale.layers.sampler import SamplingBatch
 from microscale.sampling_params import SamplingParams
 from microscale.serve.fault_injection import ENGINE_FAULT, HOLD, REQUEST_FAULT
 
@@ -26,10 +26,10 @@ def _poison_sampling(monkeypatch, request: Request) -> None:
     """Building the sampling tensors of any batch with this request raises (as for top_k = 2**63)."""
     build = SamplingBatch.build.__func__
 
-    def faulty(cls, seqs, *args):
-        if any(seq.request is request for seq in seqs):
+    def faulty(cls, rows, *args):
+        if any(row.params is request.params for row in rows):
             raise OverflowError("Python int too large to convert to C long")
-        return build(cls, seqs, *args)
+        return build(cls, rows, *args)
 
     monkeypatch.setattr(SamplingBatch, "build", classmethod(faulty))
 

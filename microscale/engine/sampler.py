@@ -1,17 +1,33 @@
 """Vectorised sampling over a batch of requests, each with its own parameters.
 
-Per-request parameters travel as tensors; a filter runs only when some row needs it. Random draws use
-the exponential trick (argmax of p / Exp(1) samples from p), so a request with a seed draws its noise
-from its own generator and gets the same tokens whatever else shares the batch.
+The batch is built from plain rows (parameters, tokens so far, generator), once per step; per-request
+parameters travel as tensors and a filter runs only when some row needs it. Random draws use the exponential
+trick (argmax of p / Exp(1) samples from p), so a request with a seed draws its noise from its own generator
+and gets the same tokens whatever else shares the batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from microscale.engine.sequence import Sequence
+from microscale.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """What sampling needs of one sequence: its parameters, its tokens so far (for penalties and min_tokens)
+    and, when seeded, its own generator."""
+
+    params: SamplingParams
+    token_ids: list[int]  # the prompt, then the output so far
+    num_prompt_tokens: int
+    generator: torch.Generator | None = None
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
 
 @dataclass
@@ -36,8 +52,8 @@ class SamplingBatch:
     num_logprobs: int | None  # the largest top-N any row asked for; None if none asked
 
     @classmethod
-    def build(cls, seqs: list[Sequence], eos_ids: list[int], vocab_size: int, device: torch.device) -> SamplingBatch:
-        params = [s.params for s in seqs]
+    def build(cls, rows: list[SamplingRow], eos_ids: list[int], vocab_size: int, device: torch.device) -> SamplingBatch:
+        params = [r.params for r in rows]
 
         def column(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
@@ -46,21 +62,21 @@ class SamplingBatch:
         any_top_k = any(p.top_k > 0 for p in params)
         any_top_p = any(p.top_p < 1 for p in params)
         any_min_p = any(p.min_p > 0 for p in params)
-        seeded = {i: s.generator for i, s in enumerate(seqs) if s.generator is not None and s.params.temperature > 0}
+        seeded = {i: r.generator for i, r in enumerate(rows) if r.generator is not None and r.params.temperature > 0}
         penalties = None
         if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):
             penalties = Penalties(
-                output_ids=_pad([s.output_token_ids for s in seqs], vocab_size, device),
-                prompt_ids=_pad([s.token_ids[: s.num_prompt_tokens] for s in seqs], vocab_size, device),
+                output_ids=_pad([r.token_ids[r.num_prompt_tokens :] for r in rows], vocab_size, device),
+                prompt_ids=_pad([r.token_ids[: r.num_prompt_tokens] for r in rows], vocab_size, device),
                 repetition=column([p.repetition_penalty for p in params], torch.float32),
                 presence=column([p.presence_penalty for p in params], torch.float32),
                 frequency=column([p.frequency_penalty for p in params], torch.float32),
             )
-        rows, ids = [], []
-        for i, s in enumerate(seqs):
-            if s.num_output_tokens < s.params.min_tokens:
-                banned = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else set(eos_ids))
-                rows += [i] * len(banned)
+        blocked_rows, ids = [], []
+        for i, r in enumerate(rows):
+            if r.num_output_tokens < r.params.min_tokens:
+                banned = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else set(eos_ids))
+                blocked_rows += [i] * len(banned)
                 ids += sorted(banned)
         asked = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
@@ -71,7 +87,7 @@ class SamplingBatch:
             min_p=column([p.min_p for p in params], torch.float32) if any_min_p else None,
             seeded=seeded,
             penalties=penalties,
-            blocked=(rows, ids) if rows else None,
+            blocked=(blocked_rows, ids) if blocked_rows else None,
             num_logprobs=max(asked) if asked else None,
         )
 
@@ -89,6 +105,28 @@ class SamplerOutput:
     chosen_ranks: torch.Tensor | None = None
     top_ids: torch.Tensor | None = None
     top_logprobs: torch.Tensor | None = None
+
+    def to_host(self, rows: list[int]) -> SampledTokens:
+        """The step's one device -> host copy; `rows`: the step's rows these samples belong to."""
+        if self.chosen_logprobs is None:
+            return SampledTokens(rows, self.token_ids.tolist())
+        return SampledTokens(rows, self.token_ids.tolist(), self.chosen_logprobs.tolist(), self.chosen_ranks.tolist(),
+                             self.top_ids.tolist(), self.top_logprobs.tolist())
+
+
+@dataclass
+class SampledTokens:
+    """A step's samples on the host: one token for each of `rows` (indices into the step's sampling rows), and
+    the rows whose own parameters made sampling fail, with the error."""
+
+    rows: list[int]
+    token_ids: list[int]
+    # When logprobs were asked for: the chosen token's logprob and rank, and the top-N ids and logprobs.
+    chosen_logprobs: list[float] | None = None
+    chosen_ranks: list[int] | None = None
+    top_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None
+    failed: dict[int, Exception] = field(default_factory=dict)
 
 
 def apply_penalties(logits: torch.Tensor, pen: Penalties) -> torch.Tensor:
@@ -154,3 +192,36 @@ class Sampler:
             # Drawn on the CPU so that a seed gives the same tokens on every device.
             noise[row] = torch.empty(probs.shape[1]).exponential_(generator=generator).to(noise.device)
         return (probs / noise).argmax(dim=-1)
+
+
+def sample(
+    sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow], eos_ids: list[int], vocab_size: int
+) -> SampledTokens:
+    """One token per row. Should that raise, each row is tried alone: those that fail alone are a bad request's
+    (say, a parameter its sampling tensor cannot hold), so they are reported failed and the others sampled again.
+    Only when no row fails alone is the error the engine's own, and raised."""
+
+    def run(keep: list[int]) -> SamplerOutput:
+        batch = SamplingBatch.build([rows[i] for i in keep], eos_ids, vocab_size, logits.device)
+        return sampler(logits[keep] if len(keep) < len(rows) else logits, batch)
+
+    def fails_alone(row: int) -> bool:
+        try:
+            run([row])
+        except Exception:
+            return True
+        return False
+
+    everything = list(range(len(rows)))
+    if not rows:  # a step of prefill chunks that all end before their prompt does
+        return SampledTokens([], [])
+    try:
+        return run(everything).to_host(everything)
+    except Exception as e:
+        failed = {row: e for row in everything if fails_alone(row)}
+        if not failed:
+            raise
+    keep = [row for row in everything if row not in failed]
+    tokens = run(keep).to_host(keep) if keep else SampledTokens([], [])
+    tokens.failed = failed
+    return tokens

@@ -12,8 +12,18 @@ import pytest
 import torch
 
 from microscale import LLM, SamplingParams
+from microscale.engine.sampler import (
+    Penalties,
+    SampledTokens,
+    Sampler,
+    SamplerOutput,
+    SamplingBatch,
+    SamplingRow,
+    apply_penalties,
+    apply_top_k_top_p,
+    sample,
+)
 from microscale.engine.sequence import Request, Sequence
-from microscale.layers.sampler import Penalties, Sampler, SamplingBatch, apply_penalties, apply_top_k_top_p
 
 NEG_INF = float("-inf")
 
@@ -241,7 +251,7 @@ def test_sampling_batch_build():
     def seq(prompt, output, **params):
         s = Sequence(Request("r", None, prompt, SamplingParams(**params)), 0, detokenizer=None)
         s.token_ids += output
-        return s
+        return s.sampling_row()
 
     seqs = [
         seq([5, 6], [7], temperature=0),
@@ -266,6 +276,30 @@ def test_sampling_batch_build():
     assert pen.frequency.tolist() == [0, 0, 0, 0.5]
     greedy = SamplingBatch.build(seqs[:1], [0], 10, torch.device("cpu"))
     assert greedy.all_greedy and greedy.top_k is None and greedy.penalties is None and greedy.blocked is None
+
+
+def test_sample_reports_the_rows_that_fail_alone_and_samples_the_others():
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
+    unfit = SamplingParams(temperature=0)
+    unfit.top_k = 2**63  # past validation (which refuses it): its tensor cannot hold it
+    rows = [SamplingRow(SamplingParams(temperature=0), [1], 1), SamplingRow(unfit, [1], 1),
+            SamplingRow(SamplingParams(temperature=0, logprobs=2), [1, 2], 1)]
+    out = sample(Sampler(), logits, rows, eos_ids=[0], vocab_size=10)
+    assert list(out.failed) == [1]
+    assert out.rows == [0, 2] and out.token_ids == logits[[0, 2]].argmax(dim=-1).tolist()
+    assert out.chosen_ranks == [1, 1] and len(out.top_ids[1]) == 2
+    assert sample(Sampler(), logits, [], [0], 10) == SampledTokens([], [])
+
+
+def test_sample_raises_an_error_no_row_causes_alone(monkeypatch):
+    def broken(self, logits, batch):
+        if logits.shape[0] > 1:  # the engine's own fault, not any request's: each row alone samples
+            raise RuntimeError("device lost")
+        return SamplerOutput(logits.argmax(dim=-1))
+
+    monkeypatch.setattr(Sampler, "__call__", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        sample(Sampler(), torch.zeros(2, 4), [SamplingRow(SamplingParams(), [1], 1)] * 2, [0], 4)
 
 
 # ---- through the engine ---------------------------------------------------------------------------------------
