@@ -24,13 +24,14 @@ def llm(pytestconfig):
 
 
 class CoreOnThread:
-    def __init__(self, llm: LLM) -> None:
+    def __init__(self, llm: LLM, start: bool = True) -> None:
         self.inbox_read, self.to_core = Pipe(duplex=False)
         self.from_core, outbox_write = Pipe(duplex=False)
         self.core = EngineCore(llm.engine, self.inbox_read, outbox_write)
         self.result: list[bool] = []
         self.thread = threading.Thread(target=lambda: self.result.append(self.core.run()), daemon=True)
-        self.thread.start()
+        if start:
+            self.thread.start()
 
     def receive(self, kind: type, timeout: float = 30):
         """The next message of type `kind`, skipping others (reports of steps in between)."""
@@ -54,13 +55,14 @@ def test_deltas_rebuild_the_offline_outputs(llm):
         SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
     ]
     expected = llm.generate(prompts, params)
-    core = CoreOnThread(llm)
+    core = CoreOnThread(llm, start=False)  # every request waits in the pipe before the first step
     outputs = {}
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         ids = llm.get_tokenizer().encode(prompt)
         core.to_core.send(AddRequest(f"r{i}", {"prompt": prompt, "prompt_token_ids": ids}, p, 0.0))
         outputs[f"r{i}"] = RequestOutput(f"r{i}", prompt, ids, [CompletionOutput(j, "", []) for j in range(p.n)],
                                          finished=False)
+    core.thread.start()
     while not all(o.finished for o in outputs.values()):
         report = core.receive(StepReport)
         assert report.step_seconds is not None and report.stats["requests_received"] == len(prompts)
