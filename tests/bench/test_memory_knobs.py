@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-import microscale
+import microscale.llm
 from microscale.bench.config import load_config
 from microscale.bench.datasets import BenchRequest
 from microscale.bench.throughput import run_throughput
@@ -50,7 +50,7 @@ def _microscale_kwargs(monkeypatch, config) -> dict:
     def fake_llm(model, **kwargs):
         raise Built(kwargs)
 
-    monkeypatch.setattr(microscale, "LLM", fake_llm)
+    monkeypatch.setattr(microscale.llm, "LLM", fake_llm)
     with pytest.raises(Built) as built:
         run_throughput(config, REQUESTS)
     return built.value.args[0]
