@@ -11,6 +11,7 @@ from microscale.attention.backend import AttentionBackend
 from microscale.attention.batch_invariant import BatchInvariantAttentionBackend
 from microscale.attention.torch_backend import TorchAttentionBackend
 from microscale.kernels.selector import fp8_unavailable_reason, resolve_kernel_backend, triton_unavailable_reason
+from microscale.quant.kv_cache import KV_CACHES
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,9 @@ def select_attention_backend(
         logger.info("attention backend: batch-invariant (deterministic mode)")
         return BatchInvariantAttentionBackend()
     family = resolve_kernel_backend(kernel_backend, device)
-    reason = fp8_unavailable_reason(device) if family == "triton" and kv_cache_quant == "fp8" else None
+    storage = KV_CACHES.get(kv_cache_quant).storage_dtype
+    stores_fp8 = storage is not None and storage.is_floating_point and storage.itemsize == 1
+    reason = fp8_unavailable_reason(device) if family == "triton" and stores_fp8 else None
     if family == "triton" and reason is None:
         from microscale.attention.triton_backend import TritonAttentionBackend
 
