@@ -3,13 +3,14 @@ sequences of the step, on whether the query is decoded or part of a prefill chun
 cut. Used in deterministic mode (`deterministic=True`), with the batch-invariant linear layers
 (kernels/batch_invariant.py).
 
-How: every query attends over its context in fixed key blocks of KEY_BLOCK tokens counted from position 0,
-with an online softmax (flash attention's running max and sum, in float32). Each block is two matmuls whose
-shapes do not depend on the batch: KEY_BLOCK keys, head_dim, and query rows padded to a multiple of ROW_TILE
-(for CPU BLAS, which picks its kernel from the row count). A block that is wholly masked for a query (past its
-position, or before its sliding window) leaves its running values exactly as they were (a factor exp(0) = 1
-and a sum of zeros), so padding a decode to the batch's longest context changes nothing. Slower than the
-reference backend: meant for reproducibility, not speed."""
+How: a query's scores against its keys come from one matmul whose result per element does not depend on the
+batch (query rows padded to a multiple of ROW_TILE, for CPU BLAS, which picks its kernel from the row count;
+the number of keys does not change an element). The softmax's max is exact in any order. Every sum over keys is
+cut into fixed blocks of KEY_BLOCK keys counted from position 0 — the weights' sum and weights @ values per
+block, the same shapes in every batch — and the blocks are combined left to right by a cumulative sum. Masked
+keys (past the query, before its sliding window, or padding to the batch's longest context) weigh exactly 0, so
+the blocks they fill add exact zeros: a decode, a prefill chunk cut anywhere, and the same query beside any
+other sequences give the same bits. Slower than the reference backend: meant for reproducibility, not speed."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from microscale.kernels.batch_invariant import ROW_TILE, pad_rows
 from microscale.quant.kv_cache import KVCache
 
 KEY_BLOCK = 64
+_MAX_SCORES = 1 << 22  # float32 scores held at once (16 MiB)
 
 
 class BatchInvariantAttentionBackend(StatelessBackend):
@@ -92,41 +94,50 @@ def _attend(
     window: int | None, sinks: torch.Tensor | None,
 ) -> torch.Tensor:
     """q: [n, queries, heads, dim] at `positions` [n, queries]; keys/values: [n, kv_heads, L, dim] from
-    _contexts. Returns [n, queries, heads, dim]. The query heads of one KV head sit side by side (rows ordered
-    (head in group, query)), as in the reference backend."""
-    n, queries, heads, dim = q.shape
-    kv_heads = keys.shape[1]
-    group = heads // kv_heads
-    # Query rows of a matmul (group * queries) padded to a multiple of ROW_TILE; padded queries sit at
-    # position 0 (finite) and are cut off at the end.
+    _contexts. Returns [n, queries, heads, dim]. Query rows of a matmul (group * queries) are padded to a multiple
+    of ROW_TILE (padded queries sit at position 0: finite, and cut off at the end), then taken in slices that
+    bound the float32 scores held at once."""
+    n, queries, heads, _ = q.shape
+    group = heads // keys.shape[1]
     multiple = ROW_TILE // math.gcd(group, ROW_TILE)
     q, positions = pad_rows(q, multiple, dim=1), pad_rows(positions, multiple, dim=1)
-    padded = q.shape[1]
-    grouped = q.permute(0, 2, 1, 3).reshape(n, kv_heads, group * padded, dim)
+    step = max(multiple, _MAX_SCORES // (n * heads * keys.shape[2]) // multiple * multiple)
+    parts = [
+        _attend_rows(q[:, start : start + step], positions[:, start : start + step], keys, values, scale, window,
+                     sinks)
+        for start in range(0, q.shape[1], step)
+    ]
+    return torch.cat(parts, dim=1)[:, :queries]
+
+
+def _attend_rows(
+    q: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+    window: int | None, sinks: torch.Tensor | None,
+) -> torch.Tensor:
+    """Softmax in two passes over fixed blocks: the max over every allowed key (exact, in any order), then each
+    block's sum of weights (KEY_BLOCK terms) and its weights @ values, combined over blocks left to right by a
+    cumulative sum. The query heads of one KV head sit side by side (rows ordered (head in group, query))."""
+    n, padded, heads, dim = q.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    group, blocks, rows = heads // kv_heads, length // KEY_BLOCK, heads // kv_heads * padded
+    grouped = q.permute(0, 2, 1, 3).reshape(n, kv_heads, rows, dim)
     query_pos = positions.repeat(1, group)[:, None, :, None]  # [n, 1, rows, 1]
-    rows = group * padded
-    if sinks is None:
-        # A finite floor, not -inf: a wholly masked block then gives exp(floor - floor) = 1, not NaN.
-        top = torch.full((n, kv_heads, rows, 1), torch.finfo(torch.float32).min, device=q.device)
-        total = torch.zeros_like(top)
-    else:  # the sink is one more logit in the softmax: start the running max and sum with it
-        sink = sinks.float().view(1, kv_heads, group, 1).expand(n, -1, -1, padded)
-        top = sink.reshape(n, kv_heads, rows, 1).clone()
-        total = torch.ones_like(top)
-    acc = torch.zeros(n, kv_heads, rows, dim, dtype=torch.float32, device=q.device)
-    for start in range(0, keys.shape[2], KEY_BLOCK):
-        block = slice(start, start + KEY_BLOCK)
-        key_pos = torch.arange(start, start + KEY_BLOCK, device=q.device)
-        allowed = key_pos <= query_pos
-        if window is not None:
-            allowed &= key_pos > query_pos - window
-        scores = torch.matmul(grouped, keys[:, :, block].transpose(-1, -2)).float() * scale
-        scores = torch.where(allowed, scores, float("-inf"))
-        new_top = torch.maximum(top, scores.amax(dim=-1, keepdim=True))
-        decay = (top - new_top).exp()
-        weights = (scores - new_top).exp()
-        total = total * decay + weights.sum(dim=-1, keepdim=True)
-        acc = acc * decay + torch.matmul(weights.to(q.dtype), values[:, :, block]).float()
-        top = new_top
-    out = (acc / total).to(q.dtype).view(n, heads, padded, dim).transpose(1, 2)
-    return out[:, :queries]
+    key_pos = torch.arange(length, device=q.device)
+    allowed = key_pos <= query_pos
+    if window is not None:
+        allowed &= key_pos > query_pos - window
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scale  # [n, kv_heads, rows, L]
+    scores = torch.where(allowed, scores, float("-inf"))
+    top = scores.amax(dim=-1, keepdim=True)  # every row allows the key at its own position: finite
+    if sinks is not None:  # the sink is one more logit in the softmax
+        sink = sinks.float().view(1, kv_heads, group, 1).expand(n, -1, -1, padded).reshape(n, kv_heads, rows, 1)
+        top = torch.maximum(top, sink)
+    weights = (scores - top).exp()
+    # Masked keys weigh exactly 0, so blocks past a context add exact zeros: the sums do not see the padding.
+    total = weights.view(n, kv_heads, rows, blocks, KEY_BLOCK).sum(dim=-1).cumsum(dim=-1)[..., -1:]
+    if sinks is not None:
+        total = total + (sink - top).exp()
+    per_block = torch.matmul(weights.to(q.dtype).view(n, kv_heads, rows, blocks, KEY_BLOCK).transpose(2, 3),
+                             values.view(n, kv_heads, blocks, KEY_BLOCK, dim))  # [n, kv_heads, blocks, rows, dim]
+    out = per_block.float().cumsum(dim=2)[:, :, -1] / total
+    return out.to(q.dtype).view(n, heads, padded, dim).transpose(1, 2)
