@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_torch_backend import BLOCK, make_cache, naive_attention, write
 
+from microscale.attention import batch_invariant
 from microscale.attention.batch_invariant import BatchInvariantAttentionBackend
 from microscale.attention.metadata import AttentionMetadata, DecodeBatch, PrefillChunk
 from microscale.attention.selector import select_attention_backend
@@ -106,3 +107,11 @@ def test_selected_only_in_deterministic_mode_and_only_on_cpu():
     assert not isinstance(select_attention_backend(cpu, "torch"), BatchInvariantAttentionBackend)
     with pytest.raises(ValueError, match="deterministic=True cannot run on cuda"):
         select_attention_backend(torch.device("cuda"), "torch", None, deterministic=True)
+
+
+def test_query_slices_bounding_memory_change_nothing(monkeypatch):
+    """Long chunks are attended a slice of query rows at a time: the same bits as all at once."""
+    seqs = Sequences([90, 150], torch.float32, None)
+    whole = seqs.step([(0, 89)], [(1, 0, 150)], 7, None)
+    monkeypatch.setattr(batch_invariant, "_MAX_SCORES", 4096)  # a few query rows per slice
+    assert torch.equal(seqs.step([(0, 89)], [(1, 0, 150)], 7, None), whole)
