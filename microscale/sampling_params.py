@@ -29,6 +29,28 @@ def _int64(param: str, value: int) -> None:
            f"{param} must be an integer that fits int64, got {value!r}.")
 
 
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Constrain the output to a language (vLLM's names): exactly one of a JSON Schema (`json`, a dict or its JSON
+    text), any JSON object (`json_object`), a regular expression (`regex`), one of fixed strings (`choice`), or a
+    Lark grammar (`grammar`, llguidance's dialect)."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        _check(len(given) == 1, "structured_outputs",
+               "structured_outputs takes exactly one of json, json_object, regex, choice, grammar; "
+               f"got {given or 'none'}.")
+        _check(self.choice is None or (len(self.choice) > 0 and all(isinstance(c, str) and c for c in self.choice)),
+               "structured_outputs", "structured_outputs.choice must be a non-empty list of non-empty strings.")
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -48,6 +70,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

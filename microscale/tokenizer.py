@@ -78,6 +78,10 @@ class Tokenizer:
             config["chat_template"] = named.get("default", next(iter(named.values())))
         return cls(HFTokenizer.from_file(str(path / "tokenizer.json")), config)
 
+    def to_json(self) -> str:
+        """The tokenizer.json text (for libraries that build their own view of the vocabulary)."""
+        return self._tok.to_str()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 

@@ -16,6 +16,7 @@ from microscale.engine.logprobs import prompt_logprobs
 from microscale.engine.sampler import Sampler, sample
 from microscale.engine.scheduler import Scheduler
 from microscale.engine.sequence import Request, Sequence
+from microscale.engine.structured import GrammarCompiler
 from microscale.outputs import RequestOutput, SampleLogprobs
 from microscale.sampling_params import SamplingParams
 
@@ -39,6 +40,7 @@ class LLMEngine:
                                           shard.num_host_blocks)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager, self.eos_token_ids, self.tokenizer)
         self.sampler = Sampler()
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         if args.calib_config is not None:
             windows = calibration_windows(self.tokenizer, args.calib_config, max_model_len)
@@ -62,6 +64,9 @@ class LLMEngine:
             ))
             for i in range(params.n)
         ]
+        if params.structured_outputs is not None:
+            for seq in request.seqs:
+                seq.matcher = self.grammars.matcher(params.structured_outputs)
         self.scheduler.add_request(request)
         self.requests[request_id] = request
         return request

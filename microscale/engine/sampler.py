@@ -9,9 +9,11 @@ and gets the same tokens whatever else shares the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from microscale.engine.structured import allowed_tokens
 from microscale.sampling_params import SamplingParams
 
 
@@ -24,6 +26,7 @@ class SamplingRow:
     token_ids: list[int]  # the prompt, then the output so far
     num_prompt_tokens: int
     generator: torch.Generator | None = None
+    matcher: Any = None  # structured outputs: its llguidance.LLMatcher, which says the tokens allowed next
 
     @property
     def num_output_tokens(self) -> int:
@@ -50,6 +53,8 @@ class SamplingBatch:
     penalties: Penalties | None
     blocked: tuple[list[int], list[int]] | None  # (rows, token ids) that may not be sampled yet (min_tokens)
     num_logprobs: int | None  # the largest top-N any row asked for; None if none asked
+    # Structured outputs: (rows, [len(rows), vocab] bool of the tokens each row's grammar allows next).
+    allowed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build(cls, rows: list[SamplingRow], eos_ids: list[int], vocab_size: int, device: torch.device) -> SamplingBatch:
@@ -79,6 +84,11 @@ class SamplingBatch:
                 blocked_rows += [i] * len(banned)
                 ids += sorted(banned)
         asked = [p.logprobs for p in params if p.logprobs is not None]
+        constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
+        allowed = None
+        if constrained:
+            mask = allowed_tokens([rows[i].matcher for i in constrained], vocab_size, device)
+            allowed = (torch.tensor(constrained, device=device), mask)
         return cls(
             temperature=column(temps, torch.float32),
             all_greedy=all(t == 0 for t in temps),
@@ -89,6 +99,7 @@ class SamplingBatch:
             penalties=penalties,
             blocked=(blocked_rows, ids) if blocked_rows else None,
             num_logprobs=max(asked) if asked else None,
+            allowed=allowed,
         )
 
 
@@ -166,6 +177,9 @@ class Sampler:
         if batch.blocked is not None:
             rows, ids = (torch.tensor(x, device=logits.device) for x in batch.blocked)
             logits = logits.index_put((rows, ids), torch.tensor(float("-inf"), device=logits.device))  # not in place
+        if batch.allowed is not None:
+            rows, mask = batch.allowed
+            logits = logits.index_copy(0, rows, logits[rows].masked_fill(~mask, float("-inf")))
         token_ids = logits.argmax(dim=-1)
         if not batch.all_greedy:
             token_ids = torch.where(batch.temperature == 0, token_ids, self._random(logits, batch))

@@ -275,6 +275,8 @@ class Scheduler:
             request.unforked = []
         past_min = seq.num_output_tokens >= seq.params.min_tokens
         stop_string = seq.detokenizer.add_token(token, check_stop=past_min)
+        if seq.matcher is not None:
+            seq.matcher.consume_token(token)
         reason = self._finish_reason(seq, token, stop_string, past_min)
         if reason is not None:
             self.finish(seq, reason)
@@ -297,6 +299,8 @@ class Scheduler:
             if stop_string is not None:
                 seq.stop_reason = stop_string
                 return "stop"
+        if seq.matcher is not None and seq.matcher.is_stopped():  # the grammar's language ends here
+            return "stop"
         if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
             return "length"
         if seq.num_tokens >= self.config.max_model_len:

@@ -52,6 +52,8 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.num_preemptions = 0
         self.generator: torch.Generator | None = None
+        # With structured outputs: the grammar matcher (llguidance.LLMatcher) of this sequence's output so far.
+        self.matcher = None
         if self.params.seed is not None:
             # Siblings of an n > 1 request draw different samples from one seed.
             self.generator = torch.Generator().manual_seed(self.params.seed + index)
@@ -73,7 +75,7 @@ class Sequence:
         return self.status == SequenceStatus.FINISHED
 
     def sampling_row(self) -> SamplingRow:
-        return SamplingRow(self.params, self.token_ids, self.num_prompt_tokens, self.generator)
+        return SamplingRow(self.params, self.token_ids, self.num_prompt_tokens, self.generator, self.matcher)
 
     def to_completion_output(self) -> CompletionOutput:
         return CompletionOutput(

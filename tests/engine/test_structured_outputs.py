@@ -1,0 +1,112 @@
+"""Structured outputs (llguidance grammars applied as a vocabulary mask inside the sampler): every output of the
+bundled model, sampled with seeds, is in the language asked for — a JSON Schema (checked with jsonschema), any
+JSON object, a regex, a choice, a Lark grammar —, ends with "stop" when the language does, and constrained
+requests share a batch with unconstrained ones without changing them."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from microscale import LLM, SamplingParams
+from microscale.engine.structured import GrammarCompiler, allowed_tokens
+from microscale.sampling_params import SamplingParamError, StructuredOutputsParams
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+PROMPT = "def parse(line):"
+
+
+@pytest.fixture(scope="module")
+def llm(pytestconfig):
+    return LLM(str(pytestconfig.rootpath / "models" / "tiny-llama-pycode"), dtype="float32", max_model_len=512)
+
+
+def texts(llm: LLM, params: list[SamplingParams]) -> list[tuple[str, str]]:
+    outs = llm.generate([PROMPT] * len(params), params, use_tqdm=False)
+    return [(c.text, c.finish_reason) for o in outs for c in o.outputs]
+
+
+def sampled(constraint: StructuredOutputsParams, count: int, max_tokens: int = 96, n: int = 1):
+    return [SamplingParams(temperature=1.0, seed=seed, n=n, max_tokens=max_tokens, structured_outputs=constraint)
+            for seed in range(count)]
+
+
+def test_json_schema_outputs_validate(llm):
+    for text, finish in texts(llm, sampled(StructuredOutputsParams(json=SCHEMA), 12)):
+        jsonschema.validate(json.loads(text), SCHEMA)
+        assert finish == "stop"
+
+
+def test_json_object_and_schema_as_text(llm):
+    """Any JSON object has no length bound: an output cut by max_tokens is a prefix; those that end parse."""
+    anything = texts(llm, sampled(StructuredOutputsParams(json_object=True), 4, n=2, max_tokens=64))
+    assert all(text.startswith("{") for text, _ in anything)
+    ended = [text for text, finish in anything if finish == "stop"]
+    assert ended and all(isinstance(json.loads(text), dict) for text in ended)
+    for text, finish in texts(llm, sampled(StructuredOutputsParams(json=json.dumps(SCHEMA)), 2)):
+        jsonschema.validate(json.loads(text), SCHEMA)
+        assert finish == "stop"
+
+
+def test_regex_choice_and_grammar(llm):
+    pattern = r"[0-9]{3}-[a-z]{2,4}"
+    for text, _ in texts(llm, sampled(StructuredOutputsParams(regex=pattern), 6)):
+        assert re.fullmatch(pattern, text), text
+    choices = ["yes", "no", "maybe later"]
+    for text, finish in texts(llm, sampled(StructuredOutputsParams(choice=choices), 6)):
+        assert text in choices and finish == "stop"
+    grammar = 'start: "call(" ARGS ")"\nARGS: /[0-9]{1,3}(,[0-9]{1,3}){0,3}/'
+    for text, _ in texts(llm, sampled(StructuredOutputsParams(grammar=grammar), 4)):
+        assert re.fullmatch(r"call\([0-9]{1,3}(,[0-9]{1,3}){0,3}\)", text), text
+
+
+def test_constrained_and_free_requests_share_a_batch(llm):
+    free = SamplingParams(temperature=0, max_tokens=16)
+    alone = texts(llm, [free])
+    together = texts(llm, [*sampled(StructuredOutputsParams(json=SCHEMA), 3), free])
+    assert together[-1] == alone[0]
+    assert not alone[0][0].startswith("{")  # the free request was not constrained
+
+
+def test_mask_allows_exactly_the_grammar_s_next_tokens(llm):
+    engine = llm.engine
+    compiler = GrammarCompiler(engine.tokenizer, engine.model_config.vocab_size, engine.eos_token_ids)
+    matcher = compiler.matcher(StructuredOutputsParams(choice=["yes", "no"]))
+    mask = allowed_tokens([matcher], engine.model_config.vocab_size, engine.device)[0]
+    allowed = {engine.tokenizer.decode([t]) for t in mask.nonzero().flatten().tolist()}
+    assert allowed and all("yes".startswith(text) or "no".startswith(text) for text in allowed), allowed
+
+
+@pytest.mark.parametrize(
+    "constraint, match",
+    [
+        (dict(regex="[0-9"), "structured_outputs"),
+        (dict(json="{not json"), "structured_outputs"),
+        (dict(json={"type": "object", "properties": {"a": {"type": "nonsense"}}}), "structured_outputs"),
+        (dict(grammar="start: missing_rule"), "structured_outputs"),
+    ],
+    ids=["bad-regex", "schema-not-json", "bad-schema-type", "bad-grammar"],
+)
+def test_invalid_grammar_is_the_request_s_error(llm, constraint, match):
+    params = SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(**constraint))
+    with pytest.raises(SamplingParamError, match=match):
+        llm.generate(PROMPT, params, use_tqdm=False)
+    assert texts(llm, [SamplingParams(temperature=0, max_tokens=2)])  # the engine goes on
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"regex": "a", "choice": ["a"]}, {"choice": []}, {"choice": [""]}])
+def test_params_take_exactly_one_language(kwargs):
+    with pytest.raises(SamplingParamError, match="structured_outputs"):
+        StructuredOutputsParams(**kwargs)
