@@ -36,6 +36,14 @@ class GrammarCompiler:
 _JSON_LAYOUT = {"whitespace_flexible": False}
 
 
+def check_grammar(params: StructuredOutputsParams) -> None:
+    """Raise the request's error for a grammar that does not compile (no tokenizer needed: the server's front
+    answers 400 before the request reaches the engine)."""
+    error = llguidance.LLMatcher.validate_grammar(_grammar(params))
+    if error:
+        raise SamplingParamError("structured_outputs", f"structured_outputs: {error}")
+
+
 def _grammar(params: StructuredOutputsParams) -> str:
     build = llguidance.LLMatcher
     try:

@@ -9,7 +9,8 @@ from typing import Any, TypeVar
 import anyio
 
 from microscale.engine.inputs import InputProcessor
-from microscale.sampling_params import SamplingParamError, SamplingParams
+from microscale.engine.structured import check_grammar
+from microscale.sampling_params import SamplingParamError, SamplingParams, StructuredOutputsParams
 from microscale.serve.errors import APIError
 from microscale.serve.protocol import SamplingRequest
 
@@ -31,9 +32,30 @@ def sampling_params(
         max_tokens = inputs.generation_defaults.get("max_tokens", default_max_tokens)
     overrides.update(n=request.n, max_tokens=max_tokens, ignore_eos=request.ignore_eos, logprobs=logprobs)
     try:
+        overrides["structured_outputs"] = structured = _structured_outputs(request)
+        if structured is not None:
+            check_grammar(structured)
         return inputs.default_sampling_params(**overrides)
     except SamplingParamError as e:
         raise APIError(400, str(e), e.param) from None
+
+
+def _structured_outputs(request: SamplingRequest) -> StructuredOutputsParams | None:
+    """response_format (OpenAI's) or structured_outputs (vLLM's), not both."""
+    wanted = request.structured_outputs
+    response_format = request.response_format
+    if response_format is None or response_format.type == "text":
+        if wanted is None:
+            return None
+        return StructuredOutputsParams(json=wanted.json_, json_object=wanted.json_object, regex=wanted.regex,
+                                       choice=wanted.choice, grammar=wanted.grammar)
+    if wanted is not None:
+        raise SamplingParamError("structured_outputs", "Give response_format or structured_outputs, not both.")
+    if response_format.type == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if response_format.json_schema is None:
+        raise SamplingParamError("response_format", "response_format json_schema needs its json_schema object.")
+    return StructuredOutputsParams(json=response_format.json_schema.schema_)
 
 
 async def off_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

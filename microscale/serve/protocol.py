@@ -65,6 +65,36 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: Text = "response"
+    description: Text | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text (nothing asked), any JSON object, or JSON following a schema."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(BaseModel):
+    """vLLM's structured_outputs: exactly one of a JSON Schema, any JSON object, a regex, a choice, a Lark grammar."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_: dict[str, Any] | Text | None = Field(None, alias="json")
+    json_object: bool = False
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = None
+
+
 class SamplingRequest(BaseModel):
     """The sampling fields completions and chat share (OpenAI's, plus vLLM's top_k, min_p, ...)."""
 
@@ -86,8 +116,9 @@ class SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
     # Not implemented: accepted only with the values that ask for nothing (validation.py).
-    response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None

@@ -11,7 +11,6 @@ from microscale.serve.limits import ServeLimits
 
 # field -> the values that mean "not asked for" (the only ones microscale can honour).
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "response_format": (None, {"type": "text"}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "functions": (None, []),

@@ -1,9 +1,15 @@
 """The official openai client against a live server: the same text as LLM.generate / LLM.chat, streaming and
-not, n=2, stop strings, seeds, logprobs, usage in the last stream chunk, and 64 concurrent streams."""
+not, n=2, stop strings, seeds, logprobs, usage in the last stream chunk, 64 concurrent streams, and structured
+outputs (response_format, structured_outputs)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+
+import jsonschema
+import openai
+import pytest
 
 from microscale import SamplingParams
 
@@ -103,3 +109,54 @@ def test_64_concurrent_streams_match_greedy(server, reference):
     texts = asyncio.run(run_all())
     assert texts == [o.outputs[0].text for o in expected]
     server.wait_idle()
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def test_response_format_json_schema_validates(server):
+    """OpenAI's response_format on chat (streamed and not) and completions; vLLM's structured_outputs as an extra."""
+    client = server.client()
+    response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+    texts = []
+    for seed in range(4):
+        out = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=64, temperature=1.0,
+                                             seed=seed, response_format=response_format)
+        assert out.choices[0].finish_reason == "stop"
+        texts.append(out.choices[0].message.content)
+    stream = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=64, temperature=1.0, seed=0,
+                                            response_format=response_format, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == texts[0]
+    out = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=64, temperature=1.0, seed=5,
+                                    extra_body={"response_format": response_format})
+    texts.append(out.choices[0].text)
+    for text in texts:
+        jsonschema.validate(json.loads(text), SCHEMA)
+    out = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=8, temperature=0,
+                                    extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert out.choices[0].text in ("yes", "no")
+
+
+def test_invalid_structured_outputs_are_a_400(server):
+    client = server.client()
+    bad = [
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+        {"response_format": {"type": "json_schema"}},
+        {"response_format": {"type": "xml"}},
+        {"extra_body": {"structured_outputs": {"regex": "[0-9"}}},
+        {"extra_body": {"structured_outputs": {"regex": "a", "choice": ["a"]}}},
+        {"response_format": {"type": "json_object"}, "extra_body": {"structured_outputs": {"choice": ["a"]}}},
+    ]
+    for fields in bad:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=4, **fields)
+        assert caught.value.status_code == 400, fields
+    assert client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=2).choices  # still serving

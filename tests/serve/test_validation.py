@@ -169,7 +169,6 @@ def test_max_completion_tokens_zero_is_honoured(server):
 
 @pytest.mark.parametrize(("path", "field", "value"), [
     (path, field, value) for path in ("/v1/completions", "/v1/chat/completions") for field, value in [
-        ("response_format", {"type": "json_object"}), ("response_format", {"type": "json_schema", "json_schema": {}}),
         ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
         ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("function_call", "auto"),
         ("logit_bias", {"50": 100}),
