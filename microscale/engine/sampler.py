@@ -79,7 +79,8 @@ class SamplingBatch:
             )
         blocked_rows, ids = [], []
         for i, r in enumerate(rows):
-            if r.num_output_tokens < r.params.min_tokens:
+            # A grammar decides where its output ends: blocking its end tokens would leave it nothing to sample.
+            if r.num_output_tokens < r.params.min_tokens and r.matcher is None:
                 banned = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else set(eos_ids))
                 blocked_rows += [i] * len(banned)
                 ids += sorted(banned)

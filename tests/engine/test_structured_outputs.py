@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 
 from microscale import LLM, SamplingParams
+from microscale.engine.sampler import SamplingBatch, SamplingRow
 from microscale.engine.structured import GrammarCompiler, allowed_tokens
 from microscale.sampling_params import SamplingParamError, StructuredOutputsParams
 
@@ -87,6 +88,18 @@ def test_mask_allows_exactly_the_grammar_s_next_tokens(llm):
     mask = allowed_tokens([matcher], engine.model_config.vocab_size, engine.device)[0]
     allowed = {engine.tokenizer.decode([t]) for t in mask.nonzero().flatten().tolist()}
     assert allowed and all("yes".startswith(text) or "no".startswith(text) for text in allowed), allowed
+
+
+def test_min_tokens_does_not_block_a_grammar_s_end(llm):
+    """At its end a grammar allows only EOS: min_tokens must not block it there (nothing would be left)."""
+    engine = llm.engine
+    compiler = GrammarCompiler(engine.tokenizer, engine.model_config.vocab_size, engine.eos_token_ids)
+    params = SamplingParams(min_tokens=5, max_tokens=8)
+    free = SamplingRow(params, [1, 2], 2)
+    constrained = SamplingRow(params, [1, 2], 2, matcher=compiler.matcher(StructuredOutputsParams(choice=["a"])))
+    batch = SamplingBatch.build([free, constrained], engine.eos_token_ids, engine.model_config.vocab_size,
+                                engine.device)
+    assert set(batch.blocked[0]) == {0}  # only the free row's EOS is blocked
 
 
 @pytest.mark.parametrize(
