@@ -48,6 +48,10 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--sample-seed", dest="sample_seed", type=int, default=None,
                    help="per-request sampling seed (reproducible samples)")
+    g.add_argument("--structured-outputs", default=None, metavar="JSON",
+                   help='constrain the output, as the server\'s structured_outputs: e.g. '
+                        '\'{"choice": ["yes", "no"]}\', \'{"json": SCHEMA}\', \'{"regex": "..."}\', '
+                        '\'{"json_object": true}\', \'{"grammar": LARK}\'')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +149,13 @@ def _sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides = {k: v for k, v in values.items() if v is not None}
     if args.ignore_eos:
         overrides["ignore_eos"] = True
+    if args.structured_outputs is not None:
+        try:
+            overrides["structured_outputs"] = json.loads(args.structured_outputs)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"--structured-outputs is not JSON: {e.msg}.") from None
+        if not isinstance(overrides["structured_outputs"], dict):
+            raise CLIError('--structured-outputs takes a JSON object, e.g. \'{"choice": ["yes", "no"]}\'.')
     return overrides
 
 

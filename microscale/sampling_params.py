@@ -70,7 +70,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
-    structured_outputs: StructuredOutputsParams | None = None
+    # StructuredOutputsParams, or the same as a dict (e.g. a line of a prompts file)
+    structured_outputs: StructuredOutputsParams | dict | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -81,6 +82,12 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError:
+                raise SamplingParamError("structured_outputs", "structured_outputs keys are json, json_object, regex, "
+                                         f"choice, grammar; got {sorted(self.structured_outputs)}.") from None
         self._validate()
         if self.temperature < GREEDY_BELOW:
             self.temperature = 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -150,6 +151,18 @@ def test_generate_deterministic(capsys, model_dir, llm):
     assert capsys.readouterr().out == prompt + complete(llm, prompt, 4).text + "\n"
 
 
+def test_generate_structured_outputs(capsys, model_dir, tmp_path):
+    """--structured-outputs constrains --prompt; a prompts file's line may carry its own structured_outputs."""
+    assert run_cli(["generate", model_dir, *ENGINE, "--prompt", "x = ", "--max-tokens", "12", "--temperature", "1",
+                    "--structured-outputs", '{"regex": "[0-9]{2,4}"}']) == 0
+    assert re.fullmatch(r"x = [0-9]{2,4}\n", capsys.readouterr().out)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "ok?", "max_tokens": 8, "structured_outputs": {"choice": ["yes", "no"]}}))
+    output = tmp_path / "out.jsonl"
+    assert run_cli(["generate", model_dir, *ENGINE, "--prompts-file", str(prompts), "--output", str(output)]) == 0
+    assert json.loads(output.read_text())["text"] in ("yes", "no")
+
+
 def test_sample_seed_is_reproducible(capsys, model_dir):
     argv = ["generate", model_dir, *ENGINE, "--prompt", "def f():", "--max-tokens", "12", "--ignore-eos",
             "--temperature", "1.0"]
@@ -174,9 +187,14 @@ def test_sample_seed_is_reproducible(capsys, model_dir):
         (["--prompt", "x", "--dtype", "float8"], "dtype"),
         (["--prompt", "x", "--kv-cache-memory", "0.0000001"], "KV cache"),
         (["--prompt", "x", "--deterministic", "--kernel-backend", "triton"], "deterministic"),
+        (["--prompt", "x", "--structured-outputs", "{"], "not JSON"),
+        (["--prompt", "x", "--structured-outputs", "[1]"], "JSON object"),
+        (["--prompt", "x", "--structured-outputs", '{"regexp": "a"}'], "keys are"),
+        (["--prompt", "x", "--structured-outputs", '{"regex": "[0-9"}'], "invalid regex"),
     ],
     ids=["empty-prompt", "too-long", "max-tokens-0", "max-tokens-neg", "top-p-big", "top-p-0", "temp-neg",
-         "block-size-0", "dtype", "kv-too-small", "deterministic-triton"],
+         "block-size-0", "dtype", "kv-too-small", "deterministic-triton", "structured-not-json",
+         "structured-not-object", "structured-unknown-key", "structured-bad-regex"],
 )
 def test_generate_user_errors(capsys, model_dir, args, match):
     assert_one_line_error(capsys, ["generate", model_dir, *ENGINE, *args], match)

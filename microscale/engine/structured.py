@@ -27,7 +27,7 @@ class GrammarCompiler:
         grammar = _grammar(params)
         matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise SamplingParamError("structured_outputs", f"structured_outputs: {matcher.get_error()}")
+            raise _grammar_error(matcher.get_error())
         return matcher
 
 
@@ -41,7 +41,12 @@ def check_grammar(params: StructuredOutputsParams) -> None:
     answers 400 before the request reaches the engine)."""
     error = llguidance.LLMatcher.validate_grammar(_grammar(params))
     if error:
-        raise SamplingParamError("structured_outputs", f"structured_outputs: {error}")
+        raise _grammar_error(error)
+
+
+def _grammar_error(message: str) -> SamplingParamError:
+    # llguidance points at the error over several lines; one line reads better in a 400 body and on a CLI.
+    return SamplingParamError("structured_outputs", "structured_outputs: " + " ".join(message.split()))
 
 
 def _grammar(params: StructuredOutputsParams) -> str:
