@@ -82,10 +82,8 @@ def server(pytestconfig):
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
+    wait_until(lambda: uv.started or not thread.is_alive(), lambda: "the server did not start")
+    assert uv.started, "the server thread ended before it started"
     yield RunningServer(f"http://127.0.0.1:{port}", engine)
     uv.should_exit = True
     thread.join(10)
