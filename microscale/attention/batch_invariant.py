@@ -57,7 +57,7 @@ class BatchInvariantAttentionBackend(StatelessBackend):
         decode = meta.decode
         if decode is not None:
             n = decode.size
-            keys, values = _contexts(kv_cache, decode.paged_block_tables(), decode.positions + 1)
+            keys, values = _contexts(kv_cache, decode.paged_block_tables(), decode.context_lens)
             out[:n] = _attend(q[:n, None], decode.positions[:, None], keys, values, scale, window, sinks)[:, 0]
         for chunk in meta.prefills:
             rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)

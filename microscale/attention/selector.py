@@ -31,8 +31,7 @@ def select_attention_backend(
         logger.info("attention backend: batch-invariant (deterministic mode)")
         return BatchInvariantAttentionBackend()
     family = resolve_kernel_backend(kernel_backend, device)
-    storage = KV_CACHES.get(kv_cache_quant).storage_dtype
-    stores_fp8 = storage is not None and storage.is_floating_point and storage.itemsize == 1
+    stores_fp8 = KV_CACHES.get(kv_cache_quant).stores_fp8
     reason = fp8_unavailable_reason(device) if family == "triton" and stores_fp8 else None
     if family == "triton" and reason is None:
         from microscale.attention.triton_backend import TritonAttentionBackend

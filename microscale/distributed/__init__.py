@@ -1,3 +1,3 @@
 """Tensor parallelism on torch.distributed: the process group and collectives (parallel_state.py), launch
-helpers (launch.py), and the divisibility checks made before any process starts (checks.py). The ranks
-themselves are the engine's to start and run (engine/executor.py, engine/worker.py)."""
+helpers (launch.py). Whether a model divides over N ranks (engine/split_checks.py) and the ranks themselves
+(engine/executor.py, engine/worker.py) are the engine's."""

@@ -65,8 +65,8 @@ class LLMEngine:
             for i in range(params.n)
         ]
         if params.structured_outputs is not None:
-            for seq in request.seqs:
-                seq.matcher = self.grammars.matcher(params.structured_outputs)
+            for seq, matcher in zip(request.seqs, self.grammars.matchers(params.structured_outputs, params.n)):
+                seq.matcher = matcher
         self.scheduler.add_request(request)
         self.requests[request_id] = request
         return request

@@ -22,13 +22,13 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self._tokenizer = llguidance.LLTokenizer(tokenizer.to_json(), n_vocab=vocab_size, eos_token=eos_token_ids)
 
-    def matcher(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
-        """A fresh matcher at the start of the language; an invalid grammar is the request's error."""
-        grammar = _grammar(params)
-        matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
-        if matcher.is_error():
-            raise _grammar_error(matcher.get_error())
-        return matcher
+    def matchers(self, params: StructuredOutputsParams, count: int = 1) -> list[llguidance.LLMatcher]:
+        """`count` fresh matchers at the start of the language (one per sample of a request; the grammar is built
+        once); an invalid grammar is the request's error."""
+        first = llguidance.LLMatcher(self._tokenizer, _grammar(params), log_level=0)
+        if first.is_error():
+            raise _grammar_error(first.get_error())
+        return [first] + [first.deep_copy() for _ in range(count - 1)]
 
 
 # JSON without free whitespace between tokens (", " and ": " separators): a weak or unsure model could otherwise

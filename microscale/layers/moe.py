@@ -36,11 +36,15 @@ class FusedMoE(nn.Module):
         self.quant_method = quant_method or UnquantizedExpertsMethod()
         self.quant_method.create_weights(self, self.num_local, hidden_size, intermediate_size, bias, dtype)
         self.kernel = _REFERENCE.fn  # select_kernels picks the kernel family's (the runner calls it once)
-        self.fused = False  # the fused Triton kernel (microscale/kernels/fused_moe.py): no host sync
 
     def select_kernels(self, family: str, device: torch.device) -> None:
         picked = pick_for_family("MoE experts", family, [_FUSED], _REFERENCE, device)
-        self.kernel, self.fused = picked.fn, picked is _FUSED
+        self.kernel = picked.fn
+
+    @property
+    def fused(self) -> bool:
+        """Runs the fused Triton kernel (microscale/kernels/fused_moe.py): no host sync."""
+        return self.kernel is _FUSED.fn
 
     def load_weight(self, name: str, loaded: torch.Tensor, shard: int | None = None) -> list[str]:
         return self.quant_method.load_weight(self, name, self._rank_slice(name, loaded))

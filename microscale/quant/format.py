@@ -107,11 +107,6 @@ def checkpoint_formats(quant_method: str) -> list[WeightFormat]:
     return [cls() for _, cls in WEIGHT_FORMATS.items() if cls.checkpoint_method == quant_method]
 
 
-def get_quant_method(name: str | None, prequantized: bool = False) -> QuantMethod:
-    """The Linear method of format `name`."""
-    return weight_format(name).linear_method(prequantized)
-
-
 @register_weight_format
 class UnquantizedFormat(WeightFormat):
     name = NO_QUANT

@@ -55,8 +55,9 @@ def kv_scales_from_amax(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Static scales from calibration's largest |k| and |v| per KV head ([kv_heads] each): per head for int8
     (amax / 127), one per tensor for fp8 (max over heads / 448)."""
-    if scheme not in quantized_kv_cache_names():
-        raise ValueError(f"KV cache scheme {scheme!r} has no scales; known: {quantized_kv_cache_names()}.")
+    known = quantized_kv_cache_names()
+    if scheme not in known:
+        raise ValueError(f"KV cache scheme {scheme!r} has no scales; known: {known}.")
     cls = KV_CACHES.get(scheme)
     return cls.scales_from_amax(k_amax.float()), cls.scales_from_amax(v_amax.float())
 
@@ -120,6 +121,8 @@ class KVCache(ABC):
     # Its static scales are the ones pre-quantized checkpoints carry (compressed-tensors' per-tensor
     # self_attn.k_scale / v_scale): loaded from them, and written by `microscale quantize`.
     checkpoint_scales: bool = False
+    # It stores float8: kernels must convert from FP8, which needs FP8 hardware (sm_89+) in Triton.
+    stores_fp8: bool = False
 
     def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         self.kv_heads, self.head_dim = kv_heads, head_dim
@@ -350,6 +353,7 @@ class Int8KVCache(QuantizedKVCache):
 class Fp8KVCache(QuantizedKVCache):
     storage_dtype = _FP8
     checkpoint_scales = True
+    stores_fp8 = True
 
     def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         if _FP8 is None:

@@ -84,7 +84,7 @@ def test_constrained_and_free_requests_share_a_batch(llm):
 def test_mask_allows_exactly_the_grammar_s_next_tokens(llm):
     engine = llm.engine
     compiler = GrammarCompiler(engine.tokenizer, engine.model_config.vocab_size, engine.eos_token_ids)
-    matcher = compiler.matcher(StructuredOutputsParams(choice=["yes", "no"]))
+    (matcher,) = compiler.matchers(StructuredOutputsParams(choice=["yes", "no"]))
     mask = allowed_tokens([matcher], engine.model_config.vocab_size, engine.device)[0]
     allowed = {engine.tokenizer.decode([t]) for t in mask.nonzero().flatten().tolist()}
     assert allowed and all("yes".startswith(text) or "no".startswith(text) for text in allowed), allowed
@@ -96,7 +96,7 @@ def test_min_tokens_does_not_block_a_grammar_s_end(llm):
     compiler = GrammarCompiler(engine.tokenizer, engine.model_config.vocab_size, engine.eos_token_ids)
     params = SamplingParams(min_tokens=5, max_tokens=8)
     free = SamplingRow(params, [1, 2], 2)
-    constrained = SamplingRow(params, [1, 2], 2, matcher=compiler.matcher(StructuredOutputsParams(choice=["a"])))
+    constrained = SamplingRow(params, [1, 2], 2, matcher=compiler.matchers(StructuredOutputsParams(choice=["a"]))[0])
     batch = SamplingBatch.build([free, constrained], engine.eos_token_ids, engine.model_config.vocab_size,
                                 engine.device)
     assert set(batch.blocked[0]) == {0}  # only the free row's EOS is blocked

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from microscale.layers.linear import Linear
 from microscale.quant import mxfp4
-from microscale.quant.format import get_quant_method
+from microscale.quant.format import weight_format
 from microscale.quant.mxfp4 import MXFP4_BLOCK, pack_mxfp4, unpack_mxfp4
 from microscale.quant.mxfp4_linear import Mxfp4LinearMethod
 
@@ -224,7 +224,7 @@ def test_matches_transformers_dequantisation(dtype: torch.dtype) -> None:
 
 
 def test_mxfp4_is_registered() -> None:
-    assert isinstance(get_quant_method("mxfp4"), Mxfp4LinearMethod)
+    assert isinstance(weight_format("mxfp4").linear_method(), Mxfp4LinearMethod)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

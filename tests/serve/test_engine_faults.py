@@ -9,7 +9,7 @@ import json
 
 import httpx
 import pytest
-from live_server import ENGINE_KNOBS, serve_process
+from live_server import ENGINE_KNOBS, serve_process, wait_until
 
 from microscale import LLM
 from microscale.engine.sampler import SamplingBatch
@@ -57,10 +57,6 @@ def test_a_step_failing_on_one_request_aborts_only_that_one(pytestconfig, monkey
     assert stats["kv_cache_blocks_free"] == stats["kv_cache_blocks_total"]
 
 
-def _events(response: httpx.Response) -> list[str]:
-    return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
-
-
 def _complete(url: str, prompt: str, **body) -> httpx.Response:
     return httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 4, **body}, timeout=60)
 
@@ -85,10 +81,14 @@ def test_a_poison_request_fails_alone_and_the_server_keeps_serving(pytestconfig)
 def _statuses_until_ok(url: str) -> list[str]:
     """/health's status each time it is asked, until "ok"."""
     seen = []
-    while not seen or seen[-1] != "ok":
+
+    def ok() -> bool:
         response = httpx.get(f"{url}/health")
         seen.append(response.json()["status"])
         assert (response.status_code == 200) == (seen[-1] == "ok")
+        return seen[-1] == "ok"
+
+    wait_until(ok, lambda: f"/health never said ok: {seen[-5:]}")
     return seen
 
 
