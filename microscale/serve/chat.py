@@ -63,7 +63,7 @@ async def create_chat_completion(
     prompt = {"prompt": text, "prompt_token_ids": ids}
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = sampling_params(inputs, body, max_tokens, None, top_n)
+    params = await sampling_params(inputs, body, max_tokens, None, top_n)
     check_prompt(inputs, prompt["prompt_token_ids"], params, "messages")
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     outputs = start_requests(engine, request_id, [prompt], params)

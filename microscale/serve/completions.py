@@ -72,7 +72,7 @@ async def create_completion(
 ) -> JSONResponse | StreamingResponse:
     inputs = engine.inputs
     prompts = await _prompts(inputs, body.prompt)
-    params = sampling_params(inputs, body, body.max_tokens, _DEFAULT_MAX_TOKENS, body.logprobs)
+    params = await sampling_params(inputs, body, body.max_tokens, _DEFAULT_MAX_TOKENS, body.logprobs)
     for p in prompts:
         check_prompt(inputs, p["prompt_token_ids"], params, "prompt")
     # Echoed prompts carry their own logprobs (lm-eval's loglikelihood tasks read them).

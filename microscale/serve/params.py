@@ -22,11 +22,12 @@ _PASSED_THROUGH = (
 )
 
 
-def sampling_params(
+async def sampling_params(
     inputs: InputProcessor, request: SamplingRequest, max_tokens: int | None, default_max_tokens: int | None,
     logprobs: int | None,
 ) -> SamplingParams:
-    """Fields the client left out fall back to the model's generation_config, then to SamplingParams'."""
+    """Fields the client left out fall back to the model's generation_config, then to SamplingParams'. A grammar
+    is compiled off the event loop (a large schema would stall every client)."""
     overrides: dict[str, Any] = {k: getattr(request, k) for k in _PASSED_THROUGH if getattr(request, k) is not None}
     if max_tokens is None:
         max_tokens = inputs.generation_defaults.get("max_tokens", default_max_tokens)
@@ -34,7 +35,7 @@ def sampling_params(
     try:
         overrides["structured_outputs"] = structured = _structured_outputs(request)
         if structured is not None:
-            check_grammar(structured)
+            await off_loop(check_grammar, structured)
         return inputs.default_sampling_params(**overrides)
     except SamplingParamError as e:
         raise APIError(400, str(e), e.param) from None
