@@ -47,7 +47,8 @@ class SpeculativeConfig:
         _positive_int("prompt_lookup_min", low)
         _positive_int("prompt_lookup_max", high)
         if low > high:
-            raise ValueError(f"speculative_config.prompt_lookup_min ({low}) must not exceed prompt_lookup_max ({high}).")
+            raise ValueError(
+                f"speculative_config.prompt_lookup_min ({low}) must not exceed prompt_lookup_max ({high}).")
         object.__setattr__(self, "prompt_lookup_min", low)
         object.__setattr__(self, "prompt_lookup_max", high)
 

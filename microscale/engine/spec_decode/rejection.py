@@ -103,13 +103,14 @@ def rejection_sample(batch: VerifyBatch, draft_probs: torch.Tensor | None = None
         p = batch.target_probs[:, :width].gather(2, drafts[..., None]).squeeze(2)
         q = draft_probs.gather(2, drafts[..., None]).squeeze(2) if draft_probs is not None else torch.ones_like(p)
         uniform = torch.rand(rows, width, device=device)
+        counts = batch.num_draft_tokens.tolist() if batch.seeded else []  # one device -> host copy
         for row, generator in batch.seeded.items():
-            count = int(batch.num_draft_tokens[row])
+            count = counts[row]
             uniform[row, :count] = torch.rand(count, generator=generator).to(device)
         # u < p / q accepts with probability min(1, p / q), without dividing by q.
         accepted = torch.where(batch.greedy[:, None], accepted, uniform * q < p)
-    accepted &= has_draft
-    num_accepted = accepted.long().cumprod(dim=1).sum(dim=1)  # the leading run of acceptances
+    leading = (accepted & has_draft).long().cumprod(dim=1).bool()  # the drafts before the first rejection
+    num_accepted = leading.sum(dim=1)
 
     final = batch.target_argmax[arange, num_accepted]
     if batch.target_probs is not None:
@@ -129,6 +130,6 @@ def rejection_sample(batch: VerifyBatch, draft_probs: torch.Tensor | None = None
         final = torch.where(batch.greedy, final, sampled)
 
     token_ids = torch.full((rows, width + 1), -1, dtype=torch.int64, device=device)
-    token_ids[:, :width] = torch.where(accepted.long().cumprod(dim=1).bool(), drafts, -1)
+    token_ids[:, :width] = torch.where(leading, drafts, -1)
     token_ids[arange, num_accepted] = final
     return VerifyOutput(token_ids, num_accepted + 1)
