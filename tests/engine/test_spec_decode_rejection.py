@@ -52,19 +52,23 @@ def test_min_tokens_blocks_eos_only_at_the_positions_before_it():
 
 
 def test_a_seeded_row_does_not_depend_on_its_batch():
-    seeded = SamplingParams(temperature=1.0, seed=7)
     other = SamplingParams(temperature=0.9)
 
-    def run(with_others: bool) -> list[int]:
-        rows = [SamplingRow(seeded, [1, 2], 2, torch.Generator().manual_seed(7))]
+    def run(seed: int, with_others: bool) -> list[int]:
+        torch.manual_seed(100 + with_others)  # the unseeded rows' draws differ between the two runs
+        rows = [SamplingRow(SamplingParams(temperature=1.0, seed=seed), [1, 2], 2, torch.Generator().manual_seed(seed))]
         drafts = [[3, 4]]
         if with_others:
             rows += [SamplingRow(other, [5], 1), SamplingRow(other, [6], 1)]
             drafts += [[1, 2, 3, 4, 5], []]
-        logits = torch.cat([_logits(len(d) + 1, seed=10 + i) for i, d in enumerate(drafts)])
+        logits = torch.cat([_logits(len(d) + 1, seed=10 + i, scale=0.5) for i, d in enumerate(drafts)])
+        logits[0, 3] += 2.5  # drafts accepted about half the time: the row's uniforms matter, not only its noise
+        logits[1, 4] += 2.5
         return rejection_sample(VerifyBatch.build(logits, rows, drafts, [EOS], V)).to_host()[0]
 
-    assert run(False) == run(True)
+    alone = [run(seed, False) for seed in range(8)]
+    assert alone == [run(seed, True) for seed in range(8)]
+    assert len({tuple(tokens) for tokens in alone}) > 1  # the seeds matter
 
 
 def test_rows_of_structured_outputs_cannot_verify_drafts():
