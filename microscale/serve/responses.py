@@ -229,7 +229,7 @@ async def create_response(
         ))
         if body.store:
             answered = INPUT_ITEMS.validate_python([item.model_dump(mode="json") for item in done.output])
-            store.put(done.id, done.model_dump_json().encode(), items + answered)
+            store.put(done.id, done.model_dump_json(by_alias=True).encode(), items + answered)
         return done
 
     if body.stream:

@@ -105,6 +105,7 @@ def test_stream_helper_with_json_schema(server):
     assert "".join(deltas) == final.output_text == whole.output_text
     jsonschema.validate(json.loads(final.output_text), SCHEMA)
     assert final.text.format.type == "json_schema" and final.text.format.name == "person"
+    assert client.responses.retrieve(whole.id).text.format.schema_ == SCHEMA
     assert final.usage.output_tokens == whole.usage.output_tokens and final.output[0].status == "completed"
 
 
