@@ -72,6 +72,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # StructuredOutputsParams, or the same as a dict (e.g. a line of a prompts file)
     structured_outputs: StructuredOutputsParams | dict | None = None
+    # False: this request never speculates, whatever the engine's speculative_config (same output; a choice
+    # of latency profile, e.g. for requests whose text repeats nothing).
+    speculative_decoding: bool = True
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

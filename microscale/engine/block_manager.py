@@ -151,13 +151,19 @@ class BlockManager:
         seq.host_blocks = []
         return copies
 
-    def _release(self, seq: Sequence) -> None:
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks past those `seq`'s tokens need (speculation allocated room for drafts that were
+        rejected). Those blocks hold no full block of its tokens, so no hash of them was registered."""
+        keep = self.blocks_needed(seq.num_tokens)
+        self._release(seq, keep)
+
+    def _release(self, seq: Sequence, keep: int = 0) -> None:
         # Free the tail first so that, evicted in order, a prefix outlives its continuations.
-        for block in reversed(seq.block_table):
+        for block in reversed(seq.block_table[keep:]):
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 self.free_blocks[block] = None
-        seq.block_table = []
+        seq.block_table = seq.block_table[:keep]
 
     def reset_prefix_cache(self) -> None:
         for block in range(self.num_blocks):

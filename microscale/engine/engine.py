@@ -13,9 +13,10 @@ from microscale.engine.detokenizer import IncrementalDetokenizer
 from microscale.engine.executor import Executor
 from microscale.engine.inputs import InputProcessor, PromptType
 from microscale.engine.logprobs import prompt_logprobs
-from microscale.engine.sampler import Sampler, sample
+from microscale.engine.sampler import Sampler
 from microscale.engine.scheduler import Scheduler
 from microscale.engine.sequence import Request, Sequence
+from microscale.engine.spec_decode.verify_step import sample_step
 from microscale.engine.structured import GrammarCompiler
 from microscale.outputs import RequestOutput, SampleLogprobs
 from microscale.sampling_params import SamplingParams
@@ -38,7 +39,8 @@ class LLMEngine:
         self.graph_capture_seconds = shard.graph_capture_seconds
         self.block_manager = BlockManager(shard.num_blocks, args.block_size, args.enable_prefix_caching,
                                           shard.num_host_blocks)
-        self.scheduler = Scheduler(self.scheduler_config, self.block_manager, self.eos_token_ids, self.tokenizer)
+        self.scheduler = Scheduler(self.scheduler_config, self.block_manager, self.eos_token_ids, self.tokenizer,
+                                   args.speculative_config)
         self.sampler = Sampler()
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
@@ -108,10 +110,9 @@ class LLMEngine:
                 self.executor.execute([], self.scheduler.swaps)
             return []
         logits, sampling = self.executor.execute(chunks, self.scheduler.swaps)
-        seqs = [chunk.seq for chunk in sampling]
-        rows = [seq.sampling_row() for seq in seqs]
-        tokens = sample(self.sampler, logits, rows, self.eos_token_ids, self.model_config.vocab_size)
-        touched = self.scheduler.update_from_output(chunks, seqs, tokens)
+        tokens, verified = sample_step(self.sampler, logits, sampling, self.eos_token_ids,
+                                       self.model_config.vocab_size)
+        touched = self.scheduler.update_from_output(chunks, [chunk.seq for chunk in sampling], tokens, verified)
         for request in touched:
             if request.finished:
                 self.requests.pop(request.request_id, None)

@@ -134,7 +134,7 @@ class ModelRunner:
         self, chunks: list[ScheduledChunk], swaps: SwapPlan | None = None
     ) -> tuple[StepInputs, list[ScheduledChunk]]:
         """The step as host lists (decodes first, then prefill chunks; `rows`: the sampling chunks' last
-        tokens) and the chunks that sample, in the same order."""
+        tokens, each followed by its drafts) and the chunks that sample, in the same order."""
         bs = self.block_size
         decodes = [c for c in chunks if c.num_tokens == 1]
         prefills = [c for c in chunks if c.num_tokens > 1]
@@ -148,10 +148,10 @@ class ModelRunner:
             step.input_ids.append(seq.token_ids[pos])
             step.positions.append(pos)
             step.slots.append(seq.block_table[pos // bs] * bs + pos % bs)
-        for c in prefills:
+        for c in prefills:  # prompt chunks, and speculating sequences' last token with its drafts
             seq, start, n = c.seq, c.seq.num_computed_tokens, c.num_tokens
             step.prefills.append((n, start, seq.block_table))
-            step.input_ids.extend(seq.token_ids[start : start + n])
+            step.input_ids.extend(c.input_ids())
             span = range(start, start + n)
             step.positions.extend(span)
             table = seq.block_table
@@ -159,8 +159,8 @@ class ModelRunner:
         sampling, row = [], -1
         for c in decodes + prefills:
             row += c.num_tokens
-            if c.samples:
-                step.rows.append(row)
+            if c.samples:  # the last token's logits, and each draft's (what verifying them reads)
+                step.rows.extend(range(row - len(c.draft_token_ids), row + 1))
                 sampling.append(c)
         return step, sampling
 

@@ -21,15 +21,16 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
-from microscale.config import SchedulerConfig
+from microscale.config import SchedulerConfig, SpeculativeConfig
 from microscale.engine.block_manager import BlockManager, SwapPlan
 from microscale.engine.detokenizer import Decoder
 from microscale.engine.logprobs import logprob_entry
 from microscale.engine.sampler import SampledTokens
 from microscale.engine.sequence import Request, Sequence, SequenceStatus
+from microscale.engine.spec_decode.ngram import NgramProposer
 from microscale.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -40,19 +41,31 @@ T = TypeVar("T")
 @dataclass
 class ScheduledChunk:
     seq: Sequence
-    num_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+    num_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens (drafts included)
+    # Speculative decoding: tokens proposed after the sequence's last one, verified by this step's forward.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """Whether this chunk reaches the end of the sequence, so that a token is sampled after it."""
-        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_tokens - len(self.draft_token_ids) == self.seq.num_tokens
+
+    def input_ids(self) -> list[int]:
+        start = self.seq.num_computed_tokens
+        return self.seq.token_ids[start : start + self.num_tokens - len(self.draft_token_ids)] + self.draft_token_ids
 
 
 class Scheduler:
     def __init__(
-        self, config: SchedulerConfig, block_manager: BlockManager, eos_token_ids: list[int], tokenizer: Decoder
+        self, config: SchedulerConfig, block_manager: BlockManager, eos_token_ids: list[int], tokenizer: Decoder,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         self.config = config
+        self.speculative = speculative
+        self.proposer = None if speculative is None else NgramProposer(
+            speculative.prompt_lookup_min, speculative.prompt_lookup_max, speculative.num_speculative_tokens)
+        self.num_draft_tokens = 0  # proposed and verified
+        self.num_accepted_tokens = 0  # of those, accepted
         self.block_manager = block_manager
         self.eos_token_ids = eos_token_ids
         self.tokenizer = tokenizer  # for the text of logprob entries
@@ -123,6 +136,8 @@ class Scheduler:
             "num_preemptions": self.num_preemptions,
             "prompt_tokens": self.num_prompt_tokens,
             "generation_tokens": self.num_generated_tokens,
+            "spec_decode_num_draft_tokens": self.num_draft_tokens,
+            "spec_decode_num_accepted_tokens": self.num_accepted_tokens,
         }
 
     # ---- before the forward ---------------------------------------------------------------------------
@@ -134,9 +149,19 @@ class Scheduler:
         scheduled: list[ScheduledChunk] = []
         self.swaps = SwapPlan()
         preempted = False
+        drafts = self._drafts()
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            draft = drafts.get(seq.seq_id, [])
+            if draft and (budget < 1 + len(draft) or not self.block_manager.can_allocate(seq, 1 + len(draft))):
+                draft = []  # no room to verify them: decode as usual (drafts never preempt anyone)
+            if draft:
+                self.block_manager.allocate(seq, 1 + len(draft))
+                scheduled.append(ScheduledChunk(seq, 1 + len(draft), draft))
+                budget -= 1 + len(draft)
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.can_allocate(seq, n):
                 victim = self.running.pop()
@@ -158,6 +183,25 @@ class Scheduler:
                     "raise kv_cache_memory or lower max_model_len / max_num_seqs."
                 )
         return scheduled
+
+    def _drafts(self) -> dict[int, list[int]]:
+        """Speculative decoding: proposals for the running sequences that decode one token this step, each cut
+        to what the sequence may still emit. None while more than disable_by_batch_size requests run, and none
+        for sequences whose grammar has not seen them or that want logprobs (they decode as usual)."""
+        spec = self.speculative
+        if spec is None or (spec.disable_by_batch_size is not None and self.num_requests()[0] >
+                            spec.disable_by_batch_size):
+            return {}
+        eligible = [seq for seq in self.running if seq.num_tokens - seq.num_computed_tokens == 1
+                    and seq.matcher is None and seq.params.logprobs is None and seq.params.speculative_decoding]
+        drafts = {}
+        for seq, proposed in zip(eligible, self.proposer.propose(eligible).token_ids, strict=True):
+            room = self.config.max_model_len - seq.num_tokens - 1  # the token after the drafts must fit too
+            if seq.params.max_tokens is not None:
+                room = min(room, seq.params.max_tokens - seq.num_output_tokens - 1)
+            if room > 0 and proposed:
+                drafts[seq.seq_id] = proposed[:room]
+        return drafts
 
     def _admit_waiting(self, scheduled: list[ScheduledChunk], budget: int) -> None:
         bm = self.block_manager
@@ -222,15 +266,19 @@ class Scheduler:
     # ---- after the forward ----------------------------------------------------------------------------
 
     def update_from_output(
-        self, chunks: list[ScheduledChunk], sampled: list[Sequence], tokens: SampledTokens
+        self, chunks: list[ScheduledChunk], sampled: list[Sequence], tokens: SampledTokens,
+        verified: dict[int, list[int]] | None = None,
     ) -> list[Request]:
         """The step's bookkeeping once its forward ran: every chunk's tokens are computed, and the sequences that
-        sampled (`sampled`, in the rows of `tokens`) get their tokens. A request a row failed on, or that fails
-        taking its token (its detokenizer, say), is aborted with its error; the others go on. Returns the
-        requests that got a token or failed, each once."""
+        sampled (`sampled`, in the rows of `tokens`) get their tokens; a speculating one (its row in `verified`)
+        gets its accepted drafts and one more token. A request a row failed on, or that fails taking its token
+        (its detokenizer, say), is aborted with its error; the others go on. Returns the requests that got a
+        token or failed, each once."""
+        num_drafts = {}
         for chunk in chunks:
-            chunk.seq.num_computed_tokens += chunk.num_tokens
+            chunk.seq.num_computed_tokens += chunk.num_tokens - len(chunk.draft_token_ids)
             self.block_manager.cache_full_blocks(chunk.seq)
+            num_drafts[chunk.seq.seq_id] = len(chunk.draft_token_ids)
         touched: dict[str, Request] = {}
         for row, error in tokens.failed.items():
             request = sampled[row].request
@@ -238,19 +286,36 @@ class Scheduler:
                 self._fail(request, error)
                 touched[request.request_id] = request
         now = time.monotonic()
-        for i, row in enumerate(tokens.rows):
+        emitted = [(row, [tokens.token_ids[i]], i) for i, row in enumerate(tokens.rows)]
+        emitted += [(row, ids, None) for row, ids in (verified or {}).items()]
+        for row, ids, i in emitted:
             seq = sampled[row]
             request = seq.request
             if request.error is not None:  # a sibling failed
                 continue
             touched[request.request_id] = request
             try:
-                self._append_token(seq, tokens, i, now)
+                for token in ids:
+                    self._append_token(seq, token, now, None if i is None else (tokens, i))
+                    if seq.is_finished:
+                        break
             except Exception as e:  # this request's detokenizer, logprobs or stop checks: only it ends
                 self._fail(request, e)
                 continue
-            self.num_generated_tokens += 1
+            if i is None:
+                self._accept_drafts(seq, num_drafts[seq.seq_id], len(ids) - 1)
         return list(touched.values())
+
+    def _accept_drafts(self, seq: Sequence, num_drafts: int, accepted: int) -> None:
+        """The accepted drafts' KV is computed (the rejected ones' lies past the computed tokens, to be
+        overwritten); the blocks allocated for rejected ones go back."""
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += accepted
+        if seq.is_finished:
+            return
+        seq.num_computed_tokens += accepted
+        self.block_manager.cache_full_blocks(seq)
+        self.block_manager.trim(seq)
 
     def _fail(self, request: Request, error: Exception) -> None:
         """Abort a request that a step failed on; its error goes to its client, the other requests go on."""
@@ -258,13 +323,15 @@ class Scheduler:
         request.error = type(error).__name__
         self.abort(request)
 
-    def _append_token(self, seq: Sequence, tokens: SampledTokens, i: int, now: float) -> None:
-        token = tokens.token_ids[i]
+    def _append_token(self, seq: Sequence, token: int, now: float, logprobs: tuple[SampledTokens, int] | None) -> None:
+        """`logprobs`: the step's samples and this token's row in them, when it was sampled (not verified)."""
         seq.token_ids.append(token)
+        self.num_generated_tokens += 1
         request = seq.request
         if request.first_token_time is None:
             request.first_token_time = now
-        if seq.logprobs is not None:
+        if seq.logprobs is not None and logprobs is not None:
+            tokens, i = logprobs
             top_n = seq.params.logprobs
             seq.logprobs.append(logprob_entry(self.tokenizer.decode, token, tokens.chosen_logprobs[i],
                                               tokens.chosen_ranks[i], tokens.top_ids[i][:top_n],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from microscale.engine.spec_decode.config import SpeculativeConfig
+from microscale.config import SpeculativeConfig
 
 
 def test_ngram_defaults_follow_vllm():
