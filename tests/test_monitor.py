@@ -74,3 +74,19 @@ def test_once_against_an_unreachable_server_fails_cleanly(capsys):
     captured = capsys.readouterr()
     assert f"cannot reach http://127.0.0.1:{port}/metrics" in captured.err
     assert "Traceback" not in captured.err + captured.out
+
+
+def test_dashboard_shows_speculation_only_when_it_runs():
+    def spec(drafts: int, proposed: int, accepted: int) -> str:
+        return "".join(f"# TYPE microscale:spec_decode_{name} counter\nmicroscale:spec_decode_{name}_total {value}\n"
+                       for name, value in (("num_drafts", drafts), ("num_draft_tokens", proposed),
+                                           ("num_accepted_tokens", accepted)))
+
+    console = Console(width=120, record=True)
+    console.print(render("http://x", OLDER, OLDER, NEWER, "last 60s"))
+    assert "speculation" not in console.export_text()
+    older = parse(_metrics({"+Inf": 10}, 100, spec(10, 40, 20)), at=0.0)
+    newer = parse(_metrics({"+Inf": 30}, 600, spec(110, 440, 320)), at=2.0)
+    console.print(render("http://x", older, older, newer, "last 60s"))
+    # 300 of 400 drafts accepted over 100 verifications: 1 + 3 tokens each.
+    assert "75.0% of drafts accepted, 4.00 tokens per verification" in console.export_text()

@@ -64,7 +64,8 @@ class Scheduler:
         self.speculative = speculative
         self.proposer = None if speculative is None else NgramProposer(
             speculative.prompt_lookup_min, speculative.prompt_lookup_max, speculative.num_speculative_tokens)
-        self.num_draft_tokens = 0  # proposed and verified
+        self.num_drafts = 0  # verifications (a sequence's drafts in one step)
+        self.num_draft_tokens = 0  # tokens proposed and verified
         self.num_accepted_tokens = 0  # of those, accepted
         self.block_manager = block_manager
         self.eos_token_ids = eos_token_ids
@@ -136,6 +137,7 @@ class Scheduler:
             "num_preemptions": self.num_preemptions,
             "prompt_tokens": self.num_prompt_tokens,
             "generation_tokens": self.num_generated_tokens,
+            "spec_decode_num_drafts": self.num_drafts,
             "spec_decode_num_draft_tokens": self.num_draft_tokens,
             "spec_decode_num_accepted_tokens": self.num_accepted_tokens,
         }
@@ -297,6 +299,7 @@ class Scheduler:
             try:
                 for token in ids:
                     self._append_token(seq, token, now, None if i is None else (tokens, i))
+                    self.num_generated_tokens += 1
                     if seq.is_finished:
                         break
             except Exception as e:  # this request's detokenizer, logprobs or stop checks: only it ends
@@ -309,6 +312,7 @@ class Scheduler:
     def _accept_drafts(self, seq: Sequence, num_drafts: int, accepted: int) -> None:
         """The accepted drafts' KV is computed (the rejected ones' lies past the computed tokens, to be
         overwritten); the blocks allocated for rejected ones go back."""
+        self.num_drafts += 1
         self.num_draft_tokens += num_drafts
         self.num_accepted_tokens += accepted
         if seq.is_finished:
@@ -326,7 +330,6 @@ class Scheduler:
     def _append_token(self, seq: Sequence, token: int, now: float, logprobs: tuple[SampledTokens, int] | None) -> None:
         """`logprobs`: the step's samples and this token's row in them, when it was sampled (not verified)."""
         seq.token_ids.append(token)
-        self.num_generated_tokens += 1
         request = seq.request
         if request.first_token_time is None:
             request.first_token_time = now

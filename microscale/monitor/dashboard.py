@@ -77,6 +77,12 @@ def render(server: str, window_start: Snapshot, previous: Snapshot, latest: Snap
     queries = delta(latest, window_start, f"{P}prefix_cache_queries_total")
     hits = delta(latest, window_start, f"{P}prefix_cache_hits_total")
     row("prefix cache hit rate", f"{hits / queries:.1%}" if queries and hits is not None else "—")
+    drafts = delta(latest, window_start, f"{P}spec_decode_num_drafts_total")
+    if drafts:  # only a server that speculates
+        proposed = delta(latest, window_start, f"{P}spec_decode_num_draft_tokens_total")
+        accepted = delta(latest, window_start, f"{P}spec_decode_num_accepted_tokens_total")
+        row("speculation", f"{accepted / proposed:.1%} of drafts accepted, {1 + accepted / drafts:.2f} tokens "
+                           "per verification")
     row("process memory", _bytes(latest.value(f"{P}process_resident_memory_bytes")))
     gpu_util, gpu_memory = latest.value(f"{P}gpu_utilization_perc"), latest.value(f"{P}gpu_memory_used_bytes")
     if gpu_util is not None:

@@ -28,6 +28,9 @@ _ENGINE_TOTALS = {
     "num_preemptions": "Sequences preempted (their KV blocks taken back) to make room.",
     "prefix_cache_queries": "Prompt tokens looked up in the prefix cache.",
     "prefix_cache_hits": "Prompt tokens found in the prefix cache.",
+    "spec_decode_num_drafts": "Speculative decoding: verifications (one sequence's drafts in one step).",
+    "spec_decode_num_draft_tokens": "Speculative decoding: draft tokens proposed and verified.",
+    "spec_decode_num_accepted_tokens": "Speculative decoding: draft tokens accepted.",
 }
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0, 20.0, 40.0, 80.0, 160.0, 640.0)

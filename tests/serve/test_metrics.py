@@ -17,7 +17,8 @@ pytest_plugins = ["live_server"]  # the server fixtures
 P = "microscale:"
 PROMPT = 'def add(a, b):\n    """Return the sum of two numbers, after checking that both of them are numbers."""\n'
 COUNTERS = ["request_success", "prompt_tokens", "generation_tokens", "num_preemptions", "prefix_cache_queries",
-            "prefix_cache_hits"]
+            "prefix_cache_hits", "spec_decode_num_drafts", "spec_decode_num_draft_tokens",
+            "spec_decode_num_accepted_tokens"]
 GAUGES = ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "process_resident_memory_bytes"]
 HISTOGRAMS = ["time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
               "request_queue_time_seconds", "request_prompt_tokens", "request_generation_tokens",
