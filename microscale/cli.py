@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None,
                        help="the model name clients send (default: the model folder's name, or the hub id)")
     serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes")
+    serve.add_argument("--tool-call-parser", default=None, choices=sorted(_tool_parser_names()),
+                       help="the model's tool-call format (default: the one its chat template writes; "
+                            "openai = harmony, vLLM's name for gpt-oss)")
     serve.add_argument("--max-waiting", type=int, default=None, metavar="N",
                        help="answer 503 (Retry-After) while N requests wait for a slot (default: no limit)")
     _add_serve_limit_args(serve)
@@ -231,6 +234,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": seq.detokenizer.output_text})
 
 
+def _tool_parser_names() -> list[str]:
+    from microscale.serve.tool_parsers import PARSER_NAMES
+
+    return list(PARSER_NAMES)
+
+
 def _add_serve_limit_args(serve: argparse.ArgumentParser) -> None:
     from microscale.serve.limits import ServeLimits
 
@@ -269,7 +278,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     limits = ServeLimits(max_n=args.max_n, max_request_bytes=args.max_request_bytes,
                          max_prompt_chars=args.max_prompt_chars, body_timeout_s=args.body_timeout,
                          header_timeout_s=args.header_timeout)
-    app = build_app(engine, name, args.api_key, limits)
+    app = build_app(engine, name, args.api_key, limits, args.tool_call_parser)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler it found:
     # ignoring it there makes that shutdown exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
