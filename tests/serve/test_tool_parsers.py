@@ -8,9 +8,9 @@ import json
 
 import llguidance
 import pytest
+from conftest import BUNDLED_MODEL
 from tool_models import HARMONY_MARKERS, VOCAB_SIZE, add_tokens_and_template
 
-from conftest import BUNDLED_MODEL
 from microscale.serve.chat_replies import ReplyDeltas, assistant_message
 from microscale.serve.tool_parsers import FunctionTool, ToolCall, reply_parser, tool_family
 from microscale.serve.tool_parsers.harmony import HarmonyParser

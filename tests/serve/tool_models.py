@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from conftest import BUNDLED_MODEL, build_tiny_model
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
-
-from conftest import BUNDLED_MODEL, build_tiny_model
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 HARMONY_MARKERS = ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>"]
