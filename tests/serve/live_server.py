@@ -44,7 +44,8 @@ class RunningServer:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0)
 
     def async_client(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        # A hang guard, not a deadline: non-streamed replies arrive whole, minutes late on a loaded machine.
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=600)
 
     def wait_idle(self) -> dict[str, float]:
         """The engine's stats once it reports no request (aborts reach it asynchronously) and no KV block in use."""
