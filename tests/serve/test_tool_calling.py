@@ -122,3 +122,12 @@ def test_bad_tool_requests_are_400s(tool_server, change, param) -> None:
     with pytest.raises(openai.BadRequestError) as raised:
         tool_server.client().chat.completions.create(**request)
     assert raised.value.status_code == 400 and raised.value.body["param"] == param
+
+
+def test_llm_chat_renders_tools(tmp_path) -> None:
+    from microscale import LLM, SamplingParams
+
+    llm = LLM(str(hermes_model(tmp_path)), dtype="float32", max_model_len=512)
+    (out,) = llm.chat(ASK, SamplingParams(max_tokens=2), use_tqdm=False, tools=TOOLS)
+    assert out.prompt == llm.get_tokenizer().apply_chat_template(ASK, True, tools=TOOLS)
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in out.prompt
