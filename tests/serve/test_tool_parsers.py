@@ -56,6 +56,18 @@ HARMONY_REPLIES = {
     "builtin-tool": ('<|channel|>analysis to=browser.search<|message|>{"query": "x"}<|call|>'),
     "plain": "no channels here at all",
     "cut-off": '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Par',
+    # openai-harmony's own parser test vectors (tests/test_harmony.py, v0.0.8), read as its non-strict parser does.
+    "harmony-constrain": ('<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json'
+                          '<|message|>{"location": "Tokyo"}<|call|>'),
+    "harmony-constrain-adjacent": ('<|start|>assistant<|channel|>commentary to=functions.get_weather<|constrain|>json'
+                                   '<|message|>{"latitude":48.8566,"longitude":2.3522}<|call|>'),
+    "harmony-missing-message": ("I must refuse<|end|><|start|>assistant<|channel|>analysis<|message|>We must refuse"
+                                "<|end|><|start|>assistant<|channel|>final<|message|>I'm sorry, but I can't help with "
+                                "that.<|return|>"),
+    "harmony-missing-message-channel": ("<|channel|>analysis I must refuse<|end|><|start|>assistant<|channel|>final"
+                                        "<|message|>No.<|return|>"),
+    "harmony-missing-message-tool": ("... Let's use the tool.<|end|><|start|>assistant to=functions.get_weather"
+                                     '<|channel|>commentary json<|message|>{"location": "Tokyo"}<|call|>'),
 }
 HARMONY_EXPECTED = {
     "final": ("It is 4 — ünïcödé too.", "The user wants a sum: 2 + 2 = 4, naïvely.", ()),
@@ -65,6 +77,12 @@ HARMONY_EXPECTED = {
     "builtin-tool": ("", "", ()),
     "plain": ("no channels here at all", "", ()),
     "cut-off": ("", "", (ToolCall("get_weather", '{"city": "Par'),)),
+    "harmony-constrain": ("", "", (ToolCall("get_weather", '{"location": "Tokyo"}'),)),
+    "harmony-constrain-adjacent": ("", "", (ToolCall("get_weather", '{"latitude":48.8566,"longitude":2.3522}'),)),
+    "harmony-missing-message": ("I must refuseI'm sorry, but I can't help with that.", "We must refuse", ()),
+    "harmony-missing-message-channel": ("No.", "I must refuse", ()),
+    "harmony-missing-message-tool": ("... Let's use the tool.", "",
+                                     (ToolCall("get_weather", '{"location": "Tokyo"}'),)),
 }
 
 HERMES_REPLIES = {

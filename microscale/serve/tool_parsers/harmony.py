@@ -21,6 +21,8 @@ _MESSAGE_ENDS = re.compile(r"<\|end\|>|<\|call\|>|<\|return\|>")
 _CHANNEL_NAME = re.compile(r"<\|channel\|>\s*(\w+)")
 _RECIPIENT = re.compile(r"\bto=([^\s<]+)")
 _FUNCTIONS = "functions."
+# A header without <|message|>: an optional role, an optional channel, then the message's text.
+_UNMARKED = re.compile(r"((?:assistant)?\s*(?:<\|channel\|>\s*\w+)?)\s*(.*)", re.DOTALL)
 
 
 class HarmonyParser(ToolParser):
@@ -43,11 +45,16 @@ class HarmonyParser(ToolParser):
         headed = False
         for part in raw.split(_START):
             header, has_body, body = part.partition(_MESSAGE)
-            if not has_body:  # a header still being written (or no harmony at all)
-                continue
+            end = _MESSAGE_ENDS.search(body if has_body else header)
+            if not has_body:
+                if not end:  # a header still being written (or no harmony at all)
+                    continue
+                # A message whose <|message|> the model left out: what follows the channel is its text, as
+                # openai-harmony's non-strict parser reads it.
+                header, body = _UNMARKED.match(header[: end.start()]).groups()
+            elif end:
+                body = body[: end.start()]
             headed = True
-            end = _MESSAGE_ENDS.search(body)
-            body = body[: end.start()] if end else body
             recipient = _RECIPIENT.search(header)
             if recipient:
                 # Other recipients are gpt-oss's built-in tools (browser, python), not the client's functions.
