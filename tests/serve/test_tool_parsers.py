@@ -197,9 +197,9 @@ def _accepts(tokenizer: Tokenizer, grammar: str, reply: str) -> bool:
 
 @pytest.mark.parametrize(("family", "valid", "invalid"), [
     (HarmonyParser,
-     ['<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Oslo"}<|call|>',
-      '<|channel|>commentary to=functions.add <|constrain|>json<|message|>{"a": 1, "b": 2.5}<|call|>'],
-     ['<|channel|>commentary to=functions.add <|constrain|>json<|message|>{"a": "x", "b": 2}<|call|>',
+     ['<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city":"Oslo"}<|call|>',
+      '<|channel|>commentary to=functions.add <|constrain|>json<|message|>{"a":1,"b":2.5}<|call|>'],
+     ['<|channel|>commentary to=functions.add <|constrain|>json<|message|>{"a":"x","b":2}<|call|>',
       '<|channel|>commentary to=functions.nope <|constrain|>json<|message|>{}<|call|>',
       "<|channel|>final<|message|>prose<|return|>"]),
     (HermesParser,
