@@ -13,7 +13,7 @@ import pytest
 
 from microscale import LLM, SamplingParams
 from microscale.engine.sampler import SamplingBatch, SamplingRow
-from microscale.engine.structured import GrammarCompiler, StepMasks, unpack_bitmask
+from microscale.engine.structured import StepMasks, unpack_bitmask
 from microscale.sampling_params import SamplingParamError, StructuredOutputsParams
 
 SCHEMA = {
