@@ -73,12 +73,13 @@ def throughput(args: argparse.Namespace) -> None:
         return SamplingParams(temperature=0, ignore_eos=True, max_tokens=max_tokens,
                               structured_outputs=None if schema is None else StructuredOutputsParams(json=schema))
 
-    def run(params: list[SamplingParams]) -> tuple[float, list[int]]:
-        start = time.perf_counter()
+    def run(params: list[SamplingParams]) -> tuple[tuple[float, float], list[int]]:
+        """(output tokens per wall second, per CPU second of this process: all its threads), the lengths."""
+        start, cpu = time.perf_counter(), time.process_time()
         outputs = llm.generate(prompts, params, use_tqdm=False)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         lengths = [len(o.outputs[0].token_ids) for o in outputs]
-        return sum(lengths) / elapsed, lengths
+        return (sum(lengths) / elapsed, sum(lengths) / cpu), lengths
 
     # "records": one schema that cannot end within max_tokens, so every request runs output_len tokens (a full
     # batch at every step). "real-world": request i follows schema i % 20; the free run then gives each request
@@ -93,21 +94,24 @@ def throughput(args: argparse.Namespace) -> None:
         "real-world": {"constrained": real_world, "unconstrained": [greedy(n) for n in real_world_lengths]},
     }
     for workload, runs in workloads.items():
-        rates: dict[str, list[float]] = {name: [] for name in runs}
+        rates: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
         for r in range(args.rounds):
             for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
                 rate, lengths = run(runs[name])
                 assert lengths == [p.max_tokens for p in runs["unconstrained"]]  # the same work both ways
                 rates[name].append(rate)
-        best = {name: max(v) for name, v in rates.items()}
         total = sum(p.max_tokens for p in runs["unconstrained"])
         print(f"\n## Throughput, {workload} schemas: batch {args.batch}, {args.input_len} prompt tokens each, "
-              f"{total} output tokens in all, dtype {args.dtype}, {args.rounds} alternated rounds (output tok/s)")
-        for name, values in rates.items():
-            print(f"- {name}: best {best[name]:.0f}, all {', '.join(f'{v:.0f}' for v in values)}")
-        ratios = [c / u for c, u in zip(rates["constrained"], rates["unconstrained"])]
-        print(f"- constrained / unconstrained: best of each {best['constrained'] / best['unconstrained']:.1%}; "
-              f"round by round {', '.join(f'{x:.0%}' for x in ratios)}")
+              f"{total} output tokens in all, dtype {args.dtype}, {args.rounds} alternated rounds")
+        for clock, k in (("wall", 0), ("CPU", 1)):
+            best = {name: max(v[k] for v in values) for name, values in rates.items()}
+            for name, values in rates.items():
+                print(f"- {name}, output tok per {clock} s: best {best[name]:.0f}, "
+                      f"all {', '.join(f'{v[k]:.0f}' for v in values)}")
+            ratios = [c[k] / u[k] for c, u in zip(rates["constrained"], rates["unconstrained"])]
+            print(f"- constrained / unconstrained ({clock}): best of each "
+                  f"{best['constrained'] / best['unconstrained']:.1%}; round by round "
+                  f"{', '.join(f'{x:.0%}' for x in ratios)}")
     example = llm.generate(prompts[:1], records[0], use_tqdm=False)[0].outputs[0].text
     print(f"- a records output begins: {example[:80]!r}")
 
