@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import llguidance
+import numpy as np
 import torch
 
 from microscale.sampling_params import SamplingParamError, StructuredOutputsParams
@@ -171,7 +172,22 @@ class RowMask:
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[rows, words] int32 -> [rows, vocab_size] bool, unpacked on `device` in one vectorised step."""
+    """[rows, words] int32 (on the host) -> [rows, vocab_size] bool on `device`. On the CPU in numpy's one
+    single-threaded pass: torch's three elementwise ops would each split over the intra-op threads, which on a busy
+    CPU take longer to meet than the work takes (measured: ~9 ms against 12 µs for 32 x 4096 on 2 shared cores).
+    On an accelerator the 8x smaller bitmask is copied and unpacked there."""
+    if device.type == "cpu":
+        return _unpack_on_host(bitmask, vocab_size)
+    return _unpack_on_device(bitmask, vocab_size, device)
+
+
+def _unpack_on_host(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    # Little-endian words: byte k of word w holds tokens 32w + 8k ..., its bit b (least significant first) one each.
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]
+    return torch.from_numpy(np.ascontiguousarray(bits)).view(torch.bool)
+
+
+def _unpack_on_device(bitmask: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
     bits = torch.arange(32, dtype=torch.int32, device=device)
     unpacked = (bitmask.to(device)[:, :, None] >> bits) & 1  # [rows, words, 32]: bit j of word w is token 32w + j
     return unpacked.flatten(1)[:, :vocab_size].bool()

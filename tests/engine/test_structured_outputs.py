@@ -10,8 +10,10 @@ import re
 
 import jsonschema
 import pytest
+import torch
 
 from microscale import LLM, SamplingParams
+from microscale.engine import structured
 from microscale.engine.sampler import SamplingBatch, SamplingRow
 from microscale.engine.structured import StepMasks, unpack_bitmask
 from microscale.sampling_params import SamplingParamError, StructuredOutputsParams
@@ -88,6 +90,15 @@ def test_mask_allows_exactly_the_grammar_s_next_tokens(llm):
     mask = unpack_bitmask(StepMasks(matchers, vocab_size).bitmask(), vocab_size, engine.device)[0]
     allowed = {engine.tokenizer.decode([t]) for t in mask.nonzero().flatten().tolist()}
     assert allowed and all("yes".startswith(text) or "no".startswith(text) for text in allowed), allowed
+
+
+def test_host_and_device_unpacking_agree():
+    """The CPU's numpy unpacking and the accelerators' torch one give every token the same bit."""
+    bitmask = torch.randint(-2**31, 2**31 - 1, (5, 4), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    host = structured._unpack_on_host(bitmask, 100)
+    assert host.dtype == torch.bool and host.shape == (5, 100)
+    assert torch.equal(host, structured._unpack_on_device(bitmask, 100, torch.device("cpu")))
+    assert host[0].tolist() == [bool(int(bitmask[0, t // 32]) >> (t % 32) & 1) for t in range(100)]
 
 
 def test_min_tokens_does_not_block_a_grammar_s_end(llm):
