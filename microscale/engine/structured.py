@@ -21,7 +21,7 @@ from microscale.tokenizer import Tokenizer
 
 T = TypeVar("T")
 
-# Compiled grammars kept (a start matcher each, most a few hundred kB): an application sends the same few schemas
+# Compiled grammars kept (a start matcher each): an application sends the same few schemas
 # with every request, and those then skip compilation.
 GRAMMAR_CACHE_SIZE = 256
 # llguidance's own reckoning of its lexer's speed (LLParserLimits: ~50k fuel units per ms): the time limit also
