@@ -692,6 +692,10 @@ unlike the generated ones get unpredictable replies. The template renders an ear
 `<|start|>assistant to=functions.NAME<|channel|>commentary json<|message|>` (as gpt-oss's template does) while the
 model writes `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>` (as gpt-oss does). Tool-call
 `arguments` were rendered as JSON objects (the template `tojson`s them; a JSON *string* would be quoted twice).
+The analysis message repeats the user's request, so a call takes 50-90 tokens; give it room (`max_tokens` ≥ 128).
+Values are copied imperfectly (digits and letters dropped or swapped: `{"city":"New Kong"}` for New York), and
+whether a tool is needed is learned from the phrasing: "What is 12 + 30?" gets a direct (wrong) answer even with
+`add` offered, because small sums were plain questions in the data.
 """
     (out / "README.md").write_text(card)
 
@@ -706,7 +710,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-n", type=int, default=50)
-    ap.add_argument("--eval-max-tokens", type=int, default=96)
+    ap.add_argument("--eval-max-tokens", type=int, default=128)
     ap.add_argument("--eval-only", action="store_true", help="measure the saved folder, train nothing")
     return ap.parse_args(argv)
 
