@@ -247,6 +247,12 @@ def _add_serve_limit_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--header-timeout", type=float, default=d.header_timeout_s, metavar="SECONDS",
                        help="a connection whose request headers are not all in by then is closed "
                             f"(default {d.header_timeout_s:g})")
+    serve.add_argument("--max-stored-responses", type=int, default=d.max_stored_responses, metavar="N",
+                       help="most responses kept for /v1/responses retrieval and previous_response_id; the least "
+                            f"recently used go first (default {d.max_stored_responses})")
+    serve.add_argument("--max-stored-response-bytes", type=int, default=d.max_stored_response_bytes,
+                       metavar="BYTES", help="most bytes (JSON) the stored responses and their conversations take "
+                                             f"together (default {d.max_stored_response_bytes})")
 
 
 def served_model_name(model: str) -> str:
@@ -268,7 +274,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     name = args.served_model_name or served_model_name(args.model)
     limits = ServeLimits(max_n=args.max_n, max_request_bytes=args.max_request_bytes,
                          max_prompt_chars=args.max_prompt_chars, body_timeout_s=args.body_timeout,
-                         header_timeout_s=args.header_timeout)
+                         header_timeout_s=args.header_timeout, max_stored_responses=args.max_stored_responses,
+                         max_stored_response_bytes=args.max_stored_response_bytes)
     app = build_app(engine, name, args.api_key, limits)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler it found:
     # ignoring it there makes that shutdown exit 0.

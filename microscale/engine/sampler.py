@@ -168,45 +168,61 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
+def constrain_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """What every row, greedy or not, picks from: the logits after penalties, min_tokens' blocked tokens and a
+    grammar's mask (float32, a new tensor)."""
+    logits = logits.float()
+    if batch.penalties is not None:
+        logits = apply_penalties(logits, batch.penalties)
+    if batch.blocked is not None:
+        rows, ids = (torch.tensor(x, device=logits.device) for x in batch.blocked)
+        logits = logits.index_put((rows, ids), torch.tensor(float("-inf"), device=logits.device))  # not in place
+    if batch.allowed is not None:
+        rows, mask = batch.allowed
+        logits = logits.index_copy(0, rows, logits[rows].masked_fill(~mask, float("-inf")))
+    return logits
+
+
+def sampling_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The distribution a random row samples from: constrained `logits` over its temperature, then min_p, top-k
+    and top-p. A greedy row's temperature counts as 1 (its argmax is what it takes)."""
+    temp = torch.where(batch.temperature > 0, batch.temperature, 1.0)
+    logits = logits / temp[:, None]
+    if batch.min_p is not None:
+        probs = logits.softmax(dim=-1)
+        floor = batch.min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+        logits = logits.masked_fill(probs < floor, float("-inf"))
+    if batch.top_k is not None or batch.top_p is not None:
+        logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
+    return logits.softmax(dim=-1)
+
+
+def sample_from(probs: torch.Tensor, seeded: dict[int, torch.Generator]) -> torch.Tensor:
+    """One token per row of `probs` (which need not sum to 1). The exponential trick: argmax of p / Exp(1)
+    samples from p, so a seeded row draws its noise from its own generator, whatever else shares the batch."""
+    noise = torch.empty_like(probs).exponential_()
+    for row, generator in seeded.items():
+        # Drawn on the CPU so that a seed gives the same tokens on every device.
+        noise[row] = torch.empty(probs.shape[1]).exponential_(generator=generator).to(noise.device)
+    return (probs / noise).argmax(dim=-1)
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         logits = logits.float()
         # Logprobs are those of the model's distribution, before penalties and temperature (as vLLM).
         raw_logprobs = logits.log_softmax(dim=-1) if batch.num_logprobs is not None else None
-        if batch.penalties is not None:
-            logits = apply_penalties(logits, batch.penalties)
-        if batch.blocked is not None:
-            rows, ids = (torch.tensor(x, device=logits.device) for x in batch.blocked)
-            logits = logits.index_put((rows, ids), torch.tensor(float("-inf"), device=logits.device))  # not in place
-        if batch.allowed is not None:
-            rows, mask = batch.allowed
-            logits = logits.index_copy(0, rows, logits[rows].masked_fill(~mask, float("-inf")))
+        logits = constrain_logits(logits, batch)
         token_ids = logits.argmax(dim=-1)
         if not batch.all_greedy:
-            token_ids = torch.where(batch.temperature == 0, token_ids, self._random(logits, batch))
+            sampled = sample_from(sampling_probs(logits, batch), batch.seeded)
+            token_ids = torch.where(batch.temperature == 0, token_ids, sampled)
         out = SamplerOutput(token_ids)
         if raw_logprobs is not None:
             out.chosen_logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
             out.chosen_ranks = (raw_logprobs > out.chosen_logprobs[:, None]).sum(dim=-1) + 1
             out.top_logprobs, out.top_ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)
         return out
-
-    @staticmethod
-    def _random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        temp = torch.where(batch.temperature > 0, batch.temperature, 1.0)
-        logits = logits / temp[:, None]
-        if batch.min_p is not None:
-            probs = logits.softmax(dim=-1)
-            floor = batch.min_p[:, None] * probs.amax(dim=-1, keepdim=True)
-            logits = logits.masked_fill(probs < floor, float("-inf"))
-        if batch.top_k is not None or batch.top_p is not None:
-            logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
-        probs = logits.softmax(dim=-1)
-        noise = torch.empty_like(probs).exponential_()
-        for row, generator in batch.seeded.items():
-            # Drawn on the CPU so that a seed gives the same tokens on every device.
-            noise[row] = torch.empty(probs.shape[1]).exponential_(generator=generator).to(noise.device)
-        return (probs / noise).argmax(dim=-1)
 
 
 def sample(

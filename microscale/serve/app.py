@@ -18,6 +18,9 @@ from microscale.serve.errors import APIError, error_response, install_error_hand
 from microscale.serve.guard import RequestGuard
 from microscale.serve.limits import ServeLimits
 from microscale.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from microscale.serve.response_store import ResponseStore
+from microscale.serve.responses import create_response, not_found
+from microscale.serve.responses_protocol import DeletedResponse, ResponsesRequest
 from microscale.serve.validation import check_request
 from microscale.version import __version__
 
@@ -57,6 +60,7 @@ def build_app(
 
     app = FastAPI(title="microscale", version=__version__, lifespan=lifespan)
     app.state.engine = engine
+    app.state.responses = store = ResponseStore(limits.max_stored_responses, limits.max_stored_response_bytes)
     install_error_handlers(app)
     app.add_middleware(RequestGuard, limits=limits, api_key=api_key)
 
@@ -103,5 +107,30 @@ def build_app(
         check_model(body.model)
         check_request(body, limits)
         return await _unless_disconnected(request, create_chat_completion(engine, served_model_name, body))
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        check_model(body.model)
+        return await _unless_disconnected(request, create_response(engine, served_model_name, body, store, limits))
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str) -> Response:
+        stored = store.get(response_id)
+        if stored is None:
+            raise not_found(response_id, "response_id")
+        return Response(stored.response_json, media_type="application/json")
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(response_id: str) -> Response:
+        if store.get(response_id) is None:
+            raise not_found(response_id, "response_id")
+        # Every response here runs in its request (no background mode): by the time it can be named, it is over.
+        raise APIError(400, "Only responses created with background=true can be cancelled.", "response_id")
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> DeletedResponse:
+        if not store.delete(response_id):
+            raise not_found(response_id, "response_id")
+        return DeletedResponse(id=response_id)
 
     return app

@@ -17,19 +17,22 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_f
 class APIError(Exception):
     def __init__(
         self, status: int, message: str, param: str | None = None, code: str | None = None,
-        headers: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None, error_type: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+        self.error_type = error_type  # None: the status's usual type
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    error_type = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None, error_type: str | None = None
+) -> dict:
+    error_type = error_type or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     return ErrorResponse(error=ErrorInfo(message=message, type=error_type, param=param, code=code)).model_dump()
 
 
 def error_response(error: APIError) -> JSONResponse:
-    body = error_body(error.status, error.message, error.param, error.code)
+    body = error_body(error.status, error.message, error.param, error.code, error.error_type)
     return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 

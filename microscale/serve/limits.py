@@ -13,3 +13,6 @@ class ServeLimits:
     max_prompt_chars: int = 1_000_000
     body_timeout_s: float = 30.0
     header_timeout_s: float = 10.0
+    # Stored responses (the Responses API's store=true): the least recently used go first past either bound.
+    max_stored_responses: int = 1000
+    max_stored_response_bytes: int = 256 * 2**20
