@@ -19,7 +19,7 @@ from microscale.engine_flags import add_engine_flags, engine_kwargs
 from microscale.jsonl import json_lines
 from microscale.quant.format import exportable_weight_formats, weight_format
 from microscale.quant.kv_cache import KV_CACHES
-from microscale.sampling_params import SamplingParams
+from microscale.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 class CLIError(Exception):
@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(chat)
     chat.add_argument("--system", default=None, help="system prompt")
     _add_sampling_args(chat, max_tokens=256)
+    chat.add_argument("--response-format", default=None, metavar="JSON",
+                      help='OpenAI\'s response_format for every answer: \'{"type": "json_object"}\' or '
+                           '\'{"type": "json_schema", "json_schema": {"name": ..., "schema": SCHEMA}}\'')
     chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
@@ -150,13 +153,19 @@ def _sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.ignore_eos:
         overrides["ignore_eos"] = True
     if args.structured_outputs is not None:
-        try:
-            overrides["structured_outputs"] = json.loads(args.structured_outputs)
-        except json.JSONDecodeError as e:
-            raise CLIError(f"--structured-outputs is not JSON: {e.msg}.") from None
-        if not isinstance(overrides["structured_outputs"], dict):
-            raise CLIError('--structured-outputs takes a JSON object, e.g. \'{"choice": ["yes", "no"]}\'.')
+        overrides["structured_outputs"] = _json_object(args.structured_outputs, "--structured-outputs",
+                                                       '{"choice": ["yes", "no"]}')
     return overrides
+
+
+def _json_object(value: str, flag: str, example: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise CLIError(f"{flag} is not JSON: {e.msg}.") from None
+    if not isinstance(parsed, dict):
+        raise CLIError(f"{flag} takes a JSON object, e.g. '{example}'.")
+    return parsed
 
 
 def _read_prompts_file(path: str) -> Iterator[tuple[Any, dict[str, Any]]]:
@@ -203,10 +212,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from microscale.engine.engine import LLMEngine
 
+    overrides = _sampling_overrides(args)
+    if args.response_format is not None:
+        if "structured_outputs" in overrides:
+            raise CLIError("give --response-format or --structured-outputs, not both")
+        overrides["structured_outputs"] = StructuredOutputsParams.from_response_format(
+            _json_object(args.response_format, "--response-format", '{"type": "json_object"}'))
     engine = LLMEngine(EngineArgs(model=args.model, **engine_kwargs(args)))
     if not engine.tokenizer.chat_template:
         raise CLIError("this model's tokenizer_config.json has no chat_template; use `microscale generate`")
-    params = engine.inputs.default_sampling_params(**_sampling_overrides(args))
+    params = engine.inputs.default_sampling_params(**overrides)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     turn = 0
     print("microscale chat: an empty line or Ctrl-D exits.", file=sys.stderr)

@@ -35,7 +35,7 @@ async def sampling_params(
     try:
         overrides["structured_outputs"] = structured = _structured_outputs(request)
         if structured is not None:
-            await off_loop(check_grammar, structured)
+            await off_loop(check_grammar, structured, inputs.structured_outputs_max_compile_ms)
         return inputs.default_sampling_params(**overrides)
     except SamplingParamError as e:
         raise APIError(400, str(e), e.param) from None
@@ -52,11 +52,7 @@ def _structured_outputs(request: SamplingRequest) -> StructuredOutputsParams | N
                                        choice=wanted.choice, grammar=wanted.grammar)
     if wanted is not None:
         raise SamplingParamError("structured_outputs", "Give response_format or structured_outputs, not both.")
-    if response_format.type == "json_object":
-        return StructuredOutputsParams(json_object=True)
-    if response_format.json_schema is None:
-        raise SamplingParamError("response_format", "response_format json_schema needs its json_schema object.")
-    return StructuredOutputsParams(json=response_format.json_schema.schema_)
+    return StructuredOutputsParams.from_response_format(response_format.model_dump(by_alias=True, exclude_none=True))
 
 
 async def off_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
