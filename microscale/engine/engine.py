@@ -17,7 +17,7 @@ from microscale.engine.sampler import Sampler
 from microscale.engine.scheduler import Scheduler
 from microscale.engine.sequence import Request, Sequence
 from microscale.engine.spec_decode.verify_step import sample_step
-from microscale.engine.structured import GrammarCompiler
+from microscale.engine.structured import GrammarCompiler, StepMasks
 from microscale.outputs import RequestOutput, SampleLogprobs
 from microscale.sampling_params import SamplingParams
 
@@ -42,7 +42,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager, self.eos_token_ids, self.tokenizer,
                                    args.speculative_config)
         self.sampler = Sampler()
-        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
+                                        args.structured_outputs_max_compile_ms)
         self.requests: dict[str, Request] = {}
         if args.calib_config is not None:
             windows = calibration_windows(self.tokenizer, args.calib_config, max_model_len)
@@ -109,10 +110,17 @@ class LLMEngine:
             if self.scheduler.swaps:  # every running sequence was swapped out: copy before blocks are reused
                 self.executor.execute([], self.scheduler.swaps)
             return []
+        # The constrained rows' masks are filled while the forward runs: their matchers already consumed the
+        # previous step's tokens, and move again only once this step's are sampled.
+        constrained = [c.seq for c in chunks if c.samples and c.seq.matcher is not None]
+        masks = StepMasks([seq.matcher for seq in constrained], self.model_config.vocab_size)
+        mask_of = {seq: masks.row(i) for i, seq in enumerate(constrained)}
         logits, sampling = self.executor.execute(chunks, self.scheduler.swaps)
-        tokens, verified = sample_step(self.sampler, logits, sampling, self.eos_token_ids,
+        seqs = [chunk.seq for chunk in sampling]
+        rows = [seq.sampling_row(mask_of.get(seq)) for seq in seqs]
+        tokens, verified = sample_step(self.sampler, logits, sampling, rows, self.eos_token_ids,
                                        self.model_config.vocab_size)
-        touched = self.scheduler.update_from_output(chunks, [chunk.seq for chunk in sampling], tokens, verified)
+        touched = self.scheduler.update_from_output(chunks, seqs, tokens, verified)
         for request in touched:
             if request.finished:
                 self.requests.pop(request.request_id, None)

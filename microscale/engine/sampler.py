@@ -9,11 +9,10 @@ and gets the same tokens whatever else shares the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from microscale.engine.structured import allowed_tokens
+from microscale.engine.structured import RowMask, unpack_bitmask
 from microscale.sampling_params import SamplingParams
 
 
@@ -26,7 +25,7 @@ class SamplingRow:
     token_ids: list[int]  # the prompt, then the output so far
     num_prompt_tokens: int
     generator: torch.Generator | None = None
-    matcher: Any = None  # structured outputs: its llguidance.LLMatcher, which says the tokens allowed next
+    allowed: RowMask | None = None  # structured outputs: the tokens its grammar allows next (filled off-thread)
 
     @property
     def num_output_tokens(self) -> int:
@@ -80,16 +79,16 @@ class SamplingBatch:
         blocked_rows, ids = [], []
         for i, r in enumerate(rows):
             # A grammar decides where its output ends: blocking its end tokens would leave it nothing to sample.
-            if r.num_output_tokens < r.params.min_tokens and r.matcher is None:
+            if r.num_output_tokens < r.params.min_tokens and r.allowed is None:
                 banned = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else set(eos_ids))
                 blocked_rows += [i] * len(banned)
                 ids += sorted(banned)
         asked = [p.logprobs for p in params if p.logprobs is not None]
-        constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
+        constrained = [i for i, r in enumerate(rows) if r.allowed is not None]
         allowed = None
-        if constrained:
-            mask = allowed_tokens([rows[i].matcher for i in constrained], vocab_size, device)
-            allowed = (torch.tensor(constrained, device=device), mask)
+        if constrained:  # waits here for what is left of the masks' fill
+            bitmask = torch.stack([rows[i].allowed.bits() for i in constrained])
+            allowed = (torch.tensor(constrained, device=device), unpack_bitmask(bitmask, vocab_size, device))
         return cls(
             temperature=column(temps, torch.float32),
             all_greedy=all(t == 0 for t in temps),
@@ -179,7 +178,11 @@ def constrain_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
         logits = logits.index_put((rows, ids), torch.tensor(float("-inf"), device=logits.device))  # not in place
     if batch.allowed is not None:
         rows, mask = batch.allowed
-        logits = logits.index_copy(0, rows, logits[rows].masked_fill(~mask, float("-inf")))
+        blocked = torch.tensor(float("-inf"), device=logits.device)
+        if len(rows) == len(logits):  # every row constrained (rows are 0..S-1): no gather and scatter back
+            logits = torch.where(mask, logits, blocked)
+        else:
+            logits = logits.index_copy(0, rows, torch.where(mask, logits[rows], blocked))
     return logits
 
 

@@ -17,7 +17,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from microscale.outputs import CompletionOutput, RequestOutput
 from microscale.serve.async_engine import AsyncEngine, EngineDeadError
 from microscale.serve.errors import APIError
-from microscale.serve.harmony import split_harmony, uses_harmony
 from microscale.serve.limits import ServeLimits
 from microscale.serve.params import check_prompt, off_loop, sampling_params
 from microscale.serve.protocol import JsonSchemaFormat, ResponseFormat, SamplingRequest
@@ -37,6 +36,7 @@ from microscale.serve.responses_protocol import (
     ResponseUsage,
 )
 from microscale.serve.streaming import start_requests
+from microscale.serve.tool_parsers import reply_parser, tool_family
 from microscale.tokenizer import Tokenizer
 
 
@@ -160,17 +160,12 @@ class _Reply:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.harmony = uses_harmony(tokenizer)
+        self.parser = reply_parser(tokenizer, tool_family(tokenizer, None), with_tools=False)
 
     def parts(self, output: CompletionOutput) -> list[ReplyPart]:
         finished = output.finish_reason is not None
-        if not self.harmony:
-            return reply_parts("", output.text, finished)
-        split = split_harmony(self.tokenizer, output.token_ids)
-        if finished:
-            return reply_parts(split.reasoning, split.content, True)
-        # A trailing incomplete UTF-8 character (decoded as U+FFFD) waits for its next token.
-        return reply_parts(split.reasoning.rstrip("\ufffd"), split.content.rstrip("\ufffd"), False)
+        reply = self.parser.parse(output.text, output.token_ids, finished)
+        return reply_parts(reply.reasoning, reply.content, finished)
 
     def reasoning_tokens(self, parts: list[ReplyPart]) -> int:
         """The reasoning text's length in tokens (re-encoded: the split reads decoded text)."""

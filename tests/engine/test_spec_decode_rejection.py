@@ -72,7 +72,7 @@ def test_a_seeded_row_does_not_depend_on_its_batch():
 
 
 def test_rows_of_structured_outputs_cannot_verify_drafts():
-    row = SamplingRow(SamplingParams(), [1], 1, matcher=object())
+    row = SamplingRow(SamplingParams(), [1], 1, allowed=object())
     with pytest.raises(ValueError, match="structured outputs"):
         VerifyBatch.build(_logits(2, seed=0), [row], [[3]], [EOS], V)
 

@@ -13,7 +13,7 @@ import openai
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
-from test_harmony import REPLY, harmony_tokenizer  # noqa: F401 (a fixture)
+from test_tool_parsers import HARMONY_REPLIES, harmony_tokenizer  # noqa: F401 (a fixture)
 
 from microscale.serve.response_events import ResponseEvents, output_items
 from microscale.serve.response_store import ResponseStore
@@ -221,7 +221,7 @@ def test_conversation_renders_function_calls_through_the_gpt_oss_template(harmon
 
 def test_harmony_reply_streams_a_reasoning_item_then_the_message(harmony_tokenizer):  # noqa: F811
     """Token by token, as a stream: the events validate, their deltas add up to the final items (reasoning first)."""
-    ids = harmony_tokenizer.encode(REPLY, add_special_tokens=False)
+    ids = harmony_tokenizer.encode(HARMONY_REPLIES["final"], add_special_tokens=False)
     reply, events = _Reply(harmony_tokenizer), ResponseEvents("abc")
 
     class Output:  # the fields of CompletionOutput the reply reads

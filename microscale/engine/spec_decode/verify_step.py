@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import torch
 
-from microscale.engine.sampler import SampledTokens, Sampler, sample
+from microscale.engine.sampler import SampledTokens, Sampler, SamplingRow, sample
 from microscale.engine.scheduler import ScheduledChunk
 from microscale.engine.spec_decode.rejection import VerifyBatch, rejection_sample
 
 
 def sample_step(
-    sampler: Sampler, logits: torch.Tensor, chunks: list[ScheduledChunk], eos_ids: list[int], vocab_size: int
+    sampler: Sampler, logits: torch.Tensor, chunks: list[ScheduledChunk], rows: list[SamplingRow], eos_ids: list[int],
+    vocab_size: int,
 ) -> tuple[SampledTokens, dict[int, list[int]]]:
-    """The sampled tokens of the chunks without drafts (rows: indices into `chunks`), and per speculating chunk's
-    index its emitted tokens (accepted drafts, then one more)."""
-    rows = [c.seq.sampling_row() for c in chunks]
+    """The sampled tokens of the chunks without drafts (rows: indices into `chunks`, whose sampling rows `rows`
+    are), and per speculating chunk's index its emitted tokens (accepted drafts, then one more)."""
     if not any(c.draft_token_ids for c in chunks):
         return sample(sampler, logits, rows, eos_ids, vocab_size), {}
     starts, offset = [], 0
