@@ -1,5 +1,5 @@
 """Speculative decoding on CPU: decode tokens/s with speculation off and with n-gram drafts, at batch 1 (one
-held-out code prompt at a time, the interactive case) and at batch 32 (every prompt at once, where
+held-out code prompt at a time, the interactive case) and at --large-batch (that many requests at once, where
 disable_by_batch_size should turn speculation off), with the acceptance rate and tokens per verification.
 Runs alternate (off, ngram, off, ngram, ...) and the best of --repeats is kept: the machine is shared.
 
@@ -39,7 +39,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="models/tiny-llama-pycode")
     parser.add_argument("--data", default="data/pycode-valid.txt")
-    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=8, help="prompts decoded one at a time (batch 1)")
+    parser.add_argument("--large-batch", type=int, default=32)
     parser.add_argument("--prompt-chars", type=int, default=400)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--k", type=int, default=4)
@@ -52,21 +53,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     text = Path(args.data).read_text()
-    stride = len(text) // args.prompts
-    prompts = [text[i * stride : i * stride + args.prompt_chars] for i in range(args.prompts)]
+    count = max(args.prompts, args.large_batch)
+    stride = len(text) // count
+    prompts = [text[i * stride : i * stride + args.prompt_chars] for i in range(count)]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": args.lookup_min,
             "prompt_lookup_max": args.lookup_max, "disable_by_batch_size": args.disable_by_batch_size}
     engines = {"off": LLM(args.model, dtype="float32"),
                "ngram": LLM(args.model, dtype="float32", speculative_config=spec)}
     results = {}
-    for batch in (1, len(prompts)):
+    for batch, subset in ((1, prompts[: args.prompts]), (args.large_batch, prompts[: args.large_batch])):
         best = {name: 0.0 for name in engines}
         outputs = {}
         before = {name: dict(llm.engine.get_stats()) for name, llm in engines.items()}
         for _ in range(args.repeats):
             for name, llm in engines.items():
-                rate, outputs[name] = decode_rate(llm, prompts, params, batch)
+                rate, outputs[name] = decode_rate(llm, subset, params, batch)
                 best[name] = max(best[name], rate)
         stats = engines["ngram"].engine.get_stats()
         drafts, proposed, accepted = (stats[k] - before["ngram"][k] for k in (
