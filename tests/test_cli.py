@@ -348,3 +348,14 @@ def test_quantize_fp8_with_verify(capsys, tmp_path):
                                    "--verify"], "--verify-data", command="quantize")
     assert_one_line_error(capsys, ["quantize", str(BUNDLED_MODEL), "--quant", "fp8", "--out", str(tmp_path / "y")],
                           "calibration", command="quantize")
+
+
+def test_speculative_config_flag(capsys, model_dir):
+    spec = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}'
+    assert run_cli(["generate", model_dir, *ENGINE, "--prompt", "x = 1\nx = 1\nx =", "--max-tokens", "8",
+                    "--speculative-config", spec]) == 0
+    assert_one_line_error(capsys, ["generate", model_dir, *ENGINE, "--prompt", "x", "--speculative-config", "{bad"],
+                          "speculative_config is not valid JSON")
+    assert_one_line_error(capsys, ["generate", model_dir, *ENGINE, "--prompt", "x", "--speculative-config",
+                                   '{"method": "ngram", "num_speculative_tokens": 0}'],
+                          "num_speculative_tokens must be a positive integer")
