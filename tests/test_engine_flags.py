@@ -20,12 +20,13 @@ REQUIRED = {"serve": [], "generate": ["--prompt", "x"]}
 
 
 def _flag_fields() -> list[dataclasses.Field]:
-    """Every field that should have a flag: EngineArgs' own, and the fields of the configs nested in it."""
+    """Every field that should have a flag: EngineArgs' own, and the fields of the configs nested in it (a field
+    declared as a config first; speculative_config is declared as its JSON dict first: one flag)."""
     hints = typing.get_type_hints(EngineArgs)
     out = []
     for f in dataclasses.fields(EngineArgs):
-        nested = next((t for t in typing.get_args(hints[f.name]) if dataclasses.is_dataclass(t)), None)
-        out += dataclasses.fields(nested) if nested else [f]
+        declared = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        out += dataclasses.fields(declared) if dataclasses.is_dataclass(declared) else [f]
     return [f for f in out if "not_cli" not in f.metadata]
 
 
