@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import sys
@@ -72,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Chat with a model using its chat template; an empty line or Ctrl-D exits.")
     _add_engine_args(chat)
     chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--tools", default=None, metavar="FILE",
+                      help="a JSON file of OpenAI-format tool definitions: the model may call them, and you type "
+                           "each call's result")
+    chat.add_argument("--tool-call-parser", default=None, choices=sorted(_tool_parser_names()),
+                      help="the model's tool-call format (default: the one its chat template writes)")
     _add_sampling_args(chat, max_tokens=256)
     chat.set_defaults(func=cmd_chat)
 
@@ -84,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None,
                        help="the model name clients send (default: the model folder's name, or the hub id)")
     serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes")
+    serve.add_argument("--tool-call-parser", default=None, choices=sorted(_tool_parser_names()),
+                       help="the model's tool-call format (default: the one its chat template writes; "
+                            "openai = harmony, vLLM's name for gpt-oss)")
     serve.add_argument("--max-waiting", type=int, default=None, metavar="N",
                        help="answer 503 (Retry-After) while N requests wait for a slot (default: no limit)")
     _add_serve_limit_args(serve)
@@ -202,33 +211,98 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from microscale.engine.engine import LLMEngine
+    from microscale.serve.tool_parsers import reply_parser, tool_family
 
+    tools = _read_tools(args.tools) if args.tools else None
     engine = LLMEngine(EngineArgs(model=args.model, **engine_kwargs(args)))
-    if not engine.tokenizer.chat_template:
+    tokenizer = engine.tokenizer
+    if not tokenizer.chat_template:
         raise CLIError("this model's tokenizer_config.json has no chat_template; use `microscale generate`")
+    try:
+        family = tool_family(tokenizer, args.tool_call_parser)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if tools and family is None:
+        raise CLIError("this model's chat template writes no tool-call format microscale knows; "
+                       "give --tool-call-parser")
+    parser = reply_parser(tokenizer, family, with_tools=bool(tools))
     params = engine.inputs.default_sampling_params(**_sampling_overrides(args))
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    turn = 0
+    turns = itertools.count()
     print("microscale chat: an empty line or Ctrl-D exits.", file=sys.stderr)
     while True:
-        try:
-            user = input("> ")
-        except EOFError:
-            print()
-            return
-        if not user.strip():
+        user = _read_line("> ")
+        if not user:
             return
         messages.append({"role": "user", "content": user})
-        prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
-        request = engine.add_request(f"chat-{turn}", {"prompt": prompt, "prompt_token_ids": ids}, params)
-        turn += 1
-        seq = request.seqs[0]
-        while engine.has_unfinished_requests():
-            engine.step()
-            print(seq.detokenizer.new_text(seq.is_finished), end="", flush=True)
+        while True:  # until the model answers without calling a tool
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+            ids = tokenizer.encode(prompt, add_special_tokens=False)
+            turn = next(turns)
+            request = engine.add_request(f"chat-{turn}", {"prompt": prompt, "prompt_token_ids": ids}, params)
+            reply = _stream_reply(engine, request.seqs[0], parser)
+            if not reply.tool_calls:
+                messages.append({"role": "assistant", "content": reply.content})
+                break
+            calls = [{"id": f"call_{turn}_{i}", "type": "function",
+                      "function": {"name": c.name, "arguments": _json_or_text(c.arguments)}}
+                     for i, c in enumerate(reply.tool_calls)]
+            messages.append({"role": "assistant", "tool_calls": calls,
+                             **({"content": reply.content} if reply.content else {})})
+            for call, made in zip(calls, reply.tool_calls):
+                result = _read_line(f"[{made.name}({made.arguments})] result> ")
+                if result is None:
+                    return
+                messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+
+
+def _stream_reply(engine, seq, parser):
+    """Run the request, printing the reply's content as it grows (reasoning dimmed, on stderr); its parse."""
+    from microscale.serve.tool_parsers import ParsedReply
+
+    shown = ParsedReply()
+    while engine.has_unfinished_requests():
+        engine.step()
+        reply = parser.parse(seq.detokenizer.visible_text(seq.is_finished), seq.output_token_ids, seq.is_finished)
+        if reasoning := reply.reasoning[len(shown.reasoning):]:
+            print(f"\033[2m{reasoning}\033[0m", end="", file=sys.stderr, flush=True)
+        print(reply.content[len(shown.content):], end="", flush=True)
+        shown = reply
+    print()
+    return shown
+
+
+def _read_line(prompt: str) -> str | None:
+    """A stripped line from the user; None at Ctrl-D."""
+    try:
+        return input(prompt).strip()
+    except EOFError:
         print()
-        messages.append({"role": "assistant", "content": seq.detokenizer.output_text})
+        return None
+
+
+def _read_tools(path: str) -> list[dict[str, Any]]:
+    try:
+        tools = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CLIError(f"--tools {path}: {e}") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and "function" in t for t in tools):
+        raise CLIError(f"--tools {path}: expected a JSON list of {{\"type\": \"function\", \"function\": {{...}}}}")
+    return tools
+
+
+def _json_or_text(arguments: str) -> Any:
+    # Templates write a call's arguments with tojson: an object, unless the model wrote no valid JSON.
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
+
+
+def _tool_parser_names() -> list[str]:
+    from microscale.serve.tool_parsers import PARSER_NAMES
+
+    return list(PARSER_NAMES)
 
 
 def _add_serve_limit_args(serve: argparse.ArgumentParser) -> None:
@@ -276,7 +350,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                          max_prompt_chars=args.max_prompt_chars, body_timeout_s=args.body_timeout,
                          header_timeout_s=args.header_timeout, max_stored_responses=args.max_stored_responses,
                          max_stored_response_bytes=args.max_stored_response_bytes)
-    app = build_app(engine, name, args.api_key, limits)
+    app = build_app(engine, name, args.api_key, limits, args.tool_call_parser)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler it found:
     # ignoring it there makes that shutdown exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):

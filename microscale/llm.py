@@ -81,12 +81,16 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
+        """`tools`: OpenAI-format function definitions, rendered by the chat template (the replies' calls are in
+        their text, in the model's format; the server parses them into tool_calls)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.engine.tokenizer
+        template_kwargs = {**(chat_template_kwargs or {}), **({"tools": tools} if tools is not None else {})}
         prompts = []
         for conversation in conversations:
-            text = tokenizer.apply_chat_template(conversation, add_generation_prompt, **(chat_template_kwargs or {}))
+            text = tokenizer.apply_chat_template(conversation, add_generation_prompt, **template_kwargs)
             # The template already holds any BOS token it wants.
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm)

@@ -21,6 +21,7 @@ from microscale.serve.protocol import ChatCompletionRequest, CompletionRequest, 
 from microscale.serve.response_store import ResponseStore
 from microscale.serve.responses import create_response, not_found
 from microscale.serve.responses_protocol import DeletedResponse, ResponsesRequest
+from microscale.serve.tool_parsers import tool_family
 from microscale.serve.validation import check_request
 from microscale.version import __version__
 
@@ -46,10 +47,13 @@ async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> R
 
 
 def build_app(
-    engine: AsyncEngine, served_model_name: str, api_key: str | None = None, limits: ServeLimits | None = None
+    engine: AsyncEngine, served_model_name: str, api_key: str | None = None, limits: ServeLimits | None = None,
+    tool_call_parser: str | None = None,
 ) -> FastAPI:
-    """Over a started engine, which stops (aborting what is in flight) when the server shuts down."""
+    """Over a started engine, which stops (aborting what is in flight) when the server shuts down.
+    `tool_call_parser`: the model's tool-call format (PARSER_NAMES), else the one its chat template writes."""
     limits = limits or ServeLimits()
+    tools_format = tool_family(engine.inputs.tokenizer, tool_call_parser)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -106,7 +110,8 @@ def build_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
         check_request(body, limits)
-        return await _unless_disconnected(request, create_chat_completion(engine, served_model_name, body))
+        return await _unless_disconnected(request, create_chat_completion(engine, served_model_name, body,
+                                                                                 tools_format))
 
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request) -> Response:

@@ -24,18 +24,30 @@ _PASSED_THROUGH = (
 
 async def sampling_params(
     inputs: InputProcessor, request: SamplingRequest, max_tokens: int | None, default_max_tokens: int | None,
-    logprobs: int | None,
+    logprobs: int | None, tool_grammar: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
     """Fields the client left out fall back to the model's generation_config, then to SamplingParams'. A grammar
-    is compiled off the event loop (a large schema would stall every client)."""
+    is compiled off the event loop (a large schema would stall every client). `tool_grammar`: the constraint of
+    tool_choice "required" or a named function (chat_tools.py)."""
     overrides: dict[str, Any] = {k: getattr(request, k) for k in _PASSED_THROUGH if getattr(request, k) is not None}
     if max_tokens is None:
         max_tokens = inputs.generation_defaults.get("max_tokens", default_max_tokens)
     overrides.update(n=request.n, max_tokens=max_tokens, ignore_eos=request.ignore_eos, logprobs=logprobs)
     try:
-        overrides["structured_outputs"] = structured = _structured_outputs(request)
+        structured = _structured_outputs(request)
+        if tool_grammar is not None:
+            if structured is not None:
+                raise SamplingParamError("tool_choice", "A tool_choice that forces a call cannot be combined with "
+                                         "response_format or structured_outputs.")
+            structured = tool_grammar
         if structured is not None:
-            await off_loop(check_grammar, structured)
+            try:
+                await off_loop(check_grammar, structured)
+            except SamplingParamError as e:
+                if structured is not tool_grammar:
+                    raise
+                raise SamplingParamError("tools", str(e)) from None  # a tool's parameters are the bad schema
+        overrides["structured_outputs"] = structured
         return inputs.default_sampling_params(**overrides)
     except SamplingParamError as e:
         raise APIError(400, str(e), e.param) from None

@@ -118,9 +118,8 @@ class SamplingRequest(BaseModel):
     user: Text | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsRequest | None = None
-    # Not implemented: accepted only with the values that ask for nothing (validation.py).
-    tools: Any = None
-    tool_choice: Any = None
+    # Not implemented (the deprecated forms of tools): accepted only with the values that ask for nothing
+    # (validation.py).
     functions: Any = None
     function_call: Any = None
     logit_bias: Any = None
@@ -134,6 +133,8 @@ class CompletionRequest(SamplingRequest):
     prompt: Text | list[Text] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
+    tools: Any = None  # a chat feature: refused here (validation.py)
+    tool_choice: Any = None
     suffix: Any = None
     best_of: Any = None
 
@@ -176,9 +177,22 @@ class TextPart(BaseModel):
     text: Text
 
 
+class FunctionCall(BaseModel):
+    name: Text
+    arguments: Text  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: Text | None = None  # tool: the call this is the result of
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -186,11 +200,36 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class FunctionDefinition(BaseModel):
+    # OpenAI's rule for function names; they are written into prompts and grammars.
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: Text
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: PositiveInt64 | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def prompt_chars(self) -> int:
         return sum(len(m.text()) for m in self.messages)
@@ -215,6 +254,7 @@ class AssistantMessage(BaseModel):
     content: str | None = None
     # gpt-oss (harmony): the analysis channel; absent for other models.
     reasoning_content: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    tool_calls: list[ToolCall] | None = Field(default=None, exclude_if=lambda v: not v)
 
 
 class ChatChoice(BaseModel):
@@ -234,11 +274,25 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class DeltaFunctionCall(BaseModel):
+    # The name comes once, in the call's first delta; the arguments in pieces after it.
+    name: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    arguments: str | None = Field(default=None, exclude_if=lambda v: v is None)
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    type: Literal["function"] | None = Field(default=None, exclude_if=lambda v: v is None)
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     # OpenAI sends the role in a choice's first chunk only, and no content in its last.
     role: Literal["assistant"] | None = Field(default=None, exclude_if=lambda v: v is None)
     content: str | None = Field(default=None, exclude_if=lambda v: v is None)
     reasoning_content: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    tool_calls: list[DeltaToolCall] | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class ChatChunkChoice(BaseModel):

@@ -44,7 +44,8 @@ class RunningServer:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0)
 
     def async_client(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        # A hang guard, not a deadline: non-streamed replies arrive whole, minutes late on a loaded machine.
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=600)
 
     def wait_idle(self) -> dict[str, float]:
         """The engine's stats once it reports no request (aborts reach it asynchronously) and no KV block in use."""
@@ -71,14 +72,14 @@ def wait_until(ready: Callable[[], bool], failure: Callable[[], str], limit_s: f
         time.sleep(0.02)  # the polling interval, not a wait for something to happen
 
 
-@pytest.fixture(scope="module")
-def server(pytestconfig):
-    model = pytestconfig.rootpath / "models" / "tiny-llama-pycode"
+@contextmanager
+def running_server(model: Path, **app_options) -> Iterator[RunningServer]:
+    """`model` served as MODEL_NAME (build_app's `app_options`) until the block ends."""
     engine = AsyncEngine(EngineArgs(model=str(model), **ENGINE_KNOBS))
     engine.start()
     port = free_port()
-    config = uvicorn.Config(build_app(engine, MODEL_NAME, API_KEY), host="127.0.0.1", port=port, log_level="warning",
-                            timeout_graceful_shutdown=2)
+    config = uvicorn.Config(build_app(engine, MODEL_NAME, API_KEY, **app_options), host="127.0.0.1", port=port,
+                            log_level="warning", timeout_graceful_shutdown=2)
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
@@ -89,6 +90,12 @@ def server(pytestconfig):
     thread.join(10)
     assert not thread.is_alive()
     assert not engine.is_running and not engine.process.is_alive(), "the engine should stop with the server"
+
+
+@pytest.fixture(scope="module")
+def server(pytestconfig):
+    with running_server(pytestconfig.rootpath / "models" / "tiny-llama-pycode") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

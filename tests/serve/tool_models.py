@@ -1,0 +1,45 @@
+"""Tiny random models with a tool-call format (imported by test modules): the bundled tokenizer extended with a
+family's marker tokens, and that family's real chat template (tests/data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import BUNDLED_MODEL, build_tiny_model
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as HFTokenizer
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+HARMONY_MARKERS = ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>"]
+VOCAB_SIZE = 4096 + 16  # room for the added markers
+
+
+def add_tokens_and_template(folder: Path, tokens: list[str], special: bool, template: str, eos: list[str]) -> Path:
+    """Rewrite `folder`'s tokenizer with `tokens` appended, `template` as its chat template, stopping on `eos`."""
+    hf = HFTokenizer.from_file(str(BUNDLED_MODEL / "tokenizer.json"))
+    hf.add_tokens([AddedToken(t, special=special, normalized=False) for t in tokens])
+    hf.save(str(folder / "tokenizer.json"))
+    config = json.loads((BUNDLED_MODEL / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    generation = json.loads((folder / "generation_config.json").read_text())
+    generation["eos_token_id"] = [hf.token_to_id(t) for t in eos]
+    (folder / "generation_config.json").write_text(json.dumps(generation))
+    return folder
+
+
+def hermes_model(folder: Path) -> Path:
+    """A Qwen2 model with Qwen2.5's template: <tool_call> blocks, ending its turn at <|im_end|>."""
+    build_tiny_model(folder, "qwen2", vocab_size=VOCAB_SIZE)
+    template = (DATA / "qwen2_5_chat_template.jinja").read_text()
+    return add_tokens_and_template(folder, ["<tool_call>", "</tool_call>"], False, template,
+                                   ["<|endoftext|>", "<|im_end|>"])
+
+
+def harmony_model(folder: Path) -> Path:
+    """A gpt-oss model with gpt-oss's template and harmony's marker tokens, ending at <|return|> or <|call|>."""
+    build_tiny_model(folder, "gpt_oss", vocab_size=VOCAB_SIZE)
+    template = (DATA / "gpt_oss_chat_template.jinja").read_text()
+    return add_tokens_and_template(folder, HARMONY_MARKERS, True, template,
+                                   ["<|endoftext|>", "<|return|>", "<|call|>"])
