@@ -20,7 +20,7 @@ from microscale.engine_flags import add_engine_flags, engine_kwargs
 from microscale.jsonl import json_lines
 from microscale.quant.format import exportable_weight_formats, weight_format
 from microscale.quant.kv_cache import KV_CACHES
-from microscale.sampling_params import SamplingParams
+from microscale.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 class CLIError(Exception):
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--tool-call-parser", default=None, choices=sorted(_tool_parser_names()),
                       help="the model's tool-call format (default: the one its chat template writes)")
     _add_sampling_args(chat, max_tokens=256)
+    chat.add_argument("--response-format", default=None, metavar="JSON",
+                      help='OpenAI\'s response_format for every answer: \'{"type": "json_object"}\' or '
+                           '\'{"type": "json_schema", "json_schema": {"name": ..., "schema": SCHEMA}}\'')
     chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
@@ -159,13 +162,19 @@ def _sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.ignore_eos:
         overrides["ignore_eos"] = True
     if args.structured_outputs is not None:
-        try:
-            overrides["structured_outputs"] = json.loads(args.structured_outputs)
-        except json.JSONDecodeError as e:
-            raise CLIError(f"--structured-outputs is not JSON: {e.msg}.") from None
-        if not isinstance(overrides["structured_outputs"], dict):
-            raise CLIError('--structured-outputs takes a JSON object, e.g. \'{"choice": ["yes", "no"]}\'.')
+        overrides["structured_outputs"] = _json_object(args.structured_outputs, "--structured-outputs",
+                                                       '{"choice": ["yes", "no"]}')
     return overrides
+
+
+def _json_object(value: str, flag: str, example: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise CLIError(f"{flag} is not JSON: {e.msg}.") from None
+    if not isinstance(parsed, dict):
+        raise CLIError(f"{flag} takes a JSON object, e.g. '{example}'.")
+    return parsed
 
 
 def _read_prompts_file(path: str) -> Iterator[tuple[Any, dict[str, Any]]]:
@@ -214,6 +223,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from microscale.serve.tool_parsers import reply_parser, tool_family
 
     tools = _read_tools(args.tools) if args.tools else None
+    overrides = _sampling_overrides(args)
+    if args.response_format is not None:
+        if "structured_outputs" in overrides:
+            raise CLIError("give --response-format or --structured-outputs, not both")
+        overrides["structured_outputs"] = StructuredOutputsParams.from_response_format(
+            _json_object(args.response_format, "--response-format", '{"type": "json_object"}'))
     engine = LLMEngine(EngineArgs(model=args.model, **engine_kwargs(args)))
     tokenizer = engine.tokenizer
     if not tokenizer.chat_template:
@@ -226,7 +241,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         raise CLIError("this model's chat template writes no tool-call format microscale knows; "
                        "give --tool-call-parser")
     parser = reply_parser(tokenizer, family, with_tools=bool(tools))
-    params = engine.inputs.default_sampling_params(**_sampling_overrides(args))
+    params = engine.inputs.default_sampling_params(**overrides)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     turns = itertools.count()
     print("microscale chat: an empty line or Ctrl-D exits.", file=sys.stderr)

@@ -258,12 +258,21 @@ class EngineArgs:
     enable_expert_parallel: bool = _knob(
         False, "with --tp: place whole MoE experts on ranks instead of splitting each one")
 
+    # Structured outputs: a grammar (JSON schema, regex, ...) that does not compile within this many ms is the
+    # request's error (a 400), never a stalled engine; llguidance's lexer fuel is capped to match.
+    structured_outputs_max_compile_ms: float = _knob(
+        1000.0, "a structured-outputs grammar that takes longer to compile is the request's error (default 1000)",
+        metavar="MS")
+
     def __post_init__(self) -> None:
         # Fail early, naming the knob, on cache settings the engine cannot use (block_size=0 would divide by 0).
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}.")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be positive GiB, got {self.kv_cache_memory}.")
+        if not self.structured_outputs_max_compile_ms > 0:
+            raise ValueError(f"structured_outputs_max_compile_ms must be positive, got "
+                             f"{self.structured_outputs_max_compile_ms}.")
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}.")
         if self.kernel_backend not in KERNEL_BACKENDS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
@@ -11,7 +12,7 @@ from microscale.config import EngineArgs
 from microscale.engine.engine import LLMEngine, PromptType
 from microscale.outputs import RequestOutput
 from microscale.quant.config import CalibConfig, QuantConfig
-from microscale.sampling_params import SamplingParams
+from microscale.sampling_params import SamplingParamError, SamplingParams, StructuredOutputsParams
 from microscale.tokenizer import Tokenizer
 
 Conversation = list[dict[str, Any]]
@@ -24,7 +25,8 @@ class LLM:
     block_size, kv_cache_memory (GiB), cache_max_entry_count (GPU: share of free memory after weights and peak
     activations), gpu_memory_utilization (GPU: share of total memory, vLLM's meaning), enable_prefix_caching, seed,
     load_format, device, kernel_backend ("auto", "torch", "triton"), enforce_eager (no CUDA graphs),
-    tensor_parallel_size, deterministic (batch-invariant outputs; CPU).
+    tensor_parallel_size, deterministic (batch-invariant outputs; CPU), structured_outputs_max_compile_ms (a grammar
+    that takes longer to compile is the request's ValueError).
     Quantization: `quant_config=QuantConfig(quant_algo=..., kv_cache_quant_algo=...)` (or the scheme names as
     `quantization=` / `kv_cache_quant=`), and `calib_config=CalibConfig(...)` for static scales.
     """
@@ -67,11 +69,16 @@ class LLM:
         for _, ids in tokenized:
             self.engine.inputs.validate_prompt(ids)
         order = {}
-        for i, ((text, ids), params) in enumerate(zip(tokenized, sampling_params)):
-            request_id = str(next(self._ids))
-            order[request_id] = i
-            prompt = {"prompt_token_ids": ids} if text is None else {"prompt": text, "prompt_token_ids": ids}
-            self.engine.add_request(request_id, prompt, params)
+        try:
+            for i, ((text, ids), params) in enumerate(zip(tokenized, sampling_params)):
+                request_id = str(next(self._ids))
+                prompt = {"prompt_token_ids": ids} if text is None else {"prompt": text, "prompt_token_ids": ids}
+                self.engine.add_request(request_id, prompt, params)
+                order[request_id] = i
+        except BaseException:  # e.g. a grammar that does not compile: none of the call's requests stays queued
+            for request_id in order:
+                self.engine.abort_request(request_id)
+            raise
         return self._run(order, use_tqdm)
 
     def chat(
@@ -81,10 +88,15 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
+        response_format: dict[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
-        """`tools`: OpenAI-format function definitions, rendered by the chat template (the replies' calls are in
+        """`response_format`: OpenAI's ({"type": "json_object"}, or {"type": "json_schema", "json_schema":
+        {"name": ..., "schema": {...}}}), applied to every sampling params (as their structured_outputs).
+        `tools`: OpenAI-format function definitions, rendered by the chat template (the replies' calls are in
         their text, in the model's format; the server parses them into tool_calls)."""
+        if response_format is not None:
+            sampling_params = self._with_response_format(sampling_params, response_format)
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.engine.tokenizer
         template_kwargs = {**(chat_template_kwargs or {}), **({"tools": tools} if tools is not None else {})}
@@ -94,6 +106,25 @@ class LLM:
             # The template already holds any BOS token it wants.
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _with_response_format(
+        self, sampling_params: SamplingParams | list[SamplingParams] | None, response_format: dict[str, Any]
+    ) -> SamplingParams | list[SamplingParams] | None:
+        structured = StructuredOutputsParams.from_response_format(response_format)
+        if structured is None:  # {"type": "text"}
+            return sampling_params
+
+        def constrained(params: SamplingParams) -> SamplingParams:
+            if params.structured_outputs is not None:
+                raise SamplingParamError("response_format",
+                                         "Give response_format or SamplingParams.structured_outputs, not both.")
+            return dataclasses.replace(params, structured_outputs=structured)
+
+        if sampling_params is None:
+            return self.engine.inputs.default_sampling_params(structured_outputs=structured)
+        if isinstance(sampling_params, SamplingParams):
+            return constrained(sampling_params)
+        return [constrained(p) for p in sampling_params]
 
     def reset_prefix_cache(self) -> None:
         self.engine.scheduler.reset_prefix_cache()

@@ -50,6 +50,23 @@ class StructuredOutputsParams:
         _check(self.choice is None or (len(self.choice) > 0 and all(isinstance(c, str) and c for c in self.choice)),
                "structured_outputs", "structured_outputs.choice must be a non-empty list of non-empty strings.")
 
+    @classmethod
+    def from_response_format(cls, response_format: dict) -> StructuredOutputsParams | None:
+        """OpenAI's response_format: {"type": "text"} (None: nothing to constrain), {"type": "json_object"}, or
+        {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": true}}."""
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        _check(kind in ("text", "json_object", "json_schema"), "response_format",
+               f"response_format.type must be text, json_object or json_schema, got {kind!r}.")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return cls(json_object=True)
+        json_schema = response_format.get("json_schema")
+        schema = json_schema.get("schema") if isinstance(json_schema, dict) else None
+        _check(isinstance(schema, dict), "response_format",
+               "response_format json_schema needs its json_schema object, with the schema under \"schema\".")
+        return cls(json=schema)
+
 
 @dataclass
 class SamplingParams:

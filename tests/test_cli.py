@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import jsonschema
 import pytest
 import torch
 from conftest import BUNDLED_MODEL, REPO
@@ -19,6 +20,8 @@ from microscale.cli import main
 VALID_TEXT = REPO / "data" / "pycode-valid.txt"
 ENGINE = ["--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "8"]
 GREEDY = ["--temperature", "0", "--ignore-eos"]
+POINT = {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 99}},
+         "required": ["x"], "additionalProperties": False}
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +254,24 @@ def test_chat(capsys, monkeypatch, model_dir, llm):
     messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "again"}]
     second = llm.chat(messages, params, use_tqdm=False)[0].outputs[0].text
     assert out == first + "\n" + second + "\n" + "\n"  # each reply, then a newline at end of input
+
+
+def test_chat_response_format(capsys, monkeypatch, model_dir):
+    replies = iter(["a point?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(replies))
+    response_format = {"type": "json_schema", "json_schema": {"name": "p", "schema": POINT}}
+    assert run_cli(["chat", model_dir, *ENGINE, "--max-tokens", "32", "--sample-seed", "1", "--temperature", "1",
+                    "--response-format", json.dumps(response_format)]) == 0
+    jsonschema.validate(json.loads(capsys.readouterr().out), POINT)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--response-format", '{"type": "xml"}'], "response_format.type"),
+    (["--response-format", "[]"], "JSON object"),
+    (["--response-format", '{"type": "json_object"}', "--structured-outputs", '{"regex": "a"}'], "not both"),
+], ids=["unknown-type", "not-object", "both"])
+def test_chat_response_format_errors(capsys, model_dir, args, match):
+    assert_one_line_error(capsys, ["chat", model_dir, *ENGINE, *args], match, command="chat")
 
 
 def test_chat_without_template_is_a_user_error(capsys, monkeypatch, model_dir, tmp_path):

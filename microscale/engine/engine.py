@@ -16,7 +16,7 @@ from microscale.engine.logprobs import prompt_logprobs
 from microscale.engine.sampler import Sampler, sample
 from microscale.engine.scheduler import Scheduler
 from microscale.engine.sequence import Request, Sequence
-from microscale.engine.structured import GrammarCompiler
+from microscale.engine.structured import GrammarCompiler, StepMasks
 from microscale.outputs import RequestOutput, SampleLogprobs
 from microscale.sampling_params import SamplingParams
 
@@ -40,7 +40,8 @@ class LLMEngine:
                                           shard.num_host_blocks)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager, self.eos_token_ids, self.tokenizer)
         self.sampler = Sampler()
-        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
+                                        args.structured_outputs_max_compile_ms)
         self.requests: dict[str, Request] = {}
         if args.calib_config is not None:
             windows = calibration_windows(self.tokenizer, args.calib_config, max_model_len)
@@ -107,9 +108,14 @@ class LLMEngine:
             if self.scheduler.swaps:  # every running sequence was swapped out: copy before blocks are reused
                 self.executor.execute([], self.scheduler.swaps)
             return []
+        # The constrained rows' masks are filled while the forward runs: their matchers already consumed the
+        # previous step's tokens, and move again only once this step's are sampled.
+        constrained = [c.seq for c in chunks if c.samples and c.seq.matcher is not None]
+        masks = StepMasks([seq.matcher for seq in constrained], self.model_config.vocab_size)
+        mask_of = {seq: masks.row(i) for i, seq in enumerate(constrained)}
         logits, sampling = self.executor.execute(chunks, self.scheduler.swaps)
         seqs = [chunk.seq for chunk in sampling]
-        rows = [seq.sampling_row() for seq in seqs]
+        rows = [seq.sampling_row(mask_of.get(seq)) for seq in seqs]
         tokens = sample(self.sampler, logits, rows, self.eos_token_ids, self.model_config.vocab_size)
         touched = self.scheduler.update_from_output(chunks, seqs, tokens)
         for request in touched:

@@ -37,6 +37,7 @@ class InputProcessor:
             ours: generation_config[key] for key, ours in _GENERATION_DEFAULTS.items() if key in generation_config
         }
         self.max_model_len = args.max_model_len or cfg.max_position_embeddings
+        self.structured_outputs_max_compile_ms = args.structured_outputs_max_compile_ms
 
     def _eos_ids(self, generation_config: dict[str, Any]) -> list[int]:
         eos = generation_config.get("eos_token_id")

@@ -9,11 +9,10 @@ and gets the same tokens whatever else shares the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from microscale.engine.structured import allowed_tokens
+from microscale.engine.structured import RowMask, unpack_bitmask
 from microscale.sampling_params import SamplingParams
 
 
@@ -26,7 +25,7 @@ class SamplingRow:
     token_ids: list[int]  # the prompt, then the output so far
     num_prompt_tokens: int
     generator: torch.Generator | None = None
-    matcher: Any = None  # structured outputs: its llguidance.LLMatcher, which says the tokens allowed next
+    allowed: RowMask | None = None  # structured outputs: the tokens its grammar allows next (filled off-thread)
 
     @property
     def num_output_tokens(self) -> int:
@@ -80,16 +79,16 @@ class SamplingBatch:
         blocked_rows, ids = [], []
         for i, r in enumerate(rows):
             # A grammar decides where its output ends: blocking its end tokens would leave it nothing to sample.
-            if r.num_output_tokens < r.params.min_tokens and r.matcher is None:
+            if r.num_output_tokens < r.params.min_tokens and r.allowed is None:
                 banned = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else set(eos_ids))
                 blocked_rows += [i] * len(banned)
                 ids += sorted(banned)
         asked = [p.logprobs for p in params if p.logprobs is not None]
-        constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
+        constrained = [i for i, r in enumerate(rows) if r.allowed is not None]
         allowed = None
-        if constrained:
-            mask = allowed_tokens([rows[i].matcher for i in constrained], vocab_size, device)
-            allowed = (torch.tensor(constrained, device=device), mask)
+        if constrained:  # waits here for what is left of the masks' fill
+            bitmask = torch.stack([rows[i].allowed.bits() for i in constrained])
+            allowed = (torch.tensor(constrained, device=device), unpack_bitmask(bitmask, vocab_size, device))
         return cls(
             temperature=column(temps, torch.float32),
             all_greedy=all(t == 0 for t in temps),
@@ -168,45 +167,65 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
+def constrain_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """What every row, greedy or not, picks from: the logits after penalties, min_tokens' blocked tokens and a
+    grammar's mask (float32, a new tensor)."""
+    logits = logits.float()
+    if batch.penalties is not None:
+        logits = apply_penalties(logits, batch.penalties)
+    if batch.blocked is not None:
+        rows, ids = (torch.tensor(x, device=logits.device) for x in batch.blocked)
+        logits = logits.index_put((rows, ids), torch.tensor(float("-inf"), device=logits.device))  # not in place
+    if batch.allowed is not None:
+        rows, mask = batch.allowed
+        blocked = torch.tensor(float("-inf"), device=logits.device)
+        if len(rows) == len(logits):  # every row constrained (rows are 0..S-1): no gather and scatter back
+            logits = torch.where(mask, logits, blocked)
+        else:
+            logits = logits.index_copy(0, rows, torch.where(mask, logits[rows], blocked))
+    return logits
+
+
+def sampling_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The distribution a random row samples from: constrained `logits` over its temperature, then min_p, top-k
+    and top-p. A greedy row's temperature counts as 1 (its argmax is what it takes)."""
+    temp = torch.where(batch.temperature > 0, batch.temperature, 1.0)
+    logits = logits / temp[:, None]
+    if batch.min_p is not None:
+        probs = logits.softmax(dim=-1)
+        floor = batch.min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+        logits = logits.masked_fill(probs < floor, float("-inf"))
+    if batch.top_k is not None or batch.top_p is not None:
+        logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
+    return logits.softmax(dim=-1)
+
+
+def sample_from(probs: torch.Tensor, seeded: dict[int, torch.Generator]) -> torch.Tensor:
+    """One token per row of `probs` (which need not sum to 1). The exponential trick: argmax of p / Exp(1)
+    samples from p, so a seeded row draws its noise from its own generator, whatever else shares the batch."""
+    noise = torch.empty_like(probs).exponential_()
+    for row, generator in seeded.items():
+        # Drawn on the CPU so that a seed gives the same tokens on every device.
+        noise[row] = torch.empty(probs.shape[1]).exponential_(generator=generator).to(noise.device)
+    return (probs / noise).argmax(dim=-1)
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         logits = logits.float()
         # Logprobs are those of the model's distribution, before penalties and temperature (as vLLM).
         raw_logprobs = logits.log_softmax(dim=-1) if batch.num_logprobs is not None else None
-        if batch.penalties is not None:
-            logits = apply_penalties(logits, batch.penalties)
-        if batch.blocked is not None:
-            rows, ids = (torch.tensor(x, device=logits.device) for x in batch.blocked)
-            logits = logits.index_put((rows, ids), torch.tensor(float("-inf"), device=logits.device))  # not in place
-        if batch.allowed is not None:
-            rows, mask = batch.allowed
-            logits = logits.index_copy(0, rows, logits[rows].masked_fill(~mask, float("-inf")))
+        logits = constrain_logits(logits, batch)
         token_ids = logits.argmax(dim=-1)
         if not batch.all_greedy:
-            token_ids = torch.where(batch.temperature == 0, token_ids, self._random(logits, batch))
+            sampled = sample_from(sampling_probs(logits, batch), batch.seeded)
+            token_ids = torch.where(batch.temperature == 0, token_ids, sampled)
         out = SamplerOutput(token_ids)
         if raw_logprobs is not None:
             out.chosen_logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
             out.chosen_ranks = (raw_logprobs > out.chosen_logprobs[:, None]).sum(dim=-1) + 1
             out.top_logprobs, out.top_ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)
         return out
-
-    @staticmethod
-    def _random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        temp = torch.where(batch.temperature > 0, batch.temperature, 1.0)
-        logits = logits / temp[:, None]
-        if batch.min_p is not None:
-            probs = logits.softmax(dim=-1)
-            floor = batch.min_p[:, None] * probs.amax(dim=-1, keepdim=True)
-            logits = logits.masked_fill(probs < floor, float("-inf"))
-        if batch.top_k is not None or batch.top_p is not None:
-            logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
-        probs = logits.softmax(dim=-1)
-        noise = torch.empty_like(probs).exponential_()
-        for row, generator in batch.seeded.items():
-            # Drawn on the CPU so that a seed gives the same tokens on every device.
-            noise[row] = torch.empty(probs.shape[1]).exponential_(generator=generator).to(noise.device)
-        return (probs / noise).argmax(dim=-1)
 
 
 def sample(

@@ -12,6 +12,7 @@ import torch
 
 from microscale.engine.detokenizer import IncrementalDetokenizer
 from microscale.engine.sampler import SamplingRow
+from microscale.engine.structured import RowMask
 from microscale.outputs import CompletionOutput, Logprob, RequestOutput
 from microscale.sampling_params import SamplingParams
 
@@ -74,8 +75,9 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
-    def sampling_row(self) -> SamplingRow:
-        return SamplingRow(self.params, self.token_ids, self.num_prompt_tokens, self.generator, self.matcher)
+    def sampling_row(self, allowed: RowMask | None = None) -> SamplingRow:
+        """`allowed`: with structured outputs, this step's mask of the tokens the matcher allows."""
+        return SamplingRow(self.params, self.token_ids, self.num_prompt_tokens, self.generator, allowed)
 
     def to_completion_output(self) -> CompletionOutput:
         return CompletionOutput(

@@ -1,34 +1,58 @@
-"""Structured outputs on llguidance (chosen by measurement: benchmarks/results/grammar-engines.md): a grammar
-matcher per constrained sequence, the vocabulary mask it allows at each step, and the token it then consumes.
-Compiling a grammar takes well under a few milliseconds even on a 150k vocabulary, so grammars are built per
-request, no cache needed."""
+"""Structured outputs on llguidance (chosen by measurement: benchmarks/results/grammar-engines.md): grammars
+compiled within a time limit and cached by their text, a matcher per constrained sequence, and the masks of a
+step's constrained rows filled on a worker thread while the step's forward runs."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import llguidance
+import numpy as np
 import torch
 
 from microscale.sampling_params import SamplingParamError, StructuredOutputsParams
 from microscale.tokenizer import Tokenizer
 
+T = TypeVar("T")
+
+# Compiled grammars kept (a start matcher each): an application sends the same few schemas
+# with every request, and those then skip compilation.
+GRAMMAR_CACHE_SIZE = 256
+# llguidance's own reckoning of its lexer's speed (LLParserLimits: ~50k fuel units per ms): the time limit also
+# caps the lexer's work, so that a grammar past it stops itself rather than computing on after its request failed.
+_LEXER_FUEL_PER_MS = 50_000
+
 
 class GrammarCompiler:
     """Turns StructuredOutputsParams into matchers over one tokenizer's vocabulary (built once: ~1 s)."""
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: list[int]) -> None:
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: list[int],
+                 max_compile_ms: float) -> None:
         self.vocab_size = vocab_size
+        self.max_compile_ms = max_compile_ms
         self._tokenizer = llguidance.LLTokenizer(tokenizer.to_json(), n_vocab=vocab_size, eos_token=eos_token_ids)
+        # Start matchers by grammar text; cache_info() says how many requests skipped compilation.
+        self.compiled = functools.lru_cache(maxsize=GRAMMAR_CACHE_SIZE)(self._compile)
 
     def matchers(self, params: StructuredOutputsParams, count: int = 1) -> list[llguidance.LLMatcher]:
-        """`count` fresh matchers at the start of the language (one per sample of a request; the grammar is built
-        once); an invalid grammar is the request's error."""
-        first = llguidance.LLMatcher(self._tokenizer, _grammar(params), log_level=0)
-        if first.is_error():
-            raise _grammar_error(first.get_error())
-        return [first] + [first.deep_copy() for _ in range(count - 1)]
+        """`count` fresh matchers at the start of the language (one per sample of a request); an invalid grammar,
+        or one past the compile limit, is the request's error."""
+        start = self.compiled(_grammar(params))
+        return [start.deep_copy() for _ in range(count)]  # the cached start matcher itself never moves
+
+    def _compile(self, grammar: str) -> llguidance.LLMatcher:
+        limit = self.max_compile_ms
+        matcher = _within(limit, lambda: llguidance.LLMatcher(self._tokenizer, grammar, log_level=0,
+                                                                limits=_parser_limits(limit)))
+        if matcher.is_error():
+            raise _grammar_error(matcher.get_error(), limit)
+        return matcher
 
 
 # JSON without free whitespace between tokens (", " and ": " separators): a weak or unsure model could otherwise
@@ -36,17 +60,51 @@ class GrammarCompiler:
 _JSON_LAYOUT = {"whitespace_flexible": False}
 
 
-def check_grammar(params: StructuredOutputsParams) -> None:
-    """Raise the request's error for a grammar that does not compile (no tokenizer needed: the server's front
-    answers 400 before the request reaches the engine)."""
-    error = llguidance.LLMatcher.validate_grammar(_grammar(params))
+def check_grammar(params: StructuredOutputsParams, max_compile_ms: float) -> None:
+    """Raise the request's error for a grammar that does not compile, or not within `max_compile_ms` (no
+    tokenizer needed: the server's front answers 400 before the request reaches the engine)."""
+    error = _validation_error(_grammar(params), max_compile_ms)
     if error:
-        raise _grammar_error(error)
+        raise _grammar_error(error, max_compile_ms)
 
 
-def _grammar_error(message: str) -> SamplingParamError:
+@functools.lru_cache(maxsize=GRAMMAR_CACHE_SIZE)
+def _validation_error(grammar: str, max_compile_ms: float) -> str:
+    """llguidance's error for the grammar ("" if none), by grammar text: a schema sent again is checked once."""
+    return _within(max_compile_ms, lambda: llguidance.LLMatcher.validate_grammar(
+        grammar, limits=_parser_limits(max_compile_ms)))
+
+
+def _parser_limits(max_compile_ms: float) -> llguidance.LLParserLimits:
+    return llguidance.LLParserLimits(initial_lexer_fuel=max(1, int(max_compile_ms * _LEXER_FUEL_PER_MS)))
+
+
+def _within(limit_ms: float, compile_grammar: Callable[[], T]) -> T:
+    """compile_grammar() on a thread of its own (llguidance releases the GIL while it compiles), waited for at
+    most `limit_ms`: past it the request fails while the compilation, capped by its lexer fuel, ends unobserved."""
+    done: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            done.set_result(compile_grammar())
+        except BaseException as e:  # handed to the waiting caller
+            done.set_exception(e)
+
+    threading.Thread(target=run, name="grammar-compile", daemon=True).start()
+    try:
+        return done.result(timeout=limit_ms / 1000)
+    except concurrent.futures.TimeoutError:
+        raise SamplingParamError(
+            "structured_outputs", f"structured_outputs: the grammar did not compile within {limit_ms:g} ms "
+            "(structured_outputs_max_compile_ms); simplify the schema or raise the limit.") from None
+
+
+def _grammar_error(message: str, limit_ms: float) -> SamplingParamError:
     # llguidance points at the error over several lines; one line reads better in a 400 body and on a CLI.
-    return SamplingParamError("structured_outputs", "structured_outputs: " + " ".join(message.split()))
+    text = "structured_outputs: " + " ".join(message.split())
+    if "limit" in message:  # a parser limit (lexer fuel, grammar size) derived from the compile time limit
+        text += f" (past what structured_outputs_max_compile_ms={limit_ms:g} allows)"
+    return SamplingParamError("structured_outputs", text)
 
 
 def _grammar(params: StructuredOutputsParams) -> str:
@@ -71,13 +129,65 @@ def _executor() -> llguidance.LLExecutor:
     return llguidance.LLExecutor()  # fills the rows' masks on its own threads, without the GIL
 
 
-def allowed_tokens(matchers: list[llguidance.LLMatcher], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[len(matchers), vocab_size] bool: the tokens each matcher allows next (filled on the host as a bitmask,
-    unpacked on `device` in one vectorised step)."""
-    words = -(-vocab_size // 32)
-    bitmask = torch.empty(len(matchers), words, dtype=torch.int32)
-    _executor().unsafe_compute_mask_ptr(list(zip(matchers, range(len(matchers)))), bitmask.data_ptr(), words * 4,
-                                        len(matchers))
+@functools.cache
+def _mask_thread() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
+
+
+def fill_bitmask(matchers: list[llguidance.LLMatcher], bitmask: torch.Tensor) -> None:
+    """Row i of `bitmask` ([len(matchers), words] int32 on the host): bit j of word w set when matchers[i]
+    allows token 32w + j next."""
+    _executor().unsafe_compute_mask_ptr(list(zip(matchers, range(len(matchers)))), bitmask.data_ptr(),
+                                        bitmask.shape[1] * 4, len(matchers))
+
+
+class StepMasks:
+    """The allowed-token bitmasks of one step's constrained sequences, filled on a worker thread from the moment
+    the step is scheduled: a matcher moves only when the previous step's tokens are consumed, so this host work
+    runs while the forward does and sampling waits only for what is left of it."""
+
+    def __init__(self, matchers: list[llguidance.LLMatcher], vocab_size: int) -> None:
+        self._bitmask = torch.empty(len(matchers), -(-vocab_size // 32), dtype=torch.int32)
+        self._filled = _mask_thread().submit(fill_bitmask, matchers, self._bitmask) if matchers else None
+
+    def row(self, i: int) -> RowMask:
+        return RowMask(self, i)
+
+    def bitmask(self) -> torch.Tensor:
+        """[matchers, words] int32, once filled (re-raises what the fill raised)."""
+        if self._filled is not None:
+            self._filled.result()
+        return self._bitmask
+
+
+@dataclass(frozen=True)
+class RowMask:
+    """One sampling row's share of its step's masks."""
+
+    masks: StepMasks
+    index: int
+
+    def bits(self) -> torch.Tensor:
+        return self.masks.bitmask()[self.index]
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[rows, words] int32 (on the host) -> [rows, vocab_size] bool on `device`. On the CPU in numpy's one
+    single-threaded pass: torch's three elementwise ops would each split over the intra-op threads, which on a busy
+    CPU take longer to meet than the work takes (measured: ~9 ms against 12 µs for 32 x 4096 on 2 shared cores).
+    On an accelerator the 8x smaller bitmask is copied and unpacked there."""
+    if device.type == "cpu":
+        return _unpack_on_host(bitmask, vocab_size)
+    return _unpack_on_device(bitmask, vocab_size, device)
+
+
+def _unpack_on_host(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    # Little-endian words: byte k of word w holds tokens 32w + 8k ..., its bit b (least significant first) one each.
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]
+    return torch.from_numpy(np.ascontiguousarray(bits)).view(torch.bool)
+
+
+def _unpack_on_device(bitmask: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
     bits = torch.arange(32, dtype=torch.int32, device=device)
     unpacked = (bitmask.to(device)[:, :, None] >> bits) & 1  # [rows, words, 32]: bit j of word w is token 32w + j
     return unpacked.flatten(1)[:, :vocab_size].bool()

@@ -42,7 +42,7 @@ async def sampling_params(
             structured = tool_grammar
         if structured is not None:
             try:
-                await off_loop(check_grammar, structured)
+                await off_loop(check_grammar, structured, inputs.structured_outputs_max_compile_ms)
             except SamplingParamError as e:
                 if structured is not tool_grammar:
                     raise
@@ -64,11 +64,7 @@ def _structured_outputs(request: SamplingRequest) -> StructuredOutputsParams | N
                                        choice=wanted.choice, grammar=wanted.grammar)
     if wanted is not None:
         raise SamplingParamError("structured_outputs", "Give response_format or structured_outputs, not both.")
-    if response_format.type == "json_object":
-        return StructuredOutputsParams(json_object=True)
-    if response_format.json_schema is None:
-        raise SamplingParamError("response_format", "response_format json_schema needs its json_schema object.")
-    return StructuredOutputsParams(json=response_format.json_schema.schema_)
+    return StructuredOutputsParams.from_response_format(response_format.model_dump(by_alias=True, exclude_none=True))
 
 
 async def off_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

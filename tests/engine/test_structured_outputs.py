@@ -10,10 +10,12 @@ import re
 
 import jsonschema
 import pytest
+import torch
 
 from microscale import LLM, SamplingParams
+from microscale.engine import structured
 from microscale.engine.sampler import SamplingBatch, SamplingRow
-from microscale.engine.structured import GrammarCompiler, allowed_tokens
+from microscale.engine.structured import StepMasks, unpack_bitmask
 from microscale.sampling_params import SamplingParamError, StructuredOutputsParams
 
 SCHEMA = {
@@ -83,20 +85,29 @@ def test_constrained_and_free_requests_share_a_batch(llm):
 
 def test_mask_allows_exactly_the_grammar_s_next_tokens(llm):
     engine = llm.engine
-    compiler = GrammarCompiler(engine.tokenizer, engine.model_config.vocab_size, engine.eos_token_ids)
-    (matcher,) = compiler.matchers(StructuredOutputsParams(choice=["yes", "no"]))
-    mask = allowed_tokens([matcher], engine.model_config.vocab_size, engine.device)[0]
+    vocab_size = engine.model_config.vocab_size
+    matchers = engine.grammars.matchers(StructuredOutputsParams(choice=["yes", "no"]))
+    mask = unpack_bitmask(StepMasks(matchers, vocab_size).bitmask(), vocab_size, engine.device)[0]
     allowed = {engine.tokenizer.decode([t]) for t in mask.nonzero().flatten().tolist()}
     assert allowed and all("yes".startswith(text) or "no".startswith(text) for text in allowed), allowed
+
+
+def test_host_and_device_unpacking_agree():
+    """The CPU's numpy unpacking and the accelerators' torch one give every token the same bit."""
+    bitmask = torch.randint(-2**31, 2**31 - 1, (5, 4), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    host = structured._unpack_on_host(bitmask, 100)
+    assert host.dtype == torch.bool and host.shape == (5, 100)
+    assert torch.equal(host, structured._unpack_on_device(bitmask, 100, torch.device("cpu")))
+    assert host[0].tolist() == [bool(int(bitmask[0, t // 32]) >> (t % 32) & 1) for t in range(100)]
 
 
 def test_min_tokens_does_not_block_a_grammar_s_end(llm):
     """At its end a grammar allows only EOS: min_tokens must not block it there (nothing would be left)."""
     engine = llm.engine
-    compiler = GrammarCompiler(engine.tokenizer, engine.model_config.vocab_size, engine.eos_token_ids)
     params = SamplingParams(min_tokens=5, max_tokens=8)
     free = SamplingRow(params, [1, 2], 2)
-    constrained = SamplingRow(params, [1, 2], 2, matcher=compiler.matchers(StructuredOutputsParams(choice=["a"]))[0])
+    masks = StepMasks(engine.grammars.matchers(StructuredOutputsParams(choice=["a"])), engine.model_config.vocab_size)
+    constrained = SamplingRow(params, [1, 2], 2, allowed=masks.row(0))
     batch = SamplingBatch.build([free, constrained], engine.eos_token_ids, engine.model_config.vocab_size,
                                 engine.device)
     assert set(batch.blocked[0]) == {0}  # only the free row's EOS is blocked

@@ -160,3 +160,15 @@ def test_invalid_structured_outputs_are_a_400(server):
             client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=4, **fields)
         assert caught.value.status_code == 400, fields
     assert client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=2).choices  # still serving
+
+
+def test_a_grammar_past_the_compile_limit_is_a_400(server, monkeypatch):
+    """A 3000-value enum needs more lexer fuel (or wall time) than 0.1 ms allows: a 400 naming the knob."""
+    monkeypatch.setattr(server.engine.inputs, "structured_outputs_max_compile_ms", 0.1)
+    schema = {"enum": [f"value-{i}" for i in range(3000)]}
+    client = server.client()
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=4, response_format={
+            "type": "json_schema", "json_schema": {"name": "costly", "schema": schema}})
+    assert "structured_outputs_max_compile_ms" in caught.value.message
+    assert caught.value.body["param"] == "structured_outputs"

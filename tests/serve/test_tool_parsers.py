@@ -9,7 +9,7 @@ import json
 import llguidance
 import pytest
 from conftest import BUNDLED_MODEL
-from tool_models import HARMONY_MARKERS, VOCAB_SIZE, add_tokens_and_template
+from tool_models import HARMONY_MARKERS, VOCAB_SIZE, tokenizer_folder
 
 from microscale.serve.chat_replies import ReplyDeltas, assistant_message
 from microscale.serve.tool_parsers import FunctionTool, ToolCall, reply_parser, tool_family
@@ -26,22 +26,19 @@ ADD = FunctionTool("add", {"type": "object", "properties": {"a": {"type": "numbe
                            "required": ["a", "b"], "additionalProperties": False})
 
 
-def _tokenizer(tmp_path_factory, tokens: list[str], special: bool) -> Tokenizer:
-    folder = tmp_path_factory.mktemp("tokenizer")
-    for name in ("generation_config.json", "special_tokens_map.json"):
-        (folder / name).write_text((BUNDLED_MODEL / name).read_text())
-    add_tokens_and_template(folder, tokens, special, "{{ messages }}", ["<|endoftext|>"])
-    return Tokenizer.from_pretrained(folder)
-
-
 @pytest.fixture(scope="module")
 def harmony_tokenizer(tmp_path_factory) -> Tokenizer:
-    return _tokenizer(tmp_path_factory, HARMONY_MARKERS, True)
+    """The bundled tokenizer with harmony's markers and gpt-oss's chat template."""
+    return Tokenizer.from_pretrained(tokenizer_folder(tmp_path_factory.mktemp("harmony"), HARMONY_MARKERS, True,
+                                                      "gpt_oss_chat_template.jinja", ["<|return|>", "<|call|>"]))
 
 
 @pytest.fixture(scope="module")
 def hermes_tokenizer(tmp_path_factory) -> Tokenizer:
-    return _tokenizer(tmp_path_factory, ["<tool_call>", "</tool_call>"], False)
+    """The bundled tokenizer with <tool_call> markers and Qwen 2.5's chat template."""
+    folder = tokenizer_folder(tmp_path_factory.mktemp("hermes"), ["<tool_call>", "</tool_call>"], False,
+                              "qwen2_5_chat_template.jinja", ["<|im_end|>"])
+    return Tokenizer.from_pretrained(folder)
 
 
 HARMONY_REPLIES = {
@@ -176,16 +173,14 @@ def test_llama3_json(hermes_tokenizer, case) -> None:
     _check(Llama3JsonParser(hermes_tokenizer), hermes_tokenizer, LLAMA_REPLIES[case], content, "", calls)
 
 
-def test_family_from_the_template_or_the_flag(hermes_tokenizer) -> None:
-    assert tool_family(hermes_tokenizer, None) is None  # "{{ messages }}" writes no tool format
+def test_family_from_the_template_or_the_flag(harmony_tokenizer, hermes_tokenizer) -> None:
+    assert tool_family(harmony_tokenizer, None) is HarmonyParser
+    assert tool_family(hermes_tokenizer, None) is HermesParser
+    assert tool_family(Tokenizer.from_pretrained(BUNDLED_MODEL), None) is None  # ChatML without tools
     assert tool_family(hermes_tokenizer, "openai") is HarmonyParser  # vLLM's name for it
-    assert tool_family(hermes_tokenizer, "hermes") is HermesParser
+    assert tool_family(hermes_tokenizer, "llama3_json") is Llama3JsonParser
     with pytest.raises(ValueError, match="Unknown tool-call parser 'nope'"):
         tool_family(hermes_tokenizer, "nope")
-    for name in ("gpt_oss_chat_template.jinja", "qwen2_5_chat_template.jinja"):
-        template = (BUNDLED_MODEL.parents[1] / "tests" / "data" / name).read_text()
-        assert [cls.matches_template(template) for cls in (HarmonyParser, HermesParser)] == [
-            name.startswith("gpt"), name.startswith("qwen")]
     # Without tools in the request, Hermes markers are just text.
     assert reply_parser(hermes_tokenizer, HermesParser, with_tools=False).parse("<tool_call>", [], True).content
 
@@ -202,9 +197,9 @@ def _accepts(tokenizer: Tokenizer, grammar: str, reply: str) -> bool:
 
 @pytest.mark.parametrize(("family", "valid", "invalid"), [
     (HarmonyParser,
-     ['<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Oslo"}<|call|>',
-      '<|channel|>commentary to=functions.add <|constrain|>json<|message|>{"a": 1, "b": 2.5}<|call|>'],
-     ['<|channel|>commentary to=functions.add <|constrain|>json<|message|>{"a": "x", "b": 2}<|call|>',
+     ['<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city":"Oslo"}<|call|>',
+      '<|channel|>commentary to=functions.add <|constrain|>json<|message|>{"a":1,"b":2.5}<|call|>'],
+     ['<|channel|>commentary to=functions.add <|constrain|>json<|message|>{"a":"x","b":2}<|call|>',
       '<|channel|>commentary to=functions.nope <|constrain|>json<|message|>{}<|call|>',
       "<|channel|>final<|message|>prose<|return|>"]),
     (HermesParser,

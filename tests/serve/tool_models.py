@@ -29,6 +29,13 @@ def add_tokens_and_template(folder: Path, tokens: list[str], special: bool, temp
     return folder
 
 
+def tokenizer_folder(folder: Path, tokens: list[str], special: bool, template_file: str, eos: list[str]) -> Path:
+    """The bundled tokenizer alone (no weights), extended as add_tokens_and_template does."""
+    for name in ("generation_config.json", "special_tokens_map.json"):
+        (folder / name).write_text((BUNDLED_MODEL / name).read_text())
+    return add_tokens_and_template(folder, tokens, special, (DATA / template_file).read_text(), eos)
+
+
 def hermes_model(folder: Path) -> Path:
     """A Qwen2 model with Qwen2.5's template: <tool_call> blocks, ending its turn at <|im_end|>."""
     build_tiny_model(folder, "qwen2", vocab_size=VOCAB_SIZE)

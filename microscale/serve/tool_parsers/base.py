@@ -16,8 +16,9 @@ from typing import Any, ClassVar
 
 from microscale.tokenizer import Tokenizer
 
-# ", " and ": " separators, as json.dumps and the chat templates' tojson write them; no other free whitespace.
-_JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# JSON as json.dumps and the chat templates' tojson write it (", " and ": "), no other free whitespace.
+SPACED = (", ", ": ")
+COMPACT = (",", ":")
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,11 @@ class FunctionTool:
     parameters: dict[str, Any]  # JSON Schema of the arguments object
 
 
-def json_rule(schema: dict[str, Any]) -> str:
-    """A Lark rule body for JSON following `schema` (llguidance's %json), laid out as the parsers re-serialise."""
-    return "%json " + json.dumps({**schema, "x-guidance": _JSON_LAYOUT})
+def json_rule(schema: dict[str, Any], separators: tuple[str, str] = SPACED) -> str:
+    """A Lark rule body for JSON following `schema` (llguidance's %json) with the family's separators (item, key)
+    and no other free whitespace (which a weak model could fill its budget with)."""
+    layout = {"whitespace_flexible": False, "item_separator": separators[0], "key_separator": separators[1]}
+    return "%json " + json.dumps({**schema, "x-guidance": layout})
 
 
 class ReplyParser(ABC):

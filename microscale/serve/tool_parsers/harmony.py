@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from microscale.serve.tool_parsers.base import FunctionTool, ParsedReply, ToolCall, ToolParser, json_rule
+from microscale.serve.tool_parsers.base import COMPACT, FunctionTool, ParsedReply, ToolCall, ToolParser, json_rule
 from microscale.tokenizer import Tokenizer
 
 _START, _MESSAGE, _CHANNEL = "<|start|>", "<|message|>", "<|channel|>"
@@ -76,5 +76,5 @@ class HarmonyParser(ToolParser):
         for i, tool in enumerate(tools):
             rules.append(f'call_{i}: <|channel|> "commentary to=functions.{tool.name} " <|constrain|> "json" '
                          f"<|message|> args_{i} <|call|>")
-            rules.append(f"args_{i}: {json_rule(tool.parameters)}")
+            rules.append(f"args_{i}: {json_rule(tool.parameters, COMPACT)}")  # gpt-oss writes arguments compact
         return "\n".join(rules)
