@@ -1,8 +1,8 @@
-"""The Responses API through the official openai client against live servers (the bundled tiny model; a tiny
-gpt-oss with harmony's template and markers): responses.create / stream / retrieve / delete, every event and object
-validated by the client's own types, streamed == non-streamed, a function-call loop carried by previous_response_id,
-bad input as OpenAI-style 4xx, the store's bounds, and reasoning / function_call items from harmony replies streamed
-token by token."""
+"""The Responses API through the official openai client against live servers (the bundled tiny models: pycode
+llama, and gpt-oss fine-tuned to speak harmony): responses.create / stream / retrieve / delete, every event and
+object validated by the client's own types, streamed == non-streamed, reasoning and function_call items from the
+model itself, a function-call loop carried by previous_response_id, bad input as OpenAI-style 4xx, the store's
+bounds, and harmony replies streamed token by token."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import pytest
 from live_server import running_server
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
-from tool_models import harmony_model
 
 from microscale.serve.response_events import ResponseEvents, output_items, reply_parts
 from microscale.serve.response_store import ResponseStore
@@ -48,9 +47,15 @@ HARMONY_REPLIES = {
 }
 
 
+ADD = {"type": "function", "name": "add", "description": "Add two numbers.",
+       "parameters": {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                                       "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+                      "required": ["a", "b"], "additionalProperties": False}}
+
+
 @pytest.fixture(scope="module")
-def harmony_server(tmp_path_factory):
-    with running_server(harmony_model(tmp_path_factory.mktemp("harmony"))) as server:
+def harmony_server(pytestconfig):
+    with running_server(pytestconfig.rootpath / "models" / "tiny-gptoss-harmony") as server:
         yield server
 
 
@@ -146,55 +151,88 @@ def test_retrieve_delete_cancel(server):
         client.responses.retrieve(unstored.id)
 
 
-def test_function_call_loop_through_previous_response_id(harmony_server):
-    """Turn 1 must call the tool; turn 2 answers the call by its call_id through previous_response_id alone, and its
-    prompt is exactly the whole conversation sent inline (the function call and its output included)."""
-    client, model = harmony_server.client(), harmony_server.model
-    ask = [{"role": "user", "content": "Weather in Paris?"}]
-    first = client.responses.create(model=model, input=ask, tools=[TOOL], tool_choice="required", temperature=0,
-                                    max_output_tokens=64)
-    assert first.status == "completed" and [item.type for item in first.output] == ["function_call"]
-    call = first.output[0]
-    assert call.name == "get_weather" and call.id.startswith("fc_") and call.call_id.startswith("call_")
-    jsonschema.validate(json.loads(call.arguments), TOOL["parameters"])
-    result = {"type": "function_call_output", "call_id": call.call_id, "output": '{"sky": "clear"}'}
-    kwargs = dict(model=model, tools=[TOOL], max_output_tokens=8, temperature=0)
-    second = client.responses.create(previous_response_id=first.id, input=[result], **kwargs)
-    inline = client.responses.create(input=[*ask, *[item.to_dict() for item in first.output], result], **kwargs)
-    assert second.previous_response_id == first.id
-    assert _without_ids(second.model_dump(mode="json"))["output"] == _without_ids(inline.model_dump(mode="json"))[
-        "output"]
-    assert second.usage.input_tokens == inline.usage.input_tokens > first.usage.input_tokens
-    third = client.responses.create(previous_response_id=second.id, input="Thanks.", **kwargs)
-    assert third.usage.input_tokens > second.usage.input_tokens
-    with pytest.raises(openai.BadRequestError, match="call_2"):  # no call call_2 anywhere in the conversation
-        client.responses.create(previous_response_id=second.id, input=[{**result, "call_id": "call_2"}], **kwargs)
-    with pytest.raises(openai.BadRequestError) as caught:  # a forced call cannot also be JSON text
-        client.responses.create(input=ask, tools=[TOOL], tool_choice="required", text=JSON_FORMAT, model=model)
-    assert caught.value.body["param"] == "tool_choice"
-
-
-def test_streamed_function_call_equals_whole(harmony_server):
-    client = harmony_server.client()
-    request = dict(model=harmony_server.model, input="Weather in Paris?", tools=[TOOL], temperature=0,
-                   tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=64)
-    whole = client.responses.with_raw_response.create(**request).http_response.json()
+@pytest.mark.parametrize("question, kinds", [
+    ("What is 2 + 3?", ["reasoning", "message"]),
+    ("What is the weather in Paris?", ["reasoning", "function_call"]),
+])
+def test_gpt_oss_reasoning_and_calls_streamed_equal_whole(harmony_server, question, kinds):
+    """gpt-oss answers or calls a tool by itself (tool_choice auto); the stream's items come one after the other,
+    each with its own events, and its final response is the non-streamed one."""
+    request = dict(model=harmony_server.model, input=question, tools=[TOOL, ADD], temperature=0,
+                   max_output_tokens=150)
+    whole = harmony_server.client().responses.with_raw_response.create(**request).http_response.json()
+    assert whole["status"] == "completed" and [item["type"] for item in whole["output"]] == kinds
+    assert 0 < whole["usage"]["output_tokens_details"]["reasoning_tokens"] < whole["usage"]["output_tokens"]
     events = _raw_events(harmony_server, **request)
     for event in events:
         EVENTS.validate_python(event)
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
-    kinds = [e["type"] for e in events]
-    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
-    assert kinds[-3:] == ["response.function_call_arguments.done", "response.output_item.done", "response.completed"]
-    assert set(kinds[3:-3]) == {"response.function_call_arguments.delta"}
+    deltas = {"reasoning": ["response.reasoning_text.delta"], "message": ["response.output_text.delta"],
+              "function_call": ["response.function_call_arguments.delta"]}
+    expected = ["response.created", "response.in_progress"]
+    for kind in kinds:
+        if kind == "function_call":
+            expected += ["response.output_item.added", *deltas[kind], "response.function_call_arguments.done",
+                         "response.output_item.done"]
+        else:
+            expected += ["response.output_item.added", "response.content_part.added", *deltas[kind],
+                         deltas[kind][0].replace("delta", "done"), "response.content_part.done",
+                         "response.output_item.done"]
+    expected.append("response.completed")
+    kinds_sent = [e["type"] for e in events]
+    assert [k for i, k in enumerate(kinds_sent) if k != kinds_sent[i - 1] or not k.endswith("delta")] == expected
     final = events[-1]["response"]
-    arguments = final["output"][0]["arguments"]
-    assert "".join(e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta") == arguments
-    assert events[2]["item"]["name"] == "get_weather" and events[-3]["arguments"] == arguments
+    for index, item in enumerate(final["output"]):
+        text = item["arguments"] if item["type"] == "function_call" else item["content"][0]["text"]
+        assert "".join(e["delta"] for e in events if e.get("output_index") == index and "delta" in e) == text
     assert _without_ids(final) == _without_ids(whole)
+
+
+def test_function_call_loop_through_previous_response_id(harmony_server):
+    """gpt-oss calls the tool by itself; turn 2 answers the call by its call_id through previous_response_id alone,
+    and its prompt is exactly the whole conversation sent inline (the function call and its output included)."""
+    client, model = harmony_server.client(), harmony_server.model
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    kwargs = dict(model=model, tools=[TOOL], temperature=0, max_output_tokens=150)
+    first = client.responses.create(input=ask, **kwargs)
+    assert first.status == "completed" and [item.type for item in first.output] == ["reasoning", "function_call"]
+    call = first.output[1]
+    assert call.name == "get_weather" and call.id.startswith("fc_") and call.call_id.startswith("call_")
+    jsonschema.validate(json.loads(call.arguments), TOOL["parameters"])
+    assert client.responses.retrieve(first.id) == first
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature": 21}'}
+    second = client.responses.create(previous_response_id=first.id, input=[result], **kwargs)
+    inline = client.responses.create(input=[*ask, *[item.to_dict() for item in first.output], result], **kwargs)
+    assert second.previous_response_id == first.id and second.status == "completed"
+    assert [item.type for item in second.output] == ["reasoning", "message"] and second.output_text
+    assert _without_ids(second.model_dump(mode="json"))["output"] == _without_ids(inline.model_dump(mode="json"))[
+        "output"]
+    assert second.usage.input_tokens == inline.usage.input_tokens > first.usage.input_tokens
+    thanks, short = {"role": "user", "content": "Thanks."}, {**kwargs, "max_output_tokens": 4}
+    third = client.responses.create(previous_response_id=second.id, input=[thanks], **short)
+    third_inline = client.responses.create(input=[*ask, *[item.to_dict() for item in first.output], result,
+                                                  *[item.to_dict() for item in second.output], thanks], **short)
+    assert third.usage.input_tokens == third_inline.usage.input_tokens
+    with pytest.raises(openai.BadRequestError, match="call_2"):  # no call call_2 anywhere in the conversation
+        client.responses.create(previous_response_id=second.id, input=[{**result, "call_id": "call_2"}], **kwargs)
+
+
+def test_named_tool_choice_forces_a_valid_call(harmony_server):
+    """tool_choice naming a function constrains decoding to a call of it, even where the model would not call it;
+    the stream helper assembles the same call."""
+    client = harmony_server.client()
+    request = dict(model=harmony_server.model, input="What is the weather in Paris?", tools=[TOOL, ADD],
+                   tool_choice={"type": "function", "name": "add"}, temperature=0, max_output_tokens=64)
+    whole = client.responses.create(**request)
+    assert [(item.type, item.name) for item in whole.output] == [("function_call", "add")]
+    jsonschema.validate(json.loads(whole.output[0].arguments), ADD["parameters"])
+    assert whole.tool_choice.name == "add"
     with client.responses.stream(**request) as stream:
         helper = stream.get_final_response()
-    assert [(c.name, c.arguments) for c in helper.output] == [("get_weather", arguments)]
+    assert [(c.name, c.arguments) for c in helper.output] == [("add", whole.output[0].arguments)]
+    with pytest.raises(openai.BadRequestError) as caught:  # a forced call cannot also be JSON text
+        client.responses.create(**{**request, "text": JSON_FORMAT})
+    assert caught.value.body["param"] == "tool_choice"
 
 
 @pytest.mark.parametrize("fields, status, param", [
