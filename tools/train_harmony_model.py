@@ -566,7 +566,7 @@ def parse_call(text: str) -> tuple[str, Any] | None:
 
 def measure(out: Path, n: int, max_tokens: int) -> dict:
     from microscale import LLM, SamplingParams
-    from microscale.serve.harmony import split_harmony
+    from microscale.serve.tool_parsers.harmony import HarmonyParser
 
     llm = LLM(str(out), dtype="float32", max_model_len=1024, max_num_seqs=16)
     tokenizer = llm.get_tokenizer()
@@ -596,7 +596,8 @@ def measure(out: Path, n: int, max_tokens: int) -> dict:
                 f is not None and e.completion.endswith(f"<|message|>{f.group(1)}<|return|>")
                 for f, e in zip(finals, examples)) / n
             # microscale's own split: reasoning = the analysis message, content = the final message.
-            splits = [split_harmony(tokenizer, o.outputs[0].token_ids) for o in outs]
+            parser = HarmonyParser(tokenizer)
+            splits = [parser.parse(o.outputs[0].text, o.outputs[0].token_ids, True) for o in outs]
             report[f"{kind}_split_ok"] = sum(
                 f is not None and s.content == f.group(1) and s.reasoning and "<|" not in s.reasoning
                 for f, s in zip(finals, splits)) / n
@@ -625,7 +626,7 @@ def write_card(out: Path, ids: dict[str, int], data: dict, stats: dict, report: 
         ("plain questions, tools offered: ends in a final-channel answer (no call)", pct["plain_with_tools_final"]),
         ("final answers exactly right (tool result / plain / plain with tools)",
          three.format(**{k: pct[f"{k}_exact"] for k in ("result", "plain", "plain_with_tools")})),
-        ("`microscale.serve.harmony.split_harmony` gives the analysis as reasoning and the final as content "
+        ("microscale's `HarmonyParser` gives the analysis as reasoning and the final as content "
          "(result / plain / plain with tools)",
          three.format(**{k: pct[f"{k}_split_ok"] for k in ("result", "plain", "plain_with_tools")})),
     ]

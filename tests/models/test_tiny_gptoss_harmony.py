@@ -14,7 +14,8 @@ from hf_reference import hf_greedy, hf_model, ms_greedy
 
 import microscale.tokenizer as ms_tokenizer
 from microscale import LLM, SamplingParams
-from microscale.serve.harmony import split_harmony, uses_harmony
+from microscale.serve.tool_parsers import tool_family
+from microscale.serve.tool_parsers.harmony import HarmonyParser
 from microscale.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -73,7 +74,7 @@ def test_harmony_tokens_are_single_special_tokens(tokenizer) -> None:
     generation = json.loads((MODEL / "generation_config.json").read_text())
     assert config["vocab_size"] == tokenizer.vocab_size == 4103
     assert generation["eos_token_id"] == [4101, 0, 4102]
-    assert uses_harmony(tokenizer)
+    assert tool_family(tokenizer, None) is HarmonyParser  # its template writes harmony
 
 
 def test_template_renders_tools_as_transformers_does(tokenizer) -> None:
@@ -97,13 +98,13 @@ def test_tool_call_greedy_matches_transformers(tokenizer, llm) -> None:
 
 
 def test_plain_reply_splits_into_reasoning_and_content(tokenizer, llm) -> None:
-    """Greedy with the model's own stop tokens: analysis, then a final answer ending in <|return|>, which
-    split_harmony turns into reasoning and content."""
+    """Greedy with the model's own stop tokens: analysis, then a final answer ending in <|return|>, which the
+    harmony parser turns into reasoning and content."""
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     out = llm.generate(prompt, SamplingParams(max_tokens=64, temperature=0), use_tqdm=False)[0].outputs[0]
     text = tokenizer.decode(out.token_ids, skip_special_tokens=False)
     assert re.fullmatch(r"<\|channel\|>analysis<\|message\|>[^<]+<\|end\|><\|start\|>assistant"
                         r"<\|channel\|>final<\|message\|>[^<]+<\|return\|>", text), text
-    split = split_harmony(tokenizer, out.token_ids)
+    split = HarmonyParser(tokenizer).parse(out.text, out.token_ids, finished=True)
     assert split.reasoning == text.split("<|message|>")[1].split("<|end|>")[0]
     assert split.content == text.split("<|message|>")[2].removesuffix("<|return|>")

@@ -1,6 +1,7 @@
-"""Tool calling through the official openai client, on tiny models of two families (Qwen2.5's Hermes template,
-gpt-oss's harmony template): forced calls always validate, streams equal whole replies, conversations with calls
-and results render, and bad tool requests are 400s that name the field."""
+"""Tool calling through the official openai client, on tiny models of two families: a random Qwen2 with Qwen2.5's
+Hermes template, and models/tiny-gptoss-harmony (trained to speak harmony). Forced calls always validate, the
+harmony model calls a tool by itself under "auto", streams equal whole replies, conversations with calls and results
+render, and bad tool requests are 400s that name the field."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import json
 import jsonschema
 import openai
 import pytest
+from conftest import REPO
 from live_server import running_server
-from tool_models import harmony_model, hermes_model
+from tool_models import hermes_model
 
 pytest_plugins = ["live_server"]  # the server fixtures
 
@@ -24,12 +26,14 @@ SCHEMAS = {"get_weather": WEATHER, "add": ADD}
 TOOLS = [{"type": "function", "function": {"name": name, "description": f"the {name} tool", "parameters": schema}}
          for name, schema in SCHEMAS.items()]
 ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
+HARMONY_MODEL = REPO / "models" / "tiny-gptoss-harmony"
 
 
 @pytest.fixture(scope="module", params=["hermes", "harmony"])
 def tool_server(request, tmp_path_factory):
-    build = hermes_model if request.param == "hermes" else harmony_model
-    with running_server(build(tmp_path_factory.mktemp(request.param))) as server:
+    model = hermes_model(tmp_path_factory.mktemp("hermes")) if request.param == "hermes" else HARMONY_MODEL
+    with running_server(model) as server:
+        server.family = request.param
         yield server
 
 
@@ -66,6 +70,16 @@ def test_named_choice_and_single_call(tool_server) -> None:
         calls = _calls(response.choices[0].message)
         assert len(calls) == 1 and calls[0][0] == "add"
         jsonschema.validate(calls[0][1], ADD)
+
+
+def test_the_harmony_model_calls_a_tool_by_itself(tool_server) -> None:
+    if tool_server.family != "harmony":
+        pytest.skip("the random Hermes model has learned nothing")
+    message = tool_server.client().chat.completions.create(
+        model=tool_server.model, messages=ASK, tools=TOOLS, temperature=0, max_tokens=128).choices[0]
+    assert message.finish_reason == "tool_calls" and message.message.reasoning_content
+    [(name, arguments)] = _calls(message.message)
+    assert name == "get_weather" and isinstance(arguments, dict)
 
 
 def _streamed(client, **request) -> tuple[str, list[tuple[str, str]], str]:
