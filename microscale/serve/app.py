@@ -116,7 +116,8 @@ def build_app(
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request) -> Response:
         check_model(body.model)
-        return await _unless_disconnected(request, create_response(engine, served_model_name, body, store, limits))
+        return await _unless_disconnected(request, create_response(engine, served_model_name, body, store, limits,
+                                                                          tools_format))
 
     @app.get("/v1/responses/{response_id}")
     async def retrieve_response(response_id: str) -> Response:

@@ -9,7 +9,7 @@ from typing import Any
 
 from microscale.sampling_params import StructuredOutputsParams
 from microscale.serve.errors import APIError
-from microscale.serve.protocol import ChatCompletionRequest, ChatMessage
+from microscale.serve.protocol import ChatCompletionRequest, ChatMessage, ChatTool
 from microscale.serve.tool_parsers import FunctionTool, ParsedReply, ReplyParser, ToolParser, reply_parser
 from microscale.tokenizer import Tokenizer
 
@@ -61,12 +61,19 @@ class RequestTools:
 
     @classmethod
     def from_request(cls, body: ChatCompletionRequest, family: type[ToolParser] | None) -> RequestTools:
-        tools = body.tools or []
         choice = body.tool_choice
+        if choice is not None and not isinstance(choice, str):
+            choice = choice.function.name
+        return cls.build(body.tools or [], choice, body.parallel_tool_calls, family)
+
+    @classmethod
+    def build(
+        cls, tools: list[ChatTool], choice: str | None, parallel: bool, family: type[ToolParser] | None
+    ) -> RequestTools:
+        """`choice`: "none", "auto", "required" or a function's name; None: "auto" with tools, else "none". The
+        Responses API's requests come here too."""
         if choice is None:
             choice = "auto" if tools else "none"
-        elif not isinstance(choice, str):
-            choice = choice.function.name
         if not tools and choice != "none":
             raise APIError(400, "tool_choice is only allowed when tools are given.", "tool_choice")
         names = [tool.function.name for tool in tools]
@@ -81,7 +88,7 @@ class RequestTools:
         return cls(
             tools=[FunctionTool(tool.function.name, tool.function.parameters or _ANY_OBJECT) for tool in tools],
             definitions=[tool.model_dump(exclude_none=True) for tool in tools],
-            choice=choice, parallel=body.parallel_tool_calls, family=family,
+            choice=choice, parallel=parallel, family=family,
         )
 
     @property

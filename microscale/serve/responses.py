@@ -1,7 +1,9 @@
 """POST /v1/responses (OpenAI's Responses API) over the chat template: the conversation (a stored response's
 input and output items when previous_response_id names one, then this request's input items) becomes chat
-messages, function calls and their outputs included; the reply becomes output items (gpt-oss: the analysis channel
-as a reasoning item before the message), streamed as Responses events or returned whole, and stored if asked."""
+messages, function calls and their outputs included; the reply, read by the model family's tool-call parser as chat
+reads it, becomes output items (a reasoning item for gpt-oss's analysis channel, the message, a function_call item
+per call), streamed as Responses events or returned whole, and stored if asked. tools and tool_choice mean what they
+mean on chat (chat_tools.py): "required" or a named function constrains decoding to calls."""
 
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from microscale.outputs import CompletionOutput, RequestOutput
+from microscale.outputs import RequestOutput
 from microscale.serve.async_engine import AsyncEngine, EngineDeadError
+from microscale.serve.chat_tools import RequestTools
 from microscale.serve.errors import APIError
 from microscale.serve.limits import ServeLimits
 from microscale.serve.params import check_prompt, off_loop, sampling_params
@@ -36,7 +39,7 @@ from microscale.serve.responses_protocol import (
     ResponseUsage,
 )
 from microscale.serve.streaming import start_requests
-from microscale.serve.tool_parsers import reply_parser, tool_family
+from microscale.serve.tool_parsers import ToolParser
 from microscale.tokenizer import Tokenizer
 
 
@@ -110,24 +113,6 @@ def _prompt_chars(instructions: str | None, items: list[InputItem]) -> int:
     return len(instructions or "") + sum(chars(item) for item in items)
 
 
-def _chat_tools(body: ResponsesRequest) -> list[dict[str, Any]] | None:
-    """Function tools in the chat-completions shape templates read (`description` always a string: some
-    templates concatenate it)."""
-    return [{"type": "function", "function": {"name": t.name, "description": t.description or "",
-                                              "parameters": t.parameters}} for t in body.tools] or None
-
-
-def _check_tool_choice(body: ResponsesRequest) -> None:
-    choice = body.tool_choice
-    if choice == "required" and not body.tools:
-        raise APIError(400, "tool_choice 'required' needs at least one tool in tools.", "tool_choice")
-    if not isinstance(choice, str) and choice.name not in {t.name for t in body.tools}:
-        raise APIError(400, f"tool_choice names the function {choice.name!r}, which is not in tools.", "tool_choice")
-    if choice == "required" or not isinstance(choice, str):
-        raise APIError(400, "tool_choice 'required' or a named function is not supported by this server yet.",
-                       "tool_choice", "unsupported_parameter")
-
-
 def _sampling_request(body: ResponsesRequest) -> SamplingRequest:
     """text.format as chat's response_format (the structured outputs it maps to)."""
     fmt = body.text.format
@@ -142,9 +127,11 @@ def _sampling_request(body: ResponsesRequest) -> SamplingRequest:
     return SamplingRequest(temperature=body.temperature, top_p=body.top_p, response_format=response_format)
 
 
-async def _prompt(tokenizer: Tokenizer, body: ResponsesRequest, items: list[InputItem]) -> dict[str, Any]:
+async def _prompt(
+    tokenizer: Tokenizer, body: ResponsesRequest, items: list[InputItem], tools: RequestTools
+) -> dict[str, Any]:
     messages = chat_messages(body.instructions, items)
-    template_kwargs: dict[str, Any] = {"tools": _chat_tools(body)}
+    template_kwargs: dict[str, Any] = {"tools": tools.template_tools()}
     if body.reasoning is not None and body.reasoning.effort is not None:
         template_kwargs["reasoning_effort"] = body.reasoning.effort  # gpt-oss's template reads it
     try:
@@ -155,40 +142,32 @@ async def _prompt(tokenizer: Tokenizer, body: ResponsesRequest, items: list[Inpu
     return {"prompt": text, "prompt_token_ids": await off_loop(tokenizer.encode, text, add_special_tokens=False)}
 
 
-class _Reply:
-    """Turns the engine's output into reply parts: gpt-oss's channels split by harmony, otherwise the text."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.parser = reply_parser(tokenizer, tool_family(tokenizer, None), with_tools=False)
-
-    def parts(self, output: CompletionOutput) -> list[ReplyPart]:
-        finished = output.finish_reason is not None
-        reply = self.parser.parse(output.text, output.token_ids, finished)
-        return reply_parts(reply.reasoning, reply.content, finished)
-
-    def reasoning_tokens(self, parts: list[ReplyPart]) -> int:
-        """The reasoning text's length in tokens (re-encoded: the split reads decoded text)."""
-        reasoning = "".join(p.text for p in parts if p.kind == "reasoning")
-        return len(self.tokenizer.encode(reasoning, add_special_tokens=False)) if reasoning else 0
+def _reasoning_tokens(tokenizer: Tokenizer, parts: list[ReplyPart]) -> int:
+    """The reasoning text's length in tokens (re-encoded: the parsers read decoded text)."""
+    reasoning = "".join(p.text for p in parts if p.kind == "reasoning")
+    return len(tokenizer.encode(reasoning, add_special_tokens=False)) if reasoning else 0
 
 
 async def create_response(
-    engine: AsyncEngine, model: str, body: ResponsesRequest, store: ResponseStore, limits: ServeLimits
+    engine: AsyncEngine, model: str, body: ResponsesRequest, store: ResponseStore, limits: ServeLimits,
+    tool_family: type[ToolParser] | None = None,
 ) -> JSONResponse | StreamingResponse:
+    """`tool_family`: the model's tool-call format (--tool-call-parser, else the chat template's)."""
     inputs = engine.inputs
     if body.background:
         raise APIError(400, "background responses are not supported by this server.", "background",
                        "unsupported_parameter")
-    _check_tool_choice(body)
+    tools = RequestTools.build([t.as_chat_tool() for t in body.tools], body.tool_choice_name(),
+                               body.parallel_tool_calls, tool_family)
     items = _conversation(body, store)
     chars = _prompt_chars(body.instructions, items)
     if chars > limits.max_prompt_chars:
         raise APIError(400, f"The input has {chars} characters; this server takes at most "
                        f"{limits.max_prompt_chars}.", "input")
-    prompt = await _prompt(inputs.tokenizer, body, items)
+    prompt = await _prompt(inputs.tokenizer, body, items, tools)
     try:
-        params = await sampling_params(inputs, _sampling_request(body), body.max_output_tokens, None, None)
+        params = await sampling_params(inputs, _sampling_request(body), body.max_output_tokens, None, None,
+                                       tools.constraint())
     except APIError as e:
         if e.param in ("response_format", "structured_outputs"):
             e.param = "text.format"
@@ -200,25 +179,30 @@ async def create_response(
         instructions=body.instructions, max_output_tokens=body.max_output_tokens, metadata=body.metadata or {},
         parallel_tool_calls=body.parallel_tool_calls, previous_response_id=body.previous_response_id,
         reasoning=body.reasoning, store=body.store, temperature=body.temperature, text=body.text,
-        tool_choice=body.tool_choice, tools=body.tools, top_p=body.top_p, user=body.user,
+        tool_choice=body.tool_choice or "auto", tools=body.tools, top_p=body.top_p, user=body.user,
     )
     outputs = start_requests(engine, response.id, [prompt], params)
-    reply = _Reply(inputs.tokenizer)
+    read = tools.reader(inputs.tokenizer)
 
-    def finish(output: RequestOutput) -> ResponseObject:
+    def parts(output: RequestOutput) -> list[ReplyPart]:
+        completion = output.outputs[0]
+        finished = completion.finish_reason is not None
+        return reply_parts(read(completion.text, completion.token_ids, finished), finished)
+
+    def finish(output: RequestOutput, final_parts: list[ReplyPart]) -> ResponseObject:
         """The response once the reply is done; stored with its conversation if asked."""
         completion = output.outputs[0]
-        parts = reply.parts(completion)
         incomplete = completion.finish_reason == "length"
         done = response.model_copy(update=dict(
             status="incomplete" if incomplete else "completed", completed_at=int(time.time()),
             incomplete_details=IncompleteDetails(reason="max_output_tokens") if incomplete else None,
-            output=output_items(parts, response_hex, incomplete),
+            output=output_items(final_parts, response_hex, incomplete),
             usage=ResponseUsage(
                 input_tokens=len(output.prompt_token_ids),
                 input_tokens_details=InputTokensDetails(cached_tokens=output.num_cached_tokens),
                 output_tokens=len(completion.token_ids),
-                output_tokens_details=OutputTokensDetails(reasoning_tokens=reply.reasoning_tokens(parts)),
+                output_tokens_details=OutputTokensDetails(
+                    reasoning_tokens=_reasoning_tokens(inputs.tokenizer, final_parts)),
                 total_tokens=len(output.prompt_token_ids) + len(completion.token_ids),
             ),
         ))
@@ -237,11 +221,12 @@ async def create_response(
                 final = None
                 async with aclosing(outputs):
                     async for _, output in outputs:
-                        for event in events.update(reply.parts(output.outputs[0])):
+                        for event in events.update(parts(output)):
                             yield event
                         final = output
-                done = finish(final)
-                for event in events.finish(done.output):
+                final_parts = parts(final)
+                done = finish(final, final_parts)
+                for event in events.finish(final_parts, done.output):
                     yield event
                 yield events.lifecycle(f"response.{done.status}", done)
             except APIError as e:  # RequestFailedError: the engine failed on this request alone
@@ -255,4 +240,4 @@ async def create_response(
     async with aclosing(outputs):  # cancelled (the client left): the request is aborted at once
         async for _, output in outputs:
             final = output
-    return JSONResponse(finish(final).dump())
+    return JSONResponse(finish(final, parts(final)).dump())

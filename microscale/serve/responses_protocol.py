@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter
 
-from microscale.serve.protocol import PositiveInt64, Text
+from microscale.serve.protocol import ChatTool, FunctionDefinition, PositiveInt64, Text
 
 # ---- input items ----------------------------------------------------------------------------------------
 
@@ -101,14 +101,15 @@ INPUT_ITEMS = TypeAdapter(list[InputItem])
 # ---- request --------------------------------------------------------------------------------------------
 
 
-class FunctionTool(BaseModel):
+class FunctionTool(FunctionDefinition):
+    """Chat's function definition, flat: {"type": "function", "name", "description", "parameters", "strict"}."""
+
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["function"]
-    name: Text
-    description: Text | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+
+    def as_chat_tool(self) -> ChatTool:
+        return ChatTool(type="function", function=FunctionDefinition(**self.model_dump(exclude={"type"})))
 
 
 class ToolChoiceFunction(BaseModel):
@@ -158,7 +159,7 @@ class ResponsesRequest(BaseModel):
     input: Text | list[InputItem] = Field(default_factory=list)
     instructions: Text | None = None
     tools: list[FunctionTool] = Field(default_factory=list)
-    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction = "auto"
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None  # None: "auto"
     parallel_tool_calls: bool = True
     text: TextConfig = Field(default_factory=TextConfig)
     reasoning: ReasoningConfig | None = None
@@ -176,6 +177,14 @@ class ResponsesRequest(BaseModel):
         if isinstance(self.input, str):
             return [InputMessage(role="user", content=self.input)]
         return list(self.input)
+
+    def tool_choice_name(self) -> str | None:
+        """As chat_tools.RequestTools takes it: a named function by its name; "auto" (OpenAI's default, with or
+        without tools) as None."""
+        choice = self.tool_choice
+        if choice is None or isinstance(choice, str):
+            return None if choice == "auto" else choice
+        return choice.name
 
 
 # ---- response -------------------------------------------------------------------------------------------
