@@ -1,5 +1,5 @@
-"""Tiny random models with a tool-call format (imported by test modules): the bundled tokenizer extended with a
-family's marker tokens, and that family's real chat template (tests/data)."""
+"""Tiny random models and tokenizers with a tool-call format (imported by test modules): the bundled tokenizer
+extended with a family's marker tokens, and that family's real chat template (tests/data)."""
 
 from __future__ import annotations
 
@@ -42,11 +42,3 @@ def hermes_model(folder: Path) -> Path:
     template = (DATA / "qwen2_5_chat_template.jinja").read_text()
     return add_tokens_and_template(folder, ["<tool_call>", "</tool_call>"], False, template,
                                    ["<|endoftext|>", "<|im_end|>"])
-
-
-def harmony_model(folder: Path) -> Path:
-    """A gpt-oss model with gpt-oss's template and harmony's marker tokens, ending at <|return|> or <|call|>."""
-    build_tiny_model(folder, "gpt_oss", vocab_size=VOCAB_SIZE)
-    template = (DATA / "gpt_oss_chat_template.jinja").read_text()
-    return add_tokens_and_template(folder, HARMONY_MARKERS, True, template,
-                                   ["<|endoftext|>", "<|return|>", "<|call|>"])
