@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import weakref
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,24 @@ def no_leaked_kv_blocks(request):
     for engine in engines:
         if not getattr(engine, "_skip_idle_check", False):
             assert_engine_idle(engine)
+
+
+class _PinnedDatetime(datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return cls(2025, 8, 5, 12, 0, 0, tzinfo=tz)
+
+
+@pytest.fixture
+def pinned_chat_date(monkeypatch):
+    """Chat templates that print today's date (gpt-oss's) render the same day in microscale and transformers: both
+    call datetime.now() through their module's `datetime` name at render time."""
+    import transformers.utils.chat_template_utils as hf_chat
+
+    import microscale.tokenizer as ms_tokenizer
+
+    monkeypatch.setattr(ms_tokenizer, "datetime", _PinnedDatetime)
+    monkeypatch.setattr(hf_chat, "datetime", _PinnedDatetime)
 
 
 @pytest.fixture

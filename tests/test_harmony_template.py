@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ import pytest
 transformers = pytest.importorskip("transformers")
 import transformers.utils.chat_template_utils as hf_chat  # noqa: E402
 
-import microscale.tokenizer as ms_tokenizer  # noqa: E402
 from microscale.tokenizer import Tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,17 +25,7 @@ BUNDLED_MODEL = REPO / "models" / "tiny-llama-pycode"
 TEMPLATE = (Path(__file__).parent / "data" / "gpt_oss_chat_template.jinja").read_text()
 
 
-class _PinnedDatetime(datetime):
-    @classmethod
-    def now(cls, tz=None):
-        return cls(2025, 8, 5, 12, 0, 0, tzinfo=tz)
-
-
-@pytest.fixture(autouse=True)
-def pinned_date(monkeypatch):
-    """Both renderers call datetime.now() through their module's `datetime` name at render time."""
-    monkeypatch.setattr(ms_tokenizer, "datetime", _PinnedDatetime)
-    monkeypatch.setattr(hf_chat, "datetime", _PinnedDatetime)
+pytestmark = pytest.mark.usefixtures("pinned_chat_date")
 
 
 @pytest.fixture(scope="module", params=["tokenizer_config", "chat_template.jinja"])

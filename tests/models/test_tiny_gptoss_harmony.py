@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
 
 import pytest
 from conftest import REPO
 from hf_reference import hf_greedy, hf_model, ms_greedy
 
-import microscale.tokenizer as ms_tokenizer
 from microscale import LLM, SamplingParams
 from microscale.serve.tool_parsers import tool_family
 from microscale.serve.tool_parsers.harmony import HarmonyParser
 from microscale.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
-import transformers.utils.chat_template_utils as hf_chat  # noqa: E402
 
 MODEL = REPO / "models" / "tiny-gptoss-harmony"
 BASE = REPO / "models" / "tiny-gptoss-pycode"
@@ -38,16 +35,7 @@ CALL = re.compile(r"^<\|channel\|>analysis<\|message\|>[^<]*<\|end\|><\|start\|>
                   r"to=functions\.(\w+) <\|constrain\|>json<\|message\|>(.*?)<\|call\|>")
 
 
-class _PinnedDatetime(datetime):
-    @classmethod
-    def now(cls, tz=None):
-        return cls(2025, 8, 5, 12, 0, 0, tzinfo=tz)
-
-
-@pytest.fixture(autouse=True)
-def pinned_date(monkeypatch):
-    monkeypatch.setattr(ms_tokenizer, "datetime", _PinnedDatetime)
-    monkeypatch.setattr(hf_chat, "datetime", _PinnedDatetime)
+pytestmark = pytest.mark.usefixtures("pinned_chat_date")
 
 
 @pytest.fixture(scope="module")
