@@ -139,6 +139,25 @@ class SampledTokens:
     top_logprobs: list[list[float]] | None = None
     failed: dict[int, Exception] = field(default_factory=dict)
 
+    def logprobs(self, i: int) -> TokenLogprobs | None:
+        """The logprobs of sample i, if they were asked for."""
+        if self.chosen_logprobs is None:
+            return None
+        return self.chosen_logprobs[i], self.chosen_ranks[i], self.top_ids[i], self.top_logprobs[i]
+
+
+# A token's logprob, its rank, and the top-N ids and logprobs at its position (the model's raw distribution).
+TokenLogprobs = tuple[float, int, list[int], list[float]]
+
+
+@dataclass
+class VerifiedTokens:
+    """A speculating sequence's step: its accepted drafts and one more token, and, when its request asked for
+    them, each token's logprobs."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None = None
+
 
 def apply_penalties(logits: torch.Tensor, pen: Penalties) -> torch.Tensor:
     rows, vocab = logits.shape

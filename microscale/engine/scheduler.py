@@ -28,7 +28,7 @@ from microscale.config import SchedulerConfig, SpeculativeConfig
 from microscale.engine.block_manager import BlockManager, SwapPlan
 from microscale.engine.detokenizer import Decoder
 from microscale.engine.logprobs import logprob_entry
-from microscale.engine.sampler import SampledTokens
+from microscale.engine.sampler import SampledTokens, TokenLogprobs, VerifiedTokens
 from microscale.engine.sequence import Request, Sequence, SequenceStatus
 from microscale.engine.spec_decode.ngram import NgramProposer
 from microscale.sampling_params import SamplingParams
@@ -189,13 +189,13 @@ class Scheduler:
     def _drafts(self) -> dict[int, list[int]]:
         """Speculative decoding: proposals for the running sequences that decode one token this step, each cut
         to what the sequence may still emit. None while more than disable_by_batch_size requests run, and none
-        for sequences whose grammar has not seen them or that want logprobs (they decode as usual)."""
+        for sequences whose grammar has not seen them (they decode as usual)."""
         spec = self.speculative
         if spec is None or (spec.disable_by_batch_size is not None and self.num_requests()[0] >
                             spec.disable_by_batch_size):
             return {}
         eligible = [seq for seq in self.running if seq.num_tokens - seq.num_computed_tokens == 1
-                    and seq.matcher is None and seq.params.logprobs is None and seq.params.speculative_decoding]
+                    and seq.matcher is None and seq.params.speculative_decoding]
         drafts = {}
         for seq, proposed in zip(eligible, self.proposer.propose(eligible).token_ids, strict=True):
             room = self.config.max_model_len - seq.num_tokens - 1  # the token after the drafts must fit too
@@ -269,7 +269,7 @@ class Scheduler:
 
     def update_from_output(
         self, chunks: list[ScheduledChunk], sampled: list[Sequence], tokens: SampledTokens,
-        verified: dict[int, list[int]] | None = None,
+        verified: dict[int, VerifiedTokens] | None = None,
     ) -> list[Request]:
         """The step's bookkeeping once its forward ran: every chunk's tokens are computed, and the sequences that
         sampled (`sampled`, in the rows of `tokens`) get their tokens; a speculating one (its row in `verified`)
@@ -288,25 +288,26 @@ class Scheduler:
                 self._fail(request, error)
                 touched[request.request_id] = request
         now = time.monotonic()
-        emitted = [(row, [tokens.token_ids[i]], i) for i, row in enumerate(tokens.rows)]
-        emitted += [(row, ids, None) for row, ids in (verified or {}).items()]
-        for row, ids, i in emitted:
+        emitted = [(row, VerifiedTokens([tokens.token_ids[i]], [tokens.logprobs(i)]), False)
+                   for i, row in enumerate(tokens.rows)]
+        emitted += [(row, step, True) for row, step in (verified or {}).items()]
+        for row, step, speculated in emitted:
             seq = sampled[row]
             request = seq.request
             if request.error is not None:  # a sibling failed
                 continue
             touched[request.request_id] = request
             try:
-                for token in ids:
-                    self._append_token(seq, token, now, None if i is None else (tokens, i))
+                for k, token in enumerate(step.token_ids):
+                    self._append_token(seq, token, now, None if step.logprobs is None else step.logprobs[k])
                     self.num_generated_tokens += 1
                     if seq.is_finished:
                         break
             except Exception as e:  # this request's detokenizer, logprobs or stop checks: only it ends
                 self._fail(request, e)
                 continue
-            if i is None:
-                self._accept_drafts(seq, num_drafts[seq.seq_id], len(ids) - 1)
+            if speculated:
+                self._accept_drafts(seq, num_drafts[seq.seq_id], len(step.token_ids) - 1)
         return list(touched.values())
 
     def _accept_drafts(self, seq: Sequence, num_drafts: int, accepted: int) -> None:
@@ -327,19 +328,17 @@ class Scheduler:
         request.error = type(error).__name__
         self.abort(request)
 
-    def _append_token(self, seq: Sequence, token: int, now: float, logprobs: tuple[SampledTokens, int] | None) -> None:
-        """`logprobs`: the step's samples and this token's row in them, when it was sampled (not verified)."""
+    def _append_token(self, seq: Sequence, token: int, now: float, logprobs: TokenLogprobs | None) -> None:
         seq.token_ids.append(token)
         request = seq.request
         if request.first_token_time is None:
             request.first_token_time = now
-        if seq.logprobs is not None and logprobs is not None:
-            tokens, i = logprobs
+        if seq.logprobs is not None:
+            chosen, rank, top_ids, top_logprobs = logprobs
             top_n = seq.params.logprobs
-            seq.logprobs.append(logprob_entry(self.tokenizer.decode, token, tokens.chosen_logprobs[i],
-                                              tokens.chosen_ranks[i], tokens.top_ids[i][:top_n],
-                                              tokens.top_logprobs[i][:top_n]))
-            seq.cumulative_logprob += tokens.chosen_logprobs[i]
+            seq.logprobs.append(logprob_entry(self.tokenizer.decode, token, chosen, rank, top_ids[:top_n],
+                                              top_logprobs[:top_n]))
+            seq.cumulative_logprob += chosen
         if request.unforked and seq.index == 0:
             self._fork(seq, request.unforked)
             request.unforked = []

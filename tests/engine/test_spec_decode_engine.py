@@ -101,3 +101,20 @@ def test_a_sampled_speculating_request_reproduces_with_its_seed() -> None:
     alone = llm.generate(PROMPTS[3], params, use_tqdm=False)[0]
     assert alone.outputs[0].token_ids == first[3].outputs[0].token_ids
     assert llm.engine.get_stats()["spec_decode_num_draft_tokens"] > 0
+
+
+def test_logprobs_of_accepted_tokens_are_those_without_speculation() -> None:
+    path = str(REPO / "models" / "tiny-llama-pycode")
+    plain, spec = LLM(path, dtype="float32"), LLM(path, dtype="float32", speculative_config=NGRAM)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=3)
+    want, got = (llm.generate(PROMPTS[:8], params, use_tqdm=False) for llm in (plain, spec))
+    for a, b in zip(want, got, strict=True):
+        a, b = a.outputs[0], b.outputs[0]
+        assert b.token_ids == a.token_ids and len(b.logprobs) == len(a.logprobs) == 32
+        for entry_a, entry_b in zip(a.logprobs, b.logprobs, strict=True):
+            assert list(entry_b) == list(entry_a)  # the same tokens, in the same order (chosen, then top-3)
+            for token, lp in entry_a.items():
+                assert entry_b[token].rank == lp.rank
+                assert abs(entry_b[token].logprob - lp.logprob) < 1e-4  # prefill vs decode path rounding
+        assert abs(b.cumulative_logprob - a.cumulative_logprob) < 1e-3
+    assert spec.engine.get_stats()["spec_decode_num_accepted_tokens"] > 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from microscale.engine.sampler import SampledTokens, Sampler, SamplingRow, sample
+from microscale.engine.sampler import SampledTokens, Sampler, SamplingRow, VerifiedTokens, sample
 from microscale.engine.scheduler import ScheduledChunk
 from microscale.engine.spec_decode.rejection import VerifyBatch, rejection_sample
 
@@ -13,9 +13,10 @@ from microscale.engine.spec_decode.rejection import VerifyBatch, rejection_sampl
 def sample_step(
     sampler: Sampler, logits: torch.Tensor, chunks: list[ScheduledChunk], rows: list[SamplingRow], eos_ids: list[int],
     vocab_size: int,
-) -> tuple[SampledTokens, dict[int, list[int]]]:
+) -> tuple[SampledTokens, dict[int, VerifiedTokens]]:
     """The sampled tokens of the chunks without drafts (rows: indices into `chunks`, whose sampling rows `rows`
-    are), and per speculating chunk's index its emitted tokens (accepted drafts, then one more)."""
+    are), and per speculating chunk's index its emitted tokens (accepted drafts, then one more) with their
+    logprobs when asked for."""
     if not any(c.draft_token_ids for c in chunks):
         return sample(sampler, logits, rows, eos_ids, vocab_size), {}
     starts, offset = [], 0
@@ -28,6 +29,34 @@ def sample_step(
     tokens.rows = [plain[r] for r in tokens.rows]
     tokens.failed = {plain[r]: error for r, error in tokens.failed.items()}
     positions = [starts[i] + j for i in speculating for j in range(1 + len(chunks[i].draft_token_ids))]
-    batch = VerifyBatch.build(logits[positions], [rows[i] for i in speculating],
+    verify_logits = logits[positions]
+    batch = VerifyBatch.build(verify_logits, [rows[i] for i in speculating],
                               [chunks[i].draft_token_ids for i in speculating], eos_ids, vocab_size)
-    return tokens, dict(zip(speculating, rejection_sample(batch).to_host(), strict=True))
+    emitted = rejection_sample(batch).to_host()
+    verified = {i: VerifiedTokens(ids) for i, ids in zip(speculating, emitted, strict=True)}
+    _add_logprobs(verified, verify_logits, [rows[i] for i in speculating], speculating, chunks)
+    return tokens, verified
+
+
+def _add_logprobs(verified: dict[int, VerifiedTokens], logits: torch.Tensor, rows: list[SamplingRow],
+                  speculating: list[int], chunks: list[ScheduledChunk]) -> None:
+    """Each emitted token's logprobs from the raw logits at its position (as the sampler gives a sampled token's),
+    for the speculating rows whose request asked for them."""
+    wanted, flat, tokens, start = [], [], [], 0
+    for i, row in zip(speculating, rows, strict=True):
+        if row.params.logprobs is not None:
+            ids = verified[i].token_ids
+            wanted.append((i, row.params.logprobs, len(flat)))
+            flat += range(start, start + len(ids))
+            tokens += ids
+        start += 1 + len(chunks[i].draft_token_ids)
+    if not wanted:
+        return
+    raw = logits[flat].float().log_softmax(dim=-1)
+    chosen = raw.gather(1, torch.tensor(tokens, device=raw.device)[:, None])
+    ranks = ((raw > chosen).sum(dim=-1) + 1).tolist()
+    top_logprobs, top_ids = raw.topk(max(max(n for _, n, _ in wanted), 1), dim=-1)
+    chosen, top_logprobs, top_ids = chosen[:, 0].tolist(), top_logprobs.tolist(), top_ids.tolist()
+    for i, top_n, first in wanted:
+        span = range(first, first + len(verified[i].token_ids))
+        verified[i].logprobs = [(chosen[k], ranks[k], top_ids[k][:top_n], top_logprobs[k][:top_n]) for k in span]
