@@ -152,11 +152,12 @@ TokenLogprobs = tuple[float, int, list[int], list[float]]
 
 @dataclass
 class VerifiedTokens:
-    """A speculating sequence's step: its accepted drafts and one more token, and, when its request asked for
-    them, each token's logprobs."""
+    """A sequence's tokens of one step: with drafts (num_drafts > 0), the accepted ones and one more; each token's
+    logprobs when its request asked for them."""
 
     token_ids: list[int]
     logprobs: list[TokenLogprobs] | None = None
+    num_drafts: int = 0
 
 
 def apply_penalties(logits: torch.Tensor, pen: Penalties) -> torch.Tensor:

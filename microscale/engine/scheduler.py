@@ -276,11 +276,9 @@ class Scheduler:
         gets its accepted drafts and one more token. A request a row failed on, or that fails taking its token
         (its detokenizer, say), is aborted with its error; the others go on. Returns the requests that got a
         token or failed, each once."""
-        num_drafts = {}
         for chunk in chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens - len(chunk.draft_token_ids)
             self.block_manager.cache_full_blocks(chunk.seq)
-            num_drafts[chunk.seq.seq_id] = len(chunk.draft_token_ids)
         touched: dict[str, Request] = {}
         for row, error in tokens.failed.items():
             request = sampled[row].request
@@ -288,10 +286,10 @@ class Scheduler:
                 self._fail(request, error)
                 touched[request.request_id] = request
         now = time.monotonic()
-        emitted = [(row, VerifiedTokens([tokens.token_ids[i]], [tokens.logprobs(i)]), False)
-                   for i, row in enumerate(tokens.rows)]
-        emitted += [(row, step, True) for row, step in (verified or {}).items()]
-        for row, step, speculated in emitted:
+        emitted = [(row, VerifiedTokens([token], [tokens.logprobs(i)]))
+                   for i, (row, token) in enumerate(zip(tokens.rows, tokens.token_ids, strict=True))]
+        emitted += (verified or {}).items()
+        for row, step in emitted:
             seq = sampled[row]
             request = seq.request
             if request.error is not None:  # a sibling failed
@@ -306,8 +304,8 @@ class Scheduler:
             except Exception as e:  # this request's detokenizer, logprobs or stop checks: only it ends
                 self._fail(request, e)
                 continue
-            if speculated:
-                self._accept_drafts(seq, num_drafts[seq.seq_id], len(step.token_ids) - 1)
+            if step.num_drafts:
+                self._accept_drafts(seq, step.num_drafts, len(step.token_ids) - 1)
         return list(touched.values())
 
     def _accept_drafts(self, seq: Sequence, num_drafts: int, accepted: int) -> None:

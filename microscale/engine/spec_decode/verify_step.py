@@ -33,7 +33,8 @@ def sample_step(
     batch = VerifyBatch.build(verify_logits, [rows[i] for i in speculating],
                               [chunks[i].draft_token_ids for i in speculating], eos_ids, vocab_size)
     emitted = rejection_sample(batch).to_host()
-    verified = {i: VerifiedTokens(ids) for i, ids in zip(speculating, emitted, strict=True)}
+    verified = {i: VerifiedTokens(ids, num_drafts=len(chunks[i].draft_token_ids))
+                for i, ids in zip(speculating, emitted, strict=True)}
     _add_logprobs(verified, verify_logits, [rows[i] for i in speculating], speculating, chunks)
     return tokens, verified
 
