@@ -15,6 +15,8 @@ from conftest import REPO
 from live_server import running_server
 from tool_models import hermes_model
 
+from microscale.tokenizer import Tokenizer
+
 pytest_plugins = ["live_server"]  # the server fixtures
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
@@ -33,7 +35,7 @@ HARMONY_MODEL = REPO / "models" / "tiny-gptoss-harmony"
 def tool_server(request, tmp_path_factory):
     model = hermes_model(tmp_path_factory.mktemp("hermes")) if request.param == "hermes" else HARMONY_MODEL
     with running_server(model) as server:
-        server.family = request.param
+        server.family, server.path = request.param, model
         yield server
 
 
@@ -115,6 +117,14 @@ def test_a_conversation_with_calls_and_results(tool_server) -> None:
     response = tool_server.client().chat.completions.create(model=tool_server.model, messages=messages, tools=TOOLS,
                                                             max_tokens=8)
     assert response.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # The prompt is the template's render of the call (arguments as an object) and of its result.
+    tokenizer = Tokenizer.from_pretrained(tool_server.path)
+    call = messages[1]["tool_calls"][0]
+    rendered = [*ASK, {"role": "assistant", "tool_calls": [{**call, "function": {
+        "name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}}]}, {**messages[2]}]
+    prompt = tokenizer.apply_chat_template(rendered, tools=TOOLS)
+    assert "temperature" in prompt and "Oslo" in prompt
+    assert response.usage.prompt_tokens == len(tokenizer.encode(prompt, add_special_tokens=False))
 
 
 @pytest.mark.parametrize(("change", "param"), [
