@@ -220,7 +220,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from microscale.engine.engine import LLMEngine
-    from microscale.serve.tool_parsers import reply_parser, tool_family
+    from microscale.serve.tool_parsers import reply_parser, template_arguments, tool_family
 
     tools = _read_tools(args.tools) if args.tools else None
     overrides = _sampling_overrides(args)
@@ -260,7 +260,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
                 messages.append({"role": "assistant", "content": reply.content})
                 break
             calls = [{"id": f"call_{turn}_{i}", "type": "function",
-                      "function": {"name": c.name, "arguments": _json_or_text(c.arguments)}}
+                      "function": {"name": c.name, "arguments": template_arguments(c.arguments)}}
                      for i, c in enumerate(reply.tool_calls)]
             messages.append({"role": "assistant", "tool_calls": calls,
                              **({"content": reply.content} if reply.content else {})})
@@ -304,14 +304,6 @@ def _read_tools(path: str) -> list[dict[str, Any]]:
     if not isinstance(tools, list) or not all(isinstance(t, dict) and "function" in t for t in tools):
         raise CLIError(f"--tools {path}: expected a JSON list of {{\"type\": \"function\", \"function\": {{...}}}}")
     return tools
-
-
-def _json_or_text(arguments: str) -> Any:
-    # Templates write a call's arguments with tojson: an object, unless the model wrote no valid JSON.
-    try:
-        return json.loads(arguments)
-    except json.JSONDecodeError:
-        return arguments
 
 
 def _tool_parser_names() -> list[str]:

@@ -7,7 +7,6 @@ mean on chat (chat_tools.py): "required" or a named function constrains decoding
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -39,7 +38,7 @@ from microscale.serve.responses_protocol import (
     ResponseUsage,
 )
 from microscale.serve.streaming import start_requests
-from microscale.serve.tool_parsers import ToolParser
+from microscale.serve.tool_parsers import ToolParser, template_arguments
 from microscale.tokenizer import Tokenizer
 
 
@@ -59,14 +58,6 @@ def _conversation(body: ResponsesRequest, store: ResponseStore) -> list[InputIte
     return items + body.input_items()
 
 
-def _template_arguments(arguments: str) -> Any:
-    """Chat templates write a call's arguments with `tojson`: they expect the object, not its JSON text."""
-    try:
-        return json.loads(arguments)
-    except ValueError:
-        return arguments
-
-
 def chat_messages(instructions: str | None, items: list[InputItem]) -> list[dict[str, Any]]:
     """The conversation as chat-completions messages: consecutive function calls are one assistant message's
     tool_calls, each output a `tool` message, a reasoning item the `reasoning_content` of the assistant turn after
@@ -83,7 +74,7 @@ def chat_messages(instructions: str | None, items: list[InputItem]) -> list[dict
         elif isinstance(item, FunctionCallItem):
             calls.add(item.call_id)
             call = {"id": item.call_id, "type": "function",
-                    "function": {"name": item.name, "arguments": _template_arguments(item.arguments)}}
+                    "function": {"name": item.name, "arguments": template_arguments(item.arguments)}}
             last = messages[-1] if messages else {}
             if last.get("tool_calls") and not reasoning:
                 last["tool_calls"].append(call)

@@ -83,6 +83,15 @@ def named_call_schema(tools: list[FunctionTool], arguments_key: str) -> dict[str
     } for tool in tools]}
 
 
+def template_arguments(arguments: str) -> Any:
+    """A call's arguments as chat templates take them: the object (they write it with `tojson`; its JSON text
+    would be quoted twice), or the text as it is when the model wrote no valid JSON."""
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
+
+
 def call_from_object(value: Any, arguments_keys: tuple[str, ...]) -> ToolCall | None:
     """A call written as a JSON object `{"name": ..., "<arguments key>": {...}}`, or None if `value` is not one."""
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
