@@ -55,7 +55,7 @@ class GrammarCompiler:
         return matcher
 
 
-# JSON without free whitespace between tokens (", " and ": " separators): a weak or unsure model could otherwise
+# Compact JSON ("," and ":" separators, no free whitespace between tokens): a weak or unsure model could otherwise
 # spend its whole budget on blanks. A schema may still ask for other layouts through its "x-guidance" options.
 _JSON_LAYOUT = {"whitespace_flexible": False}
 
