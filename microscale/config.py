@@ -320,8 +320,9 @@ class EngineArgs:
     # reference), "torch", or "triton" (on a CPU only under TRITON_INTERPRET=1, for tests).
     kernel_backend: str = _knob("auto", "kernels for attention, norms, activations (default auto: Triton on a GPU, "
                                         "else torch)", choices=KERNEL_BACKENDS)
-    # Decode steps replay CUDA graphs captured at start-up (Triton kernels on a GPU); True: always eager.
-    enforce_eager: bool = _knob(False, "no CUDA graphs for decode steps")
+    # Decode steps replay CUDA graphs captured at start-up (Triton kernels on a GPU); on a CPU the forward is
+    # compiled with torch.compile at start-up (engine/compiled_forward.py). True: always eager.
+    enforce_eager: bool = _knob(False, "no CUDA graphs for decode steps (GPU), no compiled forward (CPU)")
     # Batch-invariant mode (SGLang's --enable-deterministic-inference, vLLM's batch invariance): a request's
     # logits do not depend on what else is in the step, on chunk boundaries or on preemption. CPU only; slower
     # (padded matmuls, blockwise attention); the torch kernels.

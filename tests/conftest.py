@@ -20,6 +20,12 @@ if not torch.cuda.is_available():
 # Tiny models: torch's intra-op threads cost far more than they save (and thrash on a busy 2-core machine).
 torch.set_num_threads(int(os.environ.get("MICROSCALE_TEST_THREADS", "1")))
 
+# On a CPU the engine compiles its forward at start-up (torch.compile), tens of seconds for each new model shape:
+# tests run eagerly unless they ask for it (tests/engine/test_compiled_forward.py compiles the real thing). The
+# variable is torch's own switch; it reaches the engine processes and CLIs tests start, too.
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+torch._dynamo.config.disable = os.environ["TORCH_COMPILE_DISABLE"] == "1"
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED_MODEL = REPO / "models" / "tiny-llama-pycode"
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]

@@ -54,6 +54,7 @@ class LLMEngine:
         if args.calib_config is not None:
             windows = calibration_windows(self.tokenizer, args.calib_config, max_model_len)
             shard.set_kv_amax(calibrate(self.runner.model, self.prompt_logits, windows))
+        self.compile_seconds = shard.compile_forwards(args.enforce_eager)
 
     # ---- requests -------------------------------------------------------------------------------------
 

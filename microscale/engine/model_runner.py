@@ -9,6 +9,7 @@ itself knows no ranks. Only the sampled ids leave the device.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,12 @@ from microscale.attention.metadata import AttentionMetadata, DecodeBatch, Decode
 from microscale.attention.selector import select_attention_backend
 from microscale.config import ModelConfig
 from microscale.engine.block_manager import SwapPlan
+from microscale.engine.compiled_forward import (
+    CompiledForward,
+    compile_cache_hits,
+    compile_disabled_reason,
+    inductor_cache_dir,
+)
 from microscale.engine.cuda_graphs import CudaGraph, DecodeGraphs
 from microscale.engine.sampler import Sampler, SamplingBatch
 from microscale.engine.scheduler import ScheduledChunk
@@ -68,7 +75,7 @@ class ModelRunner:
                                                                     deterministic)
         # Norms, activations, quantized matmuls and MoE take the kernel family too (even where an FP8 KV cache
         # keeps attention on torch).
-        family = resolve_kernel_backend(kernel_backend, device)
+        self.kernel_family = family = resolve_kernel_backend(kernel_backend, device)
         for module in model.modules():
             if hasattr(module, "select_kernels"):
                 module.select_kernels(family, device)
@@ -84,6 +91,7 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.decode_graphs: DecodeGraphs | None = None
+        self.compiled_forward: CompiledForward | None = None
         self.shared_steps = shared_steps
         self.scratch_block = 0
 
@@ -183,6 +191,43 @@ class ModelRunner:
         with torch.inference_mode():
             return self.decode_graphs.capture()
 
+    def compile_unavailable_reason(self) -> str | None:
+        if self.device.type != "cpu":
+            return "on a GPU, decode steps replay CUDA graphs of the Triton kernels instead"
+        if self.shared_steps:
+            return "tensor parallel ranks run each broadcast step eagerly"
+        if self.deterministic:
+            return "batch-invariant mode pads every matmul's rows, eagerly"
+        if self.kernel_family != "torch":
+            return f"the {self.kernel_family} kernels run under Triton's interpreter"
+        if any(isinstance(m, FusedMoE) and not m.fused for m in self.model.modules()):
+            return "the reference MoE reads expert counts back to the host (a graph break per layer)"
+        return compile_disabled_reason()
+
+    def enable_compiled_forward(self) -> float | None:
+        """Compile the forward (after allocate_kv_cache, and after anything that changes the model, such as
+        calibration) with one warm-up step; returns the seconds taken, or None when the forward stays eager
+        (the reason logged)."""
+        reason = self.compile_unavailable_reason()
+        if reason is not None:
+            logger.info("the forward runs eagerly: %s", reason)
+            return None
+        started, cached_before = time.perf_counter(), compile_cache_hits()
+        self.compiled_forward = CompiledForward(self.model, self.attention_layers)
+        try:
+            # A 2-token prompt chunk in block 0, which holds nothing yet (before any request); the graph is the
+            # same for every step.
+            self.forward_logits(_profile_inputs(2, self.max_model_len, self.max_num_seqs, self.block_size))
+        except Exception as e:  # whatever the compiler fails on, the engine still works, eagerly
+            self.compiled_forward = None
+            logger.warning("the forward runs eagerly: compiling it failed (%s: %s)", type(e).__name__, e)
+            return None
+        seconds = time.perf_counter() - started
+        source = "from the compile cache" if compile_cache_hits() > cached_before else "compiled from scratch"
+        logger.info("compiled the forward (torch.compile, dynamic token count) in %.1fs, %s (%s)", seconds, source,
+                    inductor_cache_dir())
+        return seconds
+
     @torch.inference_mode()
     def forward_logits(self, step: StepInputs) -> torch.Tensor | None:
         """The step's block copies, then one forward and the logits of `step.rows` (None: no tokens, only
@@ -195,7 +240,8 @@ class ModelRunner:
         with batch_invariant_mode(self.deterministic):
             hidden = None if self.decode_graphs is None else self.decode_graphs.run(input_ids, positions, meta)
             if hidden is None:
-                hidden = self.model(input_ids, positions, meta)
+                forward = self.compiled_forward or self.model
+                hidden = forward(input_ids, positions, meta)
             return self.model.compute_logits(hidden if rows is None else hidden[rows])
 
     def _swap(self, step: StepInputs) -> None:

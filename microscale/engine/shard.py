@@ -36,6 +36,15 @@ class EngineShard:
     # Speculative decoding's draft model (method "draft"): its runner, with as many KV blocks as the target's.
     draft_runner: ModelRunner | None = None
 
+    def compile_forwards(self, enforce_eager: bool) -> float | None:
+        """Unless enforce_eager, compile the forward of the model and of any draft model where that applies
+        (CPU); after anything that changes the model (calibration). Returns the seconds taken (None: eager)."""
+        if enforce_eager:
+            return None
+        seconds = [s for runner in (self.runner, self.draft_runner) if runner is not None
+                   and (s := runner.enable_compiled_forward()) is not None]
+        return sum(seconds) if seconds else None
+
     def set_kv_amax(self, kv_amax: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Static KV cache scales from calibration's largest |k| and |v| per layer (a 16-bit cache takes none)."""
         if self.kv_cache_quant is None:

@@ -41,8 +41,9 @@ def pad_rows(x: torch.Tensor, multiple: int = ROW_TILE, dim: int = 0) -> torch.T
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; inside batch_invariant_mode, over rows padded to a multiple of ROW_TILE."""
-    if not _enabled.get():
+    """F.linear; inside batch_invariant_mode, over rows padded to a multiple of ROW_TILE. (The compiled forward
+    never runs in that mode, and Dynamo cannot read a context variable: it traces plain F.linear.)"""
+    if torch.compiler.is_compiling() or not _enabled.get():
         return F.linear(x, weight, bias)
     flat = x.reshape(-1, x.shape[-1])
     return F.linear(pad_rows(flat), weight, bias)[: flat.shape[0]].view(*x.shape[:-1], weight.shape[0])

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -37,7 +41,47 @@ class Attention(nn.Module):
         copy_checked(self.sinks, loaded.narrow(0, tp_rank() * self.num_heads, self.num_heads))
         return ["sinks"]
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata | None
+    ) -> torch.Tensor:
+        """meta None: a compiled forward, whose graph calls the opaque attention op; the step's metadata is in
+        compiled_step (a graph cannot take the metadata's per-step Python structure without recompiling)."""
+        if meta is None:
+            return torch.ops.microscale.attention(q, k, v, self.layer_index)
         return self.backend.forward(
             q, k, v, self.kv_cache, meta, self.scale, self.window, self.layer_index, self.sinks
         )
+
+
+# ---- attention as one opaque op of a compiled forward ------------------------------------------------------
+# Inductor compiles everything around it; the op itself runs eagerly, reading the step's metadata and the
+# calling runner's layers from a context variable (two runners, e.g. speculative decoding's draft, may share a
+# process and a thread).
+
+_STEP: contextvars.ContextVar[tuple[list[Attention], AttentionMetadata]] = contextvars.ContextVar("compiled_step")
+
+
+@contextlib.contextmanager
+def compiled_step(layers: list[Attention], meta: AttentionMetadata) -> Iterator[None]:
+    """Within the block, the attention op of layer i runs layers[i] (in layer order) on `meta`."""
+    token = _STEP.set((layers, meta))
+    try:
+        yield
+    finally:
+        _STEP.reset(token)
+
+
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_index: int) -> torch.Tensor:
+    layers, meta = _STEP.get()
+    return Attention.forward(layers[layer_index], q, k, v, meta)
+
+
+def _attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_index: int) -> torch.Tensor:
+    return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+
+
+# A plain dispatcher op (not torch.library.custom_op): its eager call costs a few microseconds, not tens.
+_LIBRARY = torch.library.Library("microscale", "FRAGMENT")
+_LIBRARY.define("attention(Tensor q, Tensor k, Tensor v, int layer_index) -> Tensor")
+_LIBRARY.impl("attention", _attention_op, "CompositeExplicitAutograd")
+torch.library.register_fake("microscale::attention", _attention_shape, lib=_LIBRARY)

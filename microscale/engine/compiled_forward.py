@@ -1,0 +1,68 @@
+"""The model's forward compiled for the CPU with torch.compile: Inductor turns the per-layer work (norms, rotary,
+residual adds, the SwiGLU) into a few C++ loops from the machine's compiler around the matmuls, where eager
+PyTorch pays Python and dispatch overhead for every small op (at batch 1 that overhead is most of a step).
+
+One graph serves every step: the token count is a dynamic dimension (decode batches and prefill chunks of any
+size reuse it), and attention, which reads the step's Python-side metadata, is one opaque op inside it
+(microscale::attention, layers/attention.py). Compiled artefacts persist on disk (Inductor's FX graph and
+AOTAutograd caches), so a second start of the same model skips the C++ compiler.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+from microscale.attention.metadata import AttentionMetadata
+from microscale.layers.attention import Attention, compiled_step
+
+
+def inductor_cache_dir() -> Path:
+    """Where compiled graphs persist between starts: $TORCHINDUCTOR_CACHE_DIR when set, else microscale's folder
+    in the user's cache ($XDG_CACHE_HOME, by default ~/.cache), not Inductor's default under /tmp, which a
+    reboot empties."""
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen and chosen != default_cache_dir():  # importing torch._dynamo fills in Inductor's default
+        return Path(chosen)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "microscale" / "inductor"
+
+
+def compile_disabled_reason() -> str | None:
+    """Why torch.compile would not compile here (it then returns functions unchanged), or None."""
+    if torch._dynamo.config.disable:
+        return "torch.compile is disabled in this process (TORCH_COMPILE_DISABLE=1)"
+    return None
+
+
+def compile_cache_hits() -> int:
+    """Graphs this process has taken from the disk caches so far (Inductor's and AOTAutograd's)."""
+    counters = torch._dynamo.utils.counters
+    return counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+
+
+class CompiledForward:
+    """Called like the model: (input_ids, positions, meta) -> hidden states. Compiles on its first call."""
+
+    def __init__(self, model: nn.Module, attention_layers: list[Attention]) -> None:
+        self.model = model
+        self.attention_layers = attention_layers
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir())  # read by Inductor when it compiles
+        # fullgraph: a graph break would leave eager islands and guard checks in every step; better to fail at
+        # start-up (the runner then stays eager and logs why).
+        self._compiled = torch.compile(self._forward, fullgraph=True, dynamic=False)
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions, None)
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # Unbacked: no guard on the token count at all, so one token (decode at batch 1) does not get a graph
+        # of its own as a dynamic-but-backed size would (0/1 specialisation).
+        for tensor in (input_ids, positions):
+            torch._dynamo.decorators.mark_unbacked(tensor, 0)
+        with compiled_step(self.attention_layers, meta):
+            return self._compiled(input_ids, positions)
