@@ -32,6 +32,7 @@ from microscale.kernels.batch_invariant import batch_invariant_mode
 from microscale.kernels.selector import resolve_kernel_backend
 from microscale.layers.attention import Attention
 from microscale.layers.moe import FusedMoE
+from microscale.quant.base import QuantMethod, UnquantizedLinearMethod
 from microscale.quant.kv_cache import make_kv_cache
 
 logger = logging.getLogger(__name__)
@@ -202,6 +203,12 @@ class ModelRunner:
             return f"the {self.kernel_family} kernels run under Triton's interpreter"
         if any(isinstance(m, FusedMoE) and not m.fused for m in self.model.modules()):
             return "the reference MoE reads expert counts back to the host (a graph break per layer)"
+        quantized = sorted({type(m.quant_method).__name__ for m in self.model.modules()
+                            if isinstance(getattr(m, "quant_method", None), QuantMethod)
+                            and not isinstance(m.quant_method, UnquantizedLinearMethod)})
+        if quantized:
+            return (f"quantized weights ({', '.join(quantized)}) are dequantised on CPU through reused buffers and "
+                    f"chunked loops, which do not trace")
         return compile_disabled_reason()
 
     def enable_compiled_forward(self) -> float | None:

@@ -56,3 +56,6 @@ def test_eager_where_compiling_does_not_apply(compiling, model) -> None:
     runner = small_llm(model, deterministic=True).engine.runner
     assert runner.compiled_forward is None
     assert runner.compile_unavailable_reason() == "batch-invariant mode pads every matmul's rows, eagerly"
+    runner = small_llm(model, quantization="fp8-dynamic").engine.runner
+    assert runner.compiled_forward is None
+    assert runner.compile_unavailable_reason().startswith("quantized weights (Fp8DynamicMethod)")
