@@ -305,6 +305,13 @@ class EngineArgs:
     load_format: str = _knob("auto", "dummy: random weights of the right shapes (for benchmarks)",
                              choices=LOAD_FORMATS)
     device: str | None = _knob(None, "cpu or cuda (default: cuda when available)")
+    # CPU threads for the engine's torch work, all tensor-parallel ranks together. None: torch's own default, one
+    # per physical core, best when the engine has the machine to itself; on a shared host fewer leave cores to the
+    # rest (oversubscribed cores make every step wait on the slowest thread).
+    threads: int | None = _knob(
+        None, "CPU threads for the engine (all ranks together); default: torch's, one per physical core, best on a "
+              "host of its own: set fewer on a shared one so the engine does not compete for busy cores",
+        metavar="N")
     # Weight quantization applied at load time (a format of microscale.quant.format's registry: "fp8",
     # "fp8-dynamic", "mxfp4"); a pre-quantized checkpoint keeps its own.
     quantization: str | None = _knob(
@@ -354,6 +361,8 @@ class EngineArgs:
         if not self.structured_outputs_max_compile_ms > 0:
             raise ValueError(f"structured_outputs_max_compile_ms must be positive, got "
                              f"{self.structured_outputs_max_compile_ms}.")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}.")
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}.")
         if self.kernel_backend not in KERNEL_BACKENDS:

@@ -45,6 +45,7 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
                                         args.structured_outputs_max_compile_ms)
         self.requests: dict[str, Request] = {}
+        self.last_step_tokens = 0  # tokens the last step's forward computed (the server's iteration-tokens metric)
         if args.calib_config is not None:
             windows = calibration_windows(self.tokenizer, args.calib_config, max_model_len)
             shard.set_kv_amax(calibrate(self.runner.model, self.prompt_logits, windows))
@@ -106,6 +107,7 @@ class LLMEngine:
     def step_requests(self) -> list[Request]:
         """One step; the requests that got a token in it (finished ones are no longer in self.requests)."""
         chunks = self.scheduler.schedule()
+        self.last_step_tokens = sum(chunk.num_tokens for chunk in chunks)
         if not chunks:
             if self.scheduler.swaps:  # every running sequence was swapped out: copy before blocks are reused
                 self.executor.execute([], self.scheduler.swaps)
