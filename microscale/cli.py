@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
                            description="Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, "
-                                       "/v1/models, /health, /version); streams with Server-Sent Events.")
+                                       "/v1/responses, /v1/models) and vLLM's extras (/tokenize, /detokenize, "
+                                       "/tokenizer_info, /metrics, /health, /version); streams with Server-Sent "
+                                       "Events.")
     _add_engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=23333, help="port to listen on (default 23333)")
