@@ -376,7 +376,9 @@ class EngineArgs:
             self.speculative_config = SpeculativeConfig.from_json(self.speculative_config)
         elif isinstance(self.speculative_config, dict):
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
-        if self.speculative_config is not None and self.speculative_config.method == "draft":
-            raise ValueError("speculative_config: method 'draft' (a draft model) is not supported yet; use 'ngram'.")
+        if self.speculative_config is not None and self.speculative_config.method == "draft" and \
+                self.tensor_parallel_size > 1:
+            raise ValueError("speculative_config: method 'draft' runs the draft model on rank 0 alone and is not "
+                             "supported with tensor_parallel_size > 1 yet; use method 'ngram'.")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")

@@ -16,6 +16,7 @@ from microscale.engine.logprobs import prompt_logprobs
 from microscale.engine.sampler import Sampler
 from microscale.engine.scheduler import Scheduler
 from microscale.engine.sequence import Request, Sequence
+from microscale.engine.spec_decode.draft_model import DraftModelProposer
 from microscale.engine.spec_decode.verify_step import sample_step
 from microscale.engine.structured import GrammarCompiler, StepMasks
 from microscale.outputs import RequestOutput, SampleLogprobs
@@ -39,8 +40,13 @@ class LLMEngine:
         self.graph_capture_seconds = shard.graph_capture_seconds
         self.block_manager = BlockManager(shard.num_blocks, args.block_size, args.enable_prefix_caching,
                                           shard.num_host_blocks)
+        proposer = None
+        if shard.draft_runner is not None:
+            proposer = DraftModelProposer(shard.draft_runner, shard.num_blocks, args.block_size,
+                                          args.speculative_config.num_speculative_tokens, self.eos_token_ids,
+                                          self.model_config.vocab_size, args.max_num_batched_tokens)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager, self.eos_token_ids, self.tokenizer,
-                                   args.speculative_config)
+                                   args.speculative_config, proposer)
         self.sampler = Sampler()
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
                                         args.structured_outputs_max_compile_ms)

@@ -64,6 +64,20 @@ def test_decode_graph_buffers_replay_like_eager(tiny_model):
     assert any(replays) and not all(replays)  # decode steps replayed, prefill steps ran eagerly
 
 
+def test_speculative_verification_through_triton(tiny_model):
+    """Draft-model speculation on the Triton path, target decodes replayed through the graph buffers: the
+    verification chunks (a sequence's last token and its drafts) run eagerly through the prefill kernel with a
+    cached context, the draft's steps through the same kernels; the tokens are the torch path's without drafts."""
+    path = str(tiny_model("llama"))
+    reference = LLM(path, kernel_backend="torch", **KNOBS)
+    triton = LLM(path, kernel_backend="triton", speculative_config={"method": "draft", "model": path,
+                                                                    "num_speculative_tokens": 3}, **KNOBS)
+    triton.engine.runner.enable_decode_graphs(EagerReplay)
+    assert triton.engine.scheduler.proposer.runner.attention_backend.name == "triton"
+    assert _tokens(triton) == _tokens(reference)
+    assert triton.engine.get_stats()["spec_decode_num_accepted_tokens"] > 0
+
+
 def test_graphs_refuse_the_torch_backend(tiny_model):
     llm = LLM(str(tiny_model("llama")), kernel_backend="torch", **KNOBS)
     with pytest.raises(ValueError, match="not graph-safe"):
