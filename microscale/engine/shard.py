@@ -73,6 +73,8 @@ def build_shard(args: EngineArgs, inputs: InputProcessor, device: torch.device) 
     if draft is not None:
         draft.allocate_kv_cache(num_blocks, args.block_size)
     graph_capture_seconds = _capture_decode_graphs(args, runner, device)
+    if draft is not None:
+        _capture_decode_graphs(args, draft, device)  # its k - 1 decode steps per proposal are launch-bound
     return EngineShard(runner, num_blocks, num_host_blocks, dtype, quant, kv_cache_quant, graph_capture_seconds,
                        draft)
 
@@ -81,7 +83,7 @@ def _build_draft_runner(
     args: EngineArgs, target: ModelConfig, dtype: torch.dtype, device: torch.device, max_model_len: int
 ) -> ModelRunner | None:
     """The draft model of speculative method "draft", unquantised, in the target's dtype, its KV cache in that
-    dtype too; its decode steps run eagerly (its CUDA graphs are not captured)."""
+    dtype too (its decode steps replay CUDA graphs where the target's do)."""
     spec = args.speculative_config
     if spec is None or spec.method != "draft":
         return None

@@ -229,3 +229,22 @@ def test_the_first_verified_token_follows_the_target(tiny_model, tmp_path) -> No
     index = {cell: i for i, cell in enumerate(cells)}
     observed = torch.tensor([index[(a, b)] for a, b in pairs.tolist()])
     assert chi_square_p_value(observed, torch.tensor(expected)) > ALPHA
+
+
+def test_a_draft_cache_out_of_blocks_only_stops_proposing(tiny_model, assert_idle) -> None:
+    """Sequences whose draft-cache blocks cannot be had decode without drafts (their draft state dropped, caught
+    up again later); outputs do not change and every block comes back."""
+    path = str(tiny_model("llama"))
+    prompts = [{"prompt_token_ids": [3 + i, 40, 41, 42] * 6} for i in range(6)]
+    plain = _greedy(LLM(path, dtype="float32"), prompts, max_tokens=40)
+    llm = LLM(path, dtype="float32", block_size=8, speculative_config={"method": "draft", "model": path,
+                                                                       "num_speculative_tokens": 3})
+    proposer = llm.engine.scheduler.proposer
+    held_back = proposer.free_blocks[:-10]
+    del proposer.free_blocks[:-10]  # 10 blocks of 8 tokens: room for about two of the six sequences
+    assert _greedy(llm, prompts, max_tokens=40) == plain
+    stats = llm.engine.get_stats()
+    assert 0 < stats["spec_decode_num_drafts"] and stats["spec_decode_num_accepted_tokens"] > 0
+    assert not proposer.states and len(proposer.free_blocks) == 10
+    proposer.free_blocks += held_back
+    assert_idle(llm)
