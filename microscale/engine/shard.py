@@ -14,6 +14,7 @@ from microscale.config import EngineArgs, ModelConfig, resolve_dtype
 from microscale.distributed.parallel_state import min_over_ranks, tp_rank, tp_size
 from microscale.engine.inputs import InputProcessor
 from microscale.engine.model_runner import ModelRunner
+from microscale.engine.plan import DeviceMemory, blocks_per_seq, fixed_kv_budget, plan_memory
 from microscale.models.loader import load_model, load_model_config, resolve_model_path
 from microscale.quant.kv_cache import KV_CACHES, kv_scales_from_amax
 from microscale.quant.scheme import QuantScheme
@@ -21,7 +22,6 @@ from microscale.quant.scheme import QuantScheme
 logger = logging.getLogger(__name__)
 
 _GIB = 1 << 30
-_DEFAULT_CPU_KV_GIB = 4.0
 
 
 @dataclass
@@ -57,6 +57,11 @@ def build_shard(args: EngineArgs, inputs: InputProcessor, device: torch.device) 
         )
     # Before anything of this shard is on the GPU: where its memory accounting starts.
     start = GpuSnapshot.take(device) if device.type == "cuda" else None
+    if tp_rank() == 0:  # before any weight is read: a configuration that cannot fit fails now, not after loading
+        plan = plan_memory(args, cfg, max_model_len, dtype, DeviceMemory.of(device), inputs.model_dir.name)
+        logger.info("%s", plan.summary())
+        if not plan.fits:
+            raise ValueError(plan.refusal())
     model, kv_scales = load_model(inputs.model_dir, cfg, dtype, device, max_model_len, quant, args.load_format,
                                   args.seed)
     logger.info("loaded %s (%s, %s) in %.1fs", cfg.architecture, dtype, device, time.perf_counter() - started)
@@ -118,12 +123,7 @@ def _capture_decode_graphs(args: EngineArgs, runner: ModelRunner, device: torch.
 def _num_swap_blocks(args: EngineArgs, runner: ModelRunner, max_model_len: int) -> int:
     """Blocks of the host swap space: swap_space GiB, but no more than max_num_seqs full sequences take."""
     swap_blocks = int(args.swap_space * _GIB // runner.kv_block_bytes(args.block_size))
-    return min(swap_blocks, args.max_num_seqs * _blocks_per_seq(args, max_model_len))
-
-
-def _blocks_per_seq(args: EngineArgs, max_model_len: int) -> int:
-    """KV blocks one sequence of max_model_len tokens takes."""
-    return -(-max_model_len // args.block_size)
+    return min(swap_blocks, args.max_num_seqs * blocks_per_seq(max_model_len, args.block_size))
 
 
 def _apply_checkpoint_kv_scales(runner: ModelRunner, kv_scales: dict, kv_cache_quant: str | None) -> None:
@@ -229,16 +229,11 @@ def _num_kv_blocks(
     block_bytes = runner.kv_block_bytes(args.block_size)
     if draft is not None:
         block_bytes += draft.kv_block_bytes(args.block_size)
-    blocks_per_seq = _blocks_per_seq(args, max_model_len)
-    if args.kv_cache_memory is not None:
-        budget = args.kv_cache_memory * _GIB
-    elif device.type == "cuda":
+    budget = fixed_kv_budget(args, device.type, max_model_len, block_bytes)
+    if budget is None:
         budget = _gpu_kv_budget(args, runner, device, start)
-    else:
-        # No more than every sequence slot could ever use.
-        budget = min(_DEFAULT_CPU_KV_GIB * _GIB, args.max_num_seqs * blocks_per_seq * block_bytes)
     num_blocks = int(budget // block_bytes)
-    if num_blocks < blocks_per_seq:
+    if num_blocks < blocks_per_seq(max_model_len, args.block_size):
         raise ValueError(
             f"The KV cache budget ({budget / _GIB:.3f} GiB = {num_blocks} blocks of {args.block_size} tokens) "
             f"cannot hold one sequence of max_model_len={max_model_len} tokens; raise kv_cache_memory / "
