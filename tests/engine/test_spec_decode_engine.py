@@ -165,11 +165,15 @@ def test_logprobs_of_accepted_tokens_are_those_without_speculation() -> None:
     assert spec.engine.get_stats()["spec_decode_num_accepted_tokens"] > 0
 
 
-def test_a_draft_model_must_share_the_vocabulary(tiny_model) -> None:
+def test_a_draft_model_must_exist_and_share_the_vocabulary(tiny_model, tmp_path) -> None:
+    target = str(REPO / "models" / "tiny-llama-pycode")
     other = tiny_model("llama", vocab_size=4100)
     with pytest.raises(ValueError, match="vocabulary of 4100 tokens, the target 4096"):
-        LLM(str(REPO / "models" / "tiny-llama-pycode"), dtype="float32",
-            speculative_config={"method": "draft", "model": str(other), "num_speculative_tokens": 2})
+        LLM(target, dtype="float32", speculative_config={"method": "draft", "model": str(other),
+                                                         "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match=r"speculative_config.model \(the draft model\): Model path .* not a folder"):
+        LLM(target, dtype="float32", speculative_config={"method": "draft", "model": str(tmp_path / "none"),
+                                                         "num_speculative_tokens": 2})
 
 
 def test_a_draft_model_samples_as_the_target_does(tiny_model) -> None:
