@@ -14,7 +14,14 @@ from microscale.config import EngineArgs, ModelConfig, resolve_dtype
 from microscale.distributed.parallel_state import min_over_ranks, tp_rank, tp_size
 from microscale.engine.inputs import InputProcessor
 from microscale.engine.model_runner import ModelRunner
-from microscale.engine.plan import DeviceMemory, blocks_per_seq, fixed_kv_budget, plan_memory
+from microscale.engine.plan import (
+    DeviceMemory,
+    GpuMemory,
+    blocks_per_seq,
+    fixed_kv_budget,
+    kv_cache_budget,
+    plan_memory,
+)
 from microscale.models.loader import load_model, load_model_config, resolve_model_path
 from microscale.quant.kv_cache import KV_CACHES, kv_scales_from_amax
 from microscale.quant.scheme import QuantScheme
@@ -158,41 +165,6 @@ class GpuSnapshot:
     def take(cls, device: torch.device) -> GpuSnapshot:
         free, total = torch.cuda.mem_get_info(device)
         return cls(free, total, torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device))
-
-
-@dataclass(frozen=True)
-class GpuMemory:
-    """What sizes the KV cache on a GPU, in bytes, accounted as vLLM's memory profiling does."""
-
-    total: int
-    free_at_start: int  # before the shard loaded
-    free: int  # after the profiled step, torch's cached blocks handed back
-    weights: int  # torch memory the shard held before the profiled step (weights, buffers)
-    peak_activation: int  # the profiled step's peak torch memory above that
-    non_torch: int  # memory this process took outside torch since the start (NCCL, cuBLAS workspaces)
-
-
-def kv_cache_budget(mem: GpuMemory, cache_max_entry_count: float, gpu_memory_utilization: float | None) -> int:
-    """Bytes the KV cache may take on a GPU.
-
-    gpu_memory_utilization (vLLM's meaning; wins when set): the engine may use this fraction of the GPU's total
-    memory in all, so the KV cache gets it less the weights, the peak activations and this process's non-torch
-    memory. Other processes' memory is not charged to it, but (as in vLLM) they must leave that much free at the
-    start. cache_max_entry_count (LMDeploy's meaning): this fraction of the memory left free after the weights
-    and the peak activations.
-    """
-    if gpu_memory_utilization is None:
-        budget = cache_max_entry_count * (mem.free - mem.peak_activation)
-    else:
-        requested = gpu_memory_utilization * mem.total
-        if mem.free_at_start < requested:
-            raise ValueError(
-                f"gpu_memory_utilization={gpu_memory_utilization} asks for {requested / _GIB:.2f} GiB of the GPU's "
-                f"{mem.total / _GIB:.2f} GiB, but only {mem.free_at_start / _GIB:.2f} GiB were free when the engine "
-                f"started (other processes hold the rest): lower it, or free the GPU."
-            )
-        budget = requested - mem.weights - mem.peak_activation - mem.non_torch
-    return max(0, int(budget))
 
 
 def _profile_gpu_memory(args: EngineArgs, runner: ModelRunner, device: torch.device, start: GpuSnapshot) -> GpuMemory:
