@@ -22,11 +22,11 @@ from microscale.sampling_params import SamplingParams
 
 def incremental_us(tokens: list[int], proposer: NgramProposer, steps: int) -> float:
     seq = Sequence(Request("r", None, tokens[: len(tokens) - steps], SamplingParams()), 0, None)
-    proposer.propose([seq])  # the sequence's array is built once, at its first step
+    proposer.propose([seq], [proposer.k])  # the sequence's array is built once, at its first step
     start = time.perf_counter()
     for token in tokens[len(tokens) - steps :]:
         seq.token_ids.append(token)
-        proposer.propose([seq])
+        proposer.propose([seq], [proposer.k])
     return (time.perf_counter() - start) / steps * 1e6
 
 

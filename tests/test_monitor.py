@@ -89,4 +89,4 @@ def test_dashboard_shows_speculation_only_when_it_runs():
     newer = parse(_metrics({"+Inf": 30}, 600, spec(110, 440, 320)), at=2.0)
     console.print(render("http://x", older, older, newer, "last 60s"))
     # 300 of 400 drafts accepted over 100 verifications: 1 + 3 tokens each.
-    assert "75.0% of drafts accepted, 4.00 tokens per verification" in console.export_text()
+    assert "75.0% of drafts accepted, mean accepted length 4.00 tokens per verification" in console.export_text()

@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from microscale.config import SpeculativeConfig
+
 BACKENDS = ("microscale", "transformers", "vllm")
 
 
@@ -44,6 +46,8 @@ class EngineSection:
     enforce_eager: bool = False  # microscale: no CUDA graphs for decode steps
     tensor_parallel_size: int = 1  # microscale: ranks the model is split over
     enable_expert_parallel: bool = False  # microscale, with tensor_parallel_size > 1: whole MoE experts per rank
+    # microscale: speculative decoding as JSON in vLLM's names, e.g. {"method": "ngram", "num_speculative_tokens": 4}
+    speculative_config: str | None = None
     vllm_python: str | None = None  # the python of a virtualenv with vLLM, when it is not importable here
 
 
@@ -149,6 +153,11 @@ def _check_values(config: BenchConfig) -> None:
         raise BenchConfigError(f"'engine.load_format' must be auto, safetensors or dummy, got {e.load_format!r}.")
     if e.kernel_backend not in ("auto", "torch", "triton"):
         raise BenchConfigError(f"'engine.kernel_backend' must be auto, torch or triton, got {e.kernel_backend!r}.")
+    if e.speculative_config is not None:
+        try:
+            SpeculativeConfig.from_json(e.speculative_config)
+        except ValueError as error:
+            raise BenchConfigError(f"'engine.speculative_config': {error}") from None
     if e.backend == "transformers" and (e.quant != "none" or e.kv_cache_quant != "none"):
         raise BenchConfigError("'engine.backend: transformers' is the unquantized baseline: set quant and "
                                "kv_cache_quant to none.")

@@ -161,7 +161,14 @@ def print_table(record: dict[str, Any], title: str | None = None) -> None:
             f"{run['output_tokens_per_s']:.1f}", *(_pair(run[k]) for k in LATENCY_KEYS),
             f"{run['completed']}/{run['num_requests']}",
         )
-    Console(width=160).print(table)  # wide enough for every column, on a terminal or in a log
+    console = Console(width=160)  # wide enough for every column, on a terminal or in a log
+    console.print(table)
+    for run in record["runs"]:
+        spec = run.get("speculative_decoding")
+        if spec and spec["acceptance_rate"] is not None:
+            console.print(f"{run_label(run)}: speculative decoding ({spec['method']}, k = "
+                          f"{spec['num_speculative_tokens']}): {spec['acceptance_rate']:.1%} of drafts accepted, "
+                          f"mean accepted length {spec['mean_accepted_length']}")
 
 
 def run_label(run: dict[str, Any]) -> str:

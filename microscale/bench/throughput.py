@@ -59,6 +59,7 @@ def _run_microscale(config: BenchConfig, requests: list[BenchRequest]) -> dict[s
         quantization=_scheme(e.quant), kv_cache_quant=_scheme(e.kv_cache_quant), load_format=e.load_format,
         seed=config.data.seed, device=e.device, kernel_backend=e.kernel_backend, enforce_eager=e.enforce_eager,
         tensor_parallel_size=e.tensor_parallel_size, enable_expert_parallel=e.enable_expert_parallel,
+        speculative_config=e.speculative_config,
     )
     try:
         return _measure(llm, config, requests)
@@ -105,7 +106,22 @@ def _measure(llm: Any, config: BenchConfig, requests: list[BenchRequest]) -> dic
                   "tokens": kv_tokens, "gib": round(stats["kv_cache_blocks_total"] * block_bytes / 2**30, 4),
                   "storage": engine.runner.kv_cache_description()},
         num_preemptions=stats["num_preemptions"],
+        **_speculation(engine.args.speculative_config, stats),
     )
+
+
+def _speculation(spec: Any, stats: dict[str, float]) -> dict[str, Any]:
+    """The run's speculative decoding, when it had some: method, k, acceptance rate and mean accepted length
+    (tokens per verification: the accepted drafts and the one token every verification adds)."""
+    if spec is None:
+        return {}
+    drafts, proposed, accepted = (stats[f"spec_decode_num_{k}"] for k in ("drafts", "draft_tokens", "accepted_tokens"))
+    return {"speculative_decoding": {
+        "method": spec.method, "num_speculative_tokens": spec.num_speculative_tokens, "model": spec.model,
+        "verifications": drafts, "draft_tokens": proposed, "accepted_tokens": accepted,
+        "acceptance_rate": round(accepted / proposed, 4) if proposed else None,
+        "mean_accepted_length": round(1 + accepted / drafts, 3) if drafts else None,
+    }}
 
 
 def _run_transformers(config: BenchConfig, requests: list[BenchRequest]) -> dict[str, Any]:

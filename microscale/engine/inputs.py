@@ -73,6 +73,18 @@ class InputProcessor:
                 f"The prompt has {len(ids)} tokens; max_model_len is {max_len}"
                 + (", which leaves no room to generate." if room_to_generate else ".")
             )
+        self.check_vocabulary(ids, "Prompt token ids")
+
+    def check_vocabulary(self, ids: list[int], what: str = "Token ids") -> None:
+        """A ValueError for ids outside the vocabulary (the tokenizer would raise on them, or overflow)."""
         vocab = self.model_config.vocab_size
         if any(t < 0 or t >= vocab for t in ids):
-            raise ValueError(f"Prompt token ids must be in [0, {vocab}).")
+            raise ValueError(f"{what} must be in [0, {vocab}).")
+
+    def check_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
+        """A ValueError when the prompt and max_tokens together pass the context length: the output would stop
+        short of max_tokens (the server answers 400; `microscale generate` refuses up front)."""
+        max_len = self.max_model_len
+        if max_tokens is not None and num_prompt_tokens + max_tokens > max_len:
+            raise ValueError(f"The prompt has {num_prompt_tokens} tokens and max_tokens is {max_tokens}: more than "
+                             f"the context length ({max_len}); shorten the prompt or lower max_tokens.")

@@ -31,6 +31,12 @@ class SamplingRow:
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
+    def after(self, tokens: list[int]) -> SamplingRow:
+        """The row once `tokens` are output too (a draft position: the drafts before it count as output)."""
+        if not tokens:
+            return self
+        return SamplingRow(self.params, self.token_ids + tokens, self.num_prompt_tokens, self.generator, self.allowed)
+
 
 @dataclass
 class Penalties:

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import torch
+
 from microscale.config import SchedulerConfig, SpeculativeConfig
 from microscale.engine.block_manager import BlockManager, SwapPlan
 from microscale.engine.detokenizer import Decoder
@@ -31,6 +33,7 @@ from microscale.engine.logprobs import logprob_entry
 from microscale.engine.sampler import SampledTokens, TokenLogprobs, VerifiedTokens
 from microscale.engine.sequence import Request, Sequence, SequenceStatus
 from microscale.engine.spec_decode.ngram import NgramProposer
+from microscale.engine.spec_decode.proposer import Proposer
 from microscale.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -42,8 +45,10 @@ T = TypeVar("T")
 class ScheduledChunk:
     seq: Sequence
     num_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens (drafts included)
-    # Speculative decoding: tokens proposed after the sequence's last one, verified by this step's forward.
+    # Speculative decoding: tokens proposed after the sequence's last one, verified by this step's forward, and
+    # the draft model's distributions they were drawn from ([len(draft_token_ids), vocab]; None: n-gram's).
     draft_token_ids: list[int] = field(default_factory=list)
+    draft_probs: torch.Tensor | None = None
 
     @property
     def samples(self) -> bool:
@@ -58,12 +63,15 @@ class ScheduledChunk:
 class Scheduler:
     def __init__(
         self, config: SchedulerConfig, block_manager: BlockManager, eos_token_ids: list[int], tokenizer: Decoder,
-        speculative: SpeculativeConfig | None = None,
+        speculative: SpeculativeConfig | None = None, proposer: Proposer | None = None,
     ) -> None:
+        """speculative: when set, `proposer` proposes the drafts (n-gram's is built here when none is given)."""
         self.config = config
         self.speculative = speculative
-        self.proposer = None if speculative is None else NgramProposer(
-            speculative.prompt_lookup_min, speculative.prompt_lookup_max, speculative.num_speculative_tokens)
+        if speculative is not None and proposer is None:
+            proposer = NgramProposer(speculative.prompt_lookup_min, speculative.prompt_lookup_max,
+                                     speculative.num_speculative_tokens)
+        self.proposer = proposer
         self.num_drafts = 0  # verifications (a sequence's drafts in one step)
         self.num_draft_tokens = 0  # tokens proposed and verified
         self.num_accepted_tokens = 0  # of those, accepted
@@ -104,6 +112,8 @@ class Scheduler:
         """Remove a finished or aborted sequence and release its blocks."""
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        if self.proposer is not None:
+            self.proposer.release(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -155,12 +165,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            draft = drafts.get(seq.seq_id, [])
+            draft, probs = drafts.get(seq.seq_id, ([], None))
             if draft and (budget < 1 + len(draft) or not self.block_manager.can_allocate(seq, 1 + len(draft))):
                 draft = []  # no room to verify them: decode as usual (drafts never preempt anyone)
             if draft:
                 self.block_manager.allocate(seq, 1 + len(draft))
-                scheduled.append(ScheduledChunk(seq, 1 + len(draft), draft))
+                scheduled.append(ScheduledChunk(seq, 1 + len(draft), draft, probs))
                 budget -= 1 + len(draft)
                 i += 1
                 continue
@@ -186,23 +196,34 @@ class Scheduler:
                 )
         return scheduled
 
-    def _drafts(self) -> dict[int, list[int]]:
-        """Speculative decoding: proposals for the running sequences that decode one token this step, each cut
-        to what the sequence may still emit. None while more than disable_by_batch_size requests run, and none
-        for sequences whose grammar has not seen them (they decode as usual)."""
+    def _drafts(self) -> dict[int, tuple[list[int], torch.Tensor | None]]:
+        """Speculative decoding: proposals for the running sequences that decode one token this step, each no
+        longer than what the sequence may still emit, with the draft model's distributions (None: n-gram's).
+        None while more than disable_by_batch_size requests run, and none for sequences whose grammar has not
+        seen them (they decode as usual)."""
         spec = self.speculative
         if spec is None or (spec.disable_by_batch_size is not None and self.num_requests()[0] >
                             spec.disable_by_batch_size):
             return {}
-        eligible = [seq for seq in self.running if seq.num_tokens - seq.num_computed_tokens == 1
-                    and seq.matcher is None and seq.params.speculative_decoding]
-        drafts = {}
-        for seq, proposed in zip(eligible, self.proposer.propose(eligible).token_ids, strict=True):
+        eligible, limits = [], []
+        for seq in self.running:
+            if seq.num_tokens - seq.num_computed_tokens != 1 or seq.matcher is not None or \
+                    not seq.params.speculative_decoding:
+                continue
             room = self.config.max_model_len - seq.num_tokens - 1  # the token after the drafts must fit too
             if seq.params.max_tokens is not None:
                 room = min(room, seq.params.max_tokens - seq.num_output_tokens - 1)
-            if room > 0 and proposed:
-                drafts[seq.seq_id] = proposed[:room]
+            if room > 0:
+                eligible.append(seq)
+                limits.append(room)
+        if not eligible:
+            return {}
+        proposals = self.proposer.propose(eligible, limits)
+        drafts = {}
+        for i, (seq, proposed) in enumerate(zip(eligible, proposals.token_ids, strict=True)):
+            if proposed:
+                probs = None if proposals.probs is None else proposals.probs[i, : len(proposed)]
+                drafts[seq.seq_id] = (proposed, probs)
         return drafts
 
     def _admit_waiting(self, scheduled: list[ScheduledChunk], budget: int) -> None:

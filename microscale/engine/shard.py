@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from microscale.config import EngineArgs, resolve_dtype
+from microscale.config import EngineArgs, ModelConfig, resolve_dtype
 from microscale.distributed.parallel_state import min_over_ranks, tp_rank, tp_size
 from microscale.engine.inputs import InputProcessor
 from microscale.engine.model_runner import ModelRunner
-from microscale.models.loader import load_model
+from microscale.models.loader import load_model, load_model_config, resolve_model_path
 from microscale.quant.kv_cache import KV_CACHES, kv_scales_from_amax
 from microscale.quant.scheme import QuantScheme
 
@@ -33,6 +33,8 @@ class EngineShard:
     quant: QuantScheme
     kv_cache_quant: str | None
     graph_capture_seconds: float | None  # None: decode steps run eagerly
+    # Speculative decoding's draft model (method "draft"): its runner, with as many KV blocks as the target's.
+    draft_runner: ModelRunner | None = None
 
     def set_kv_amax(self, kv_amax: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Static KV cache scales from calibration's largest |k| and |v| per layer (a 16-bit cache takes none)."""
@@ -63,11 +65,46 @@ def build_shard(args: EngineArgs, inputs: InputProcessor, device: torch.device) 
                          kernel_backend=args.kernel_backend, shared_steps=tp_size() > 1,
                          deterministic=args.deterministic)
     _apply_checkpoint_kv_scales(runner, kv_scales, kv_cache_quant)
-    num_blocks = min_over_ranks(_num_kv_blocks(args, runner, device, max_model_len, start))
+    # Loaded before the KV cache is sized: its weights count as used memory, its cache blocks share the budget.
+    draft = _build_draft_runner(args, cfg, dtype, device, max_model_len)
+    num_blocks = min_over_ranks(_num_kv_blocks(args, runner, device, max_model_len, start, draft))
     num_host_blocks = min_over_ranks(_num_swap_blocks(args, runner, max_model_len))
     runner.allocate_kv_cache(num_blocks, args.block_size, num_host_blocks)
+    if draft is not None:
+        draft.allocate_kv_cache(num_blocks, args.block_size)
     graph_capture_seconds = _capture_decode_graphs(args, runner, device)
-    return EngineShard(runner, num_blocks, num_host_blocks, dtype, quant, kv_cache_quant, graph_capture_seconds)
+    if draft is not None:
+        _capture_decode_graphs(args, draft, device)  # its k - 1 decode steps per proposal are launch-bound
+    return EngineShard(runner, num_blocks, num_host_blocks, dtype, quant, kv_cache_quant, graph_capture_seconds,
+                       draft)
+
+
+def _build_draft_runner(
+    args: EngineArgs, target: ModelConfig, dtype: torch.dtype, device: torch.device, max_model_len: int
+) -> ModelRunner | None:
+    """The draft model of speculative method "draft", unquantised, in the target's dtype, its KV cache in that
+    dtype too (its decode steps replay CUDA graphs where the target's do)."""
+    spec = args.speculative_config
+    if spec is None or spec.method != "draft":
+        return None
+    try:
+        model_dir = resolve_model_path(spec.model)
+        cfg = load_model_config(model_dir)
+    except ValueError as e:
+        raise ValueError(f"speculative_config.model (the draft model): {e}") from None
+    if cfg.vocab_size != target.vocab_size:
+        raise ValueError(f"speculative_config.model {spec.model} has a vocabulary of {cfg.vocab_size} tokens, the "
+                         f"target {target.vocab_size}: a draft model must share the target's tokenizer.")
+    # Drafts stop where the target's room does, so the draft sees no position past max_model_len.
+    if cfg.max_position_embeddings < max_model_len:
+        raise ValueError(f"speculative_config.model {spec.model} takes {cfg.max_position_embeddings} positions, "
+                         f"fewer than max_model_len {max_model_len}: lower max_model_len.")
+    started = time.perf_counter()
+    model, _ = load_model(model_dir, cfg, dtype, device, max_model_len, QuantScheme.resolve(None, None),
+                          args.load_format, args.seed)
+    logger.info("loaded the draft model %s (%s) in %.1fs", cfg.architecture, spec.model, time.perf_counter() - started)
+    return ModelRunner(model, cfg, device, dtype, args.max_num_seqs, max_model_len, kernel_backend=args.kernel_backend,
+                       deterministic=args.deterministic)
 
 
 def _capture_decode_graphs(args: EngineArgs, runner: ModelRunner, device: torch.device) -> float | None:
@@ -187,9 +224,14 @@ def _gpu_kv_budget(args: EngineArgs, runner: ModelRunner, device: torch.device, 
 
 
 def _num_kv_blocks(
-    args: EngineArgs, runner: ModelRunner, device: torch.device, max_model_len: int, start: GpuSnapshot | None
+    args: EngineArgs, runner: ModelRunner, device: torch.device, max_model_len: int, start: GpuSnapshot | None,
+    draft: ModelRunner | None = None,
 ) -> int:
+    """Blocks of the KV cache (and of the draft model's, as many, when there is one: a block's bytes are then
+    the two together)."""
     block_bytes = runner.kv_block_bytes(args.block_size)
+    if draft is not None:
+        block_bytes += draft.kv_block_bytes(args.block_size)
     blocks_per_seq = _blocks_per_seq(args, max_model_len)
     if args.kv_cache_memory is not None:
         budget = args.kv_cache_memory * _GIB
@@ -209,6 +251,6 @@ def _num_kv_blocks(
     logger.info(
         "KV cache: %d blocks x %d tokens = %d tokens, %.3f GiB (%s)",
         num_blocks, args.block_size, num_blocks * args.block_size, num_blocks * block_bytes / _GIB,
-        runner.kv_cache_description(),
+        runner.kv_cache_description() + ("" if draft is None else "; with the draft model's cache"),
     )
     return num_blocks

@@ -81,8 +81,8 @@ def render(server: str, window_start: Snapshot, previous: Snapshot, latest: Snap
     if drafts:  # only a server that speculates
         proposed = delta(latest, window_start, f"{P}spec_decode_num_draft_tokens_total")
         accepted = delta(latest, window_start, f"{P}spec_decode_num_accepted_tokens_total")
-        row("speculation", f"{accepted / proposed:.1%} of drafts accepted, {1 + accepted / drafts:.2f} tokens "
-                           "per verification")
+        row("speculation", f"{accepted / proposed:.1%} of drafts accepted, mean accepted length "
+                           f"{1 + accepted / drafts:.2f} tokens per verification")
     row("process memory", _bytes(latest.value(f"{P}process_resident_memory_bytes")))
     gpu_util, gpu_memory = latest.value(f"{P}gpu_utilization_perc"), latest.value(f"{P}gpu_memory_used_bytes")
     if gpu_util is not None:

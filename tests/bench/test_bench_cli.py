@@ -51,6 +51,23 @@ def test_throughput_microscale_writes_every_field(tmp_path):
     assert run["peak_memory"]["host_rss_gib"] > 0
 
 
+def test_throughput_reports_speculative_decoding(tmp_path, capsys):
+    spec = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}'
+    record = bench(tmp_path, "throughput", "--model-path", "models/tiny-llama-pycode", "--dataset-path",
+                   "data/pycode-valid.txt", *SMALL, "--output-len", "24", "--speculative-config", spec)
+    assert json.loads(record["settings"]["engine"]["speculative_config"]) == json.loads(spec)
+    (run,) = record["runs"]
+    got = run["speculative_decoding"]
+    assert (got["method"], got["num_speculative_tokens"]) == ("ngram", 3)
+    assert 0 < got["accepted_tokens"] <= got["draft_tokens"] and got["verifications"] > 0
+    assert got["acceptance_rate"] == round(got["accepted_tokens"] / got["draft_tokens"], 4)
+    assert got["mean_accepted_length"] == round(1 + got["accepted_tokens"] / got["verifications"], 3)
+    assert "mean accepted length" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["bench", "throughput", *SMALL, "--speculative-config", '{"method": "eagle"}'])
+    assert "'engine.speculative_config'" in capsys.readouterr().err
+
+
 def test_throughput_from_yaml_with_the_transformers_baseline(tmp_path):
     config = tmp_path / "bench.yaml"
     config.write_text("engine:\n  model_path: models/tiny-llama-pycode\n  backend: transformers\n  max_batch_size: 3\n"

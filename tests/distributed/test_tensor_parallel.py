@@ -67,6 +67,22 @@ def test_tp2_matches_tp1(tiny_model, arch, knobs, logit_tolerance):
     assert (logits1 - logits2).abs().max() < logit_tolerance
 
 
+def test_tp2_speculates_with_ngram_drafts(tiny_model):
+    """Verification chunks (a sequence's last token and its drafts) travel in the broadcast step like any other;
+    the prompts repeat themselves, so prompt lookup proposes and some drafts are accepted."""
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 2}
+    prompts = [p * 3 for p in PROMPTS]
+    plain = LLM(str(tiny_model("llama")), kv_cache_memory=_kv_gib(1, None, 64), **KNOBS)
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, GREEDY, use_tqdm=False)]
+    llm = LLM(str(tiny_model("llama")), tensor_parallel_size=2, kv_cache_memory=_kv_gib(2, None, 64),
+              speculative_config=spec, **KNOBS)
+    try:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == want
+        assert llm.engine.get_stats()["spec_decode_num_accepted_tokens"] > 0
+    finally:
+        llm.shutdown()
+
+
 def test_tp2_loads_a_static_fp8_checkpoint(tiny_model, tmp_path):
     """Static FP8 is calibrated on one device, saved, then loaded split in two: scales are per tensor, so both
     give the same logits."""
@@ -161,7 +177,7 @@ def test_server_health_fails_when_a_worker_dies(tiny_model):
     engine = AsyncEngine(EngineArgs(model=str(tiny_model("llama")), tensor_parallel_size=2,
                                     kv_cache_memory=_kv_gib(2, None), **KNOBS))
     engine.start()
-    with TestClient(build_app(engine, "tiny")) as client:
+    with TestClient(build_app(engine)) as client:
         assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
         with open(f"/proc/{engine.process.pid}/task/{engine.process.pid}/children") as f:
             children = [int(pid) for pid in f.read().split()]

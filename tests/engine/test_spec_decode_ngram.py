@@ -61,11 +61,15 @@ def test_batch_proposals_follow_each_growing_sequence():
     proposer = NgramProposer(1, 3, 4)
     seqs = [_sequence([rng.randrange(6) for _ in range(20)]) for _ in range(3)]
     for _ in range(30):
-        proposals = proposer.propose(seqs)
+        limits = [rng.randrange(1, 6) for _ in seqs]
+        proposals = proposer.propose(seqs, limits)
         assert proposals.probs is None
-        assert proposals.token_ids == [proposer.propose_for(seq.token_ids) for seq in seqs]
+        assert proposals.token_ids == [proposer.propose_for(seq.token_ids)[:limit]
+                                       for seq, limit in zip(seqs, limits)]
         for seq in seqs:
             seq.token_ids += [rng.randrange(6) for _ in range(rng.randrange(1, 4))]
+    proposer.release(seqs[0])
+    assert list(proposer._arrays) == seqs[1:]
 
 
 @pytest.mark.parametrize(("min_n", "max_n", "k"), [(0, 2, 1), (3, 2, 1), (1, 2, 0)])

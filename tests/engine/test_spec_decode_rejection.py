@@ -88,7 +88,7 @@ def test_logit_rows_must_match_the_drafts():
 def chi_square_p_value(tokens: torch.Tensor, p: torch.Tensor) -> float:
     """How likely a deviation this large is if `tokens` were drawn from `p` (the chi-square test's p-value).
     The least likely tokens share one cell, so that every cell expects at least 5 samples."""
-    counts = torch.bincount(tokens, minlength=V).double()
+    counts = torch.bincount(tokens, minlength=len(p)).double()
     assert counts[p == 0].sum() == 0, "sampled a token the target excludes"
     expected, order = (p.double() * counts.sum()).sort()
     counts = counts[order][expected > 0]

@@ -64,6 +64,26 @@ def test_decode_graph_buffers_replay_like_eager(tiny_model):
     assert any(replays) and not all(replays)  # decode steps replayed, prefill steps ran eagerly
 
 
+def test_speculative_verification_through_triton(tiny_model):
+    """Draft-model speculation on the Triton path, the target's and the draft's decodes replayed through the graph
+    buffers: the verification chunks (a sequence's last token and its drafts) run eagerly through the prefill kernel
+    with a cached context, the draft's catch-up chunks too; the tokens are the torch path's without drafts."""
+    path = str(tiny_model("llama"))
+    reference = LLM(path, kernel_backend="torch", **KNOBS)
+    triton = LLM(path, kernel_backend="triton", speculative_config={
+        "method": "draft", "model": path, "num_speculative_tokens": 3, "disable_by_batch_size": 4}, **KNOBS)
+    draft = triton.engine.scheduler.proposer.runner
+    for runner in (triton.engine.runner, draft):
+        runner.enable_decode_graphs(EagerReplay)
+    assert draft.attention_backend.name == "triton"
+    replays = []
+    original = draft.decode_graphs.run
+    draft.decode_graphs.run = lambda *args: replays.append(original(*args)) or replays[-1]
+    assert _tokens(triton) == _tokens(reference)
+    assert triton.engine.get_stats()["spec_decode_num_accepted_tokens"] > 0
+    assert any(hidden is not None for hidden in replays)  # the draft's decode steps replayed
+
+
 def test_graphs_refuse_the_torch_backend(tiny_model):
     llm = LLM(str(tiny_model("llama")), kernel_backend="torch", **KNOBS)
     with pytest.raises(ValueError, match="not graph-safe"):

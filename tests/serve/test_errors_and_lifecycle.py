@@ -133,7 +133,7 @@ def test_health_fails_once_the_engine_process_dies(pytestconfig):
     engine = AsyncEngine(EngineArgs(model=str(model), dtype="float32", max_model_len=512))
     engine.start()
     body = {"prompt": "hi", "max_tokens": 500, "ignore_eos": True, "stream": True}
-    with TestClient(build_app(engine, "tiny")) as client:
+    with TestClient(build_app(engine)) as client:
         assert client.get("/health").status_code == 200
         with client.stream("POST", "/v1/completions", json=body) as response:
             os.kill(engine.process.pid, signal.SIGKILL)

@@ -7,7 +7,6 @@ over the context (benchmarks/ngram_proposer.py measures it).
 
 from __future__ import annotations
 
-import weakref
 from array import array
 from collections.abc import Sequence as TokenIds
 
@@ -41,11 +40,15 @@ class NgramProposer:
         if not 1 <= min_n <= max_n or k < 1:
             raise ValueError(f"NgramProposer needs 1 <= min_n <= max_n and k >= 1, got {min_n}, {max_n}, {k}.")
         self.min_n, self.max_n, self.k = min_n, max_n, k
-        # A sequence's tokens as an array, dropped with the sequence.
-        self._arrays: weakref.WeakKeyDictionary[Sequence, array] = weakref.WeakKeyDictionary()
+        # A sequence's tokens as an array, dropped when it finishes.
+        self._arrays: dict[Sequence, array] = {}
 
-    def propose(self, seqs: list[Sequence]) -> Proposals:
-        return Proposals([find_ngram_continuation(self._tokens(seq), self.min_n, self.max_n, self.k) for seq in seqs])
+    def propose(self, seqs: list[Sequence], limits: list[int]) -> Proposals:
+        return Proposals([find_ngram_continuation(self._tokens(seq), self.min_n, self.max_n, min(self.k, limit))
+                          for seq, limit in zip(seqs, limits, strict=True)])
+
+    def release(self, seq: Sequence) -> None:
+        self._arrays.pop(seq, None)
 
     def propose_for(self, token_ids: TokenIds[int]) -> list[int]:
         """The proposal for one token list, with nothing kept (a full conversion: for tests and one-offs)."""

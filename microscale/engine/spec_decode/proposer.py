@@ -22,8 +22,12 @@ class Proposals:
 
 
 class Proposer(Protocol):
-    """Proposes the tokens that may follow each sequence (its prompt and output so far). A draft model proposes
-    from its own KV cache and returns its probabilities; an EAGLE-style head would also take the target's hidden
-    states of the last step (a further argument then)."""
+    """Proposes the tokens that may follow each sequence (its prompt and output so far), at most limits[i] for
+    sequence i (what it may still emit). A draft model proposes from its own KV cache and returns its
+    probabilities; an EAGLE-style head would also take the target's hidden states of the last step (a further
+    argument then)."""
 
-    def propose(self, seqs: list[Sequence]) -> Proposals: ...
+    def propose(self, seqs: list[Sequence], limits: list[int]) -> Proposals: ...
+
+    def release(self, seq: Sequence) -> None:
+        """`seq` is finished: drop what is kept for it."""

@@ -76,7 +76,7 @@ def _at_position(row: SamplingRow, drafts: list[int], j: int) -> SamplingRow:
     """The sampling row of `row`'s position j: its drafts before j are output by then."""
     if drafts and row.allowed is not None:
         raise ValueError("a row with structured outputs cannot verify drafts: its grammar has not seen them.")
-    return SamplingRow(row.params, row.token_ids + drafts[:j], row.num_prompt_tokens, row.generator, row.allowed)
+    return row.after(drafts[:j])
 
 
 @dataclass

@@ -32,11 +32,28 @@ def sample_step(
     verify_logits = logits[positions]
     batch = VerifyBatch.build(verify_logits, [rows[i] for i in speculating],
                               [chunks[i].draft_token_ids for i in speculating], eos_ids, vocab_size)
-    emitted = rejection_sample(batch).to_host()
+    emitted = rejection_sample(batch, _draft_probs([chunks[i] for i in speculating], batch)).to_host()
     verified = {i: VerifiedTokens(ids, num_drafts=len(chunks[i].draft_token_ids))
                 for i, ids in zip(speculating, emitted, strict=True)}
     _add_logprobs(verified, verify_logits, [rows[i] for i in speculating], speculating, chunks)
     return tokens, verified
+
+
+def _draft_probs(chunks: list[ScheduledChunk], batch: VerifyBatch) -> torch.Tensor | None:
+    """[R, K, V]: the distributions the drafts were drawn from, a point mass on each draft where the proposer
+    gave none (n-gram, or a draft model's greedy rows); None when no chunk has any."""
+    if all(c.draft_probs is None for c in chunks):
+        return None
+    rows, width = batch.draft_token_ids.shape
+    vocab = next(c.draft_probs for c in chunks if c.draft_probs is not None).shape[-1]
+    probs = torch.zeros(rows, width, vocab, device=batch.draft_token_ids.device)
+    for r, c in enumerate(chunks):
+        count = len(c.draft_token_ids)
+        if c.draft_probs is None:
+            probs[r, torch.arange(count), batch.draft_token_ids[r, :count]] = 1.0
+        else:
+            probs[r, :count] = c.draft_probs.to(probs.device)
+    return probs
 
 
 def _add_logprobs(verified: dict[int, VerifiedTokens], logits: torch.Tensor, rows: list[SamplingRow],
