@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +186,11 @@ class SchedulerConfig:
 
 SPECULATIVE_METHODS = ("ngram", "draft")
 DEFAULT_PROMPT_LOOKUP = 5  # vLLM's n when neither bound is given
+# disable_by_batch_size when none is given, by device type and method: above it verifying drafts costs more than it
+# saves. CPU, measured on the bundled model (benchmarks/results/spec-decode.md): n-gram 1.2x at 8 running requests,
+# 0.9x at 16; the draft model 1.1-1.2x alone, 0.95x at 4. GPU: not measured here (no GPU lent); 32 keeps an 8B-class
+# decode step memory-bound, where a verification's extra tokens are nearly free (any accelerator counts as a GPU).
+AUTO_DISABLE_BY_BATCH_SIZE = {("cpu", "ngram"): 8, ("cpu", "draft"): 1, ("gpu", "ngram"): 32, ("gpu", "draft"): 32}
 
 
 @dataclass(frozen=True)
@@ -194,7 +199,8 @@ class SpeculativeConfig:
     request's own tokens) or "draft" (a smaller model on the same tokenizer, from the folder `model`).
     num_speculative_tokens: k, the most tokens proposed per step. prompt_lookup_min/max: the n-gram sizes tried,
     longest first (one given: both are it; neither: 5, as vLLM). disable_by_batch_size: no speculation while more
-    requests than this run (None: always speculate), where verifying drafts stops paying for itself."""
+    requests than this run, where verifying drafts stops paying for itself (None: the engine picks it for its device
+    and method, AUTO_DISABLE_BY_BATCH_SIZE)."""
 
     method: str
     num_speculative_tokens: int
@@ -229,6 +235,13 @@ class SpeculativeConfig:
                 f"speculative_config.prompt_lookup_min ({low}) must not exceed prompt_lookup_max ({high}).")
         object.__setattr__(self, "prompt_lookup_min", low)
         object.__setattr__(self, "prompt_lookup_max", high)
+
+    def for_device(self, device_type: str) -> SpeculativeConfig:
+        """This config with disable_by_batch_size chosen for `device_type` when none was given."""
+        if self.disable_by_batch_size is not None:
+            return self
+        kind = "cpu" if device_type == "cpu" else "gpu"
+        return replace(self, disable_by_batch_size=AUTO_DISABLE_BY_BATCH_SIZE[(kind, self.method)])
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SpeculativeConfig:

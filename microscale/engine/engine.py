@@ -4,6 +4,8 @@ sampler."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from microscale.config import EngineArgs, SchedulerConfig
@@ -21,6 +23,8 @@ from microscale.engine.spec_decode.verify_step import sample_step
 from microscale.engine.structured import GrammarCompiler, StepMasks
 from microscale.outputs import RequestOutput, SampleLogprobs
 from microscale.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -40,13 +44,17 @@ class LLMEngine:
         self.graph_capture_seconds = shard.graph_capture_seconds
         self.block_manager = BlockManager(shard.num_blocks, args.block_size, args.enable_prefix_caching,
                                           shard.num_host_blocks)
+        speculative = None if args.speculative_config is None else args.speculative_config.for_device(self.device.type)
+        if speculative is not None:
+            logger.info("speculative decoding: %s, k = %d, off while more than %d requests run", speculative.method,
+                        speculative.num_speculative_tokens, speculative.disable_by_batch_size)
         proposer = None
         if shard.draft_runner is not None:
             proposer = DraftModelProposer(shard.draft_runner, shard.num_blocks, args.block_size,
                                           args.speculative_config.num_speculative_tokens, self.eos_token_ids,
                                           self.model_config.vocab_size, args.max_num_batched_tokens)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager, self.eos_token_ids, self.tokenizer,
-                                   args.speculative_config, proposer)
+                                   speculative, proposer)
         self.sampler = Sampler()
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
                                         args.structured_outputs_max_compile_ms)

@@ -87,8 +87,11 @@ def _build_draft_runner(
     spec = args.speculative_config
     if spec is None or spec.method != "draft":
         return None
-    model_dir = resolve_model_path(spec.model)
-    cfg = load_model_config(model_dir)
+    try:
+        model_dir = resolve_model_path(spec.model)
+        cfg = load_model_config(model_dir)
+    except ValueError as e:
+        raise ValueError(f"speculative_config.model (the draft model): {e}") from None
     if cfg.vocab_size != target.vocab_size:
         raise ValueError(f"speculative_config.model {spec.model} has a vocabulary of {cfg.vocab_size} tokens, the "
                          f"target {target.vocab_size}: a draft model must share the target's tokenizer.")

@@ -70,8 +70,8 @@ def test_speculative_verification_through_triton(tiny_model):
     with a cached context, the draft's catch-up chunks too; the tokens are the torch path's without drafts."""
     path = str(tiny_model("llama"))
     reference = LLM(path, kernel_backend="torch", **KNOBS)
-    triton = LLM(path, kernel_backend="triton", speculative_config={"method": "draft", "model": path,
-                                                                    "num_speculative_tokens": 3}, **KNOBS)
+    triton = LLM(path, kernel_backend="triton", speculative_config={
+        "method": "draft", "model": path, "num_speculative_tokens": 3, "disable_by_batch_size": 4}, **KNOBS)
     draft = triton.engine.scheduler.proposer.runner
     for runner in (triton.engine.runner, draft):
         runner.enable_decode_graphs(EagerReplay)
