@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import difflib
 from collections.abc import Sequence
-from typing import Any
 
 from microscale.peer_names import apply_peer_flags
 
@@ -31,7 +30,7 @@ class CommandParser(argparse.ArgumentParser):
         """argparse's message, with the closest flag of this parser for each mistyped one."""
         message = f"unrecognized arguments: {' '.join(extras)}"
         flags = [flag for flag in self._option_string_actions if flag.startswith("--")]
-        suggestions: list[Any] = []
+        suggestions: list[str] = []
         for arg in extras:
             if arg.startswith("-"):
                 suggestions += difflib.get_close_matches(arg.split("=", 1)[0], flags, n=1)
