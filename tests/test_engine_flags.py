@@ -69,4 +69,4 @@ def test_format_choices_come_from_the_registries():
     add_engine_flags(parser, only=("quantization", "kv_cache_quant"))
     choices = {action.dest: action.choices for action in parser._actions}
     assert choices["quantization"] == known_weight_formats()
-    assert choices["kv_cache_quant"] == quantized_kv_cache_names() == ["fp8", "int8"]
+    assert choices["kv_cache_quant"] == quantized_kv_cache_names() == ["fp8", "int4", "int8"]

@@ -38,7 +38,7 @@ class EngineSection:
     gpu_memory_utilization: float | None = None
     kv_cache_memory: float | None = None  # CPU: KV cache GiB (default: the engine's)
     quant: str = "none"  # none | fp8 | fp8-dynamic | mxfp4
-    kv_cache_quant: str = "none"  # none | int8 | fp8
+    kv_cache_quant: str = "none"  # none | int8 | int4 | fp8
     dtype: str = "auto"
     load_format: str = "auto"  # dummy: random weights (a folder with only config.json + --tokenizer)
     tokenizer: str | None = None  # tokenizer folder, if not the model's

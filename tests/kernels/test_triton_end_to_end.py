@@ -27,7 +27,7 @@ def _tokens(llm: LLM) -> list[list[int]]:
 
 
 @pytest.mark.parametrize(("arch", "kv_cache_quant"), [
-    ("llama", None), ("llama", "int8"), ("llama", "fp8"), ("gpt_oss", None), ("qwen3", None),
+    ("llama", None), ("llama", "int8"), ("llama", "int4"), ("llama", "fp8"), ("gpt_oss", None), ("qwen3", None),
 ])
 def test_triton_path_matches_the_torch_path(tiny_model, arch, kv_cache_quant):
     reference, triton = _pair(tiny_model(arch), kv_cache_quant=kv_cache_quant)
