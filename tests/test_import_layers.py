@@ -23,7 +23,8 @@ LAYERS = [
     ["models"],
     ["engine"],
     ["llm", "eval", "bench", "serve", "export", "monitor"],
-    ["cli", "engine_flags", "command_parser", "__main__", "", "kernels.aot"],  # "": the package's __init__, the public API
+    # "": the package's __init__, the public API
+    ["cli", "engine_flags", "command_parser", "__main__", "", "kernels.aot"],
 ]
 
 
