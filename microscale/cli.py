@@ -1,4 +1,4 @@
-"""`microscale` command line: generate, chat, serve, bench, quantize, eval, monitor."""
+"""`microscale` command line: generate, chat, serve, bench, quantize, eval, monitor, plan."""
 
 from __future__ import annotations
 
@@ -135,6 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     mon.add_argument("--once", action="store_true",
                      help="print one snapshot and exit (rates over one interval, latencies since the server started)")
     mon.set_defaults(func=cmd_monitor, verbose=False)
+
+    plan = sub.add_parser("plan", help="will it fit: memory per rank from config.json alone",
+                          description="Plan one rank's memory from the model's config.json and the engine options, "
+                                      "reading no weights: weights by component and precision, activations, CUDA "
+                                      "graphs, KV bytes per token, how many tokens and full-length sequences fit, "
+                                      "and a verdict (exit status 1 when it does not fit).")
+    _add_engine_args(plan)
+    plan.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                      help="plan for a device of this many GiB (default: this machine's GPU, a GPU named by "
+                           "--device H100/H200/H800/A100/L40S/L4/B200, or the host's RAM with --device cpu)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.set_defaults(func=cmd_plan)
 
     quant = sub.add_parser("quantize", help="write a pre-quantized checkpoint",
                            description="Quantize a 16/32-bit checkpoint and write it as a Hugging Face folder: "
@@ -437,6 +449,39 @@ def cmd_monitor(args: argparse.Namespace) -> None:
     if args.interval <= 0 or args.window <= 0:
         raise CLIError("--interval and --window must be positive")
     sys.exit(run_monitor(args.server, args.interval, args.window, args.once))
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    import torch
+
+    from microscale.config import resolve_dtype
+    from microscale.engine.plan import DeviceMemory, plan_memory
+    from microscale.models.loader import load_model_config
+
+    mem = DeviceMemory.named(args.device, args.gpu_memory)
+    engine_args = EngineArgs(model=args.model, **{**engine_kwargs(args), "device": mem.kind})
+    cfg = load_model_config(_config_folder(args.model))
+    max_model_len = engine_args.max_model_len or cfg.max_position_embeddings
+    dtype = resolve_dtype(engine_args.dtype, cfg.checkpoint_dtype, torch.device(mem.kind))
+    result = plan_memory(engine_args, cfg, max_model_len, dtype, mem, Path(args.model).name)
+    print(json.dumps(result.to_dict(), indent=1) if args.json else result.render())
+    if not result.fits:
+        sys.exit(1)
+
+
+def _config_folder(model: str) -> Path:
+    """A local model folder, or for a hub id the folder its config.json alone is downloaded to."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    from microscale.models.loader import resolve_model_path
+
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(model, "config.json")).parent
+    except Exception:  # offline or not a hub id: the loader's own message says which
+        return resolve_model_path(model)
 
 
 def _read_data(path: str, max_chars: int | None) -> str:

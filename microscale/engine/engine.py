@@ -5,16 +5,20 @@ sampler."""
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
 from microscale.config import EngineArgs, SchedulerConfig
+from microscale.distributed.parallel_state import expert_parallel, tp_size
 from microscale.engine.block_manager import BlockManager
 from microscale.engine.calibration import calibrate, calibration_windows
 from microscale.engine.detokenizer import IncrementalDetokenizer
+from microscale.engine.device_peaks import device_peaks
 from microscale.engine.executor import Executor
 from microscale.engine.inputs import InputProcessor, PromptType
 from microscale.engine.logprobs import prompt_logprobs
+from microscale.engine.roofline import RooflineModel, RooflineTotals, StepRoofline
 from microscale.engine.sampler import Sampler
 from microscale.engine.scheduler import Scheduler
 from microscale.engine.sequence import Request, Sequence
@@ -63,6 +67,13 @@ class LLMEngine:
         if args.calib_config is not None:
             windows = calibration_windows(self.tokenizer, args.calib_config, max_model_len)
             shard.set_kv_amax(calibrate(self.runner.model, self.prompt_logits, windows))
+        # Every step's bytes and FLOPs against the device's peaks (after calibration: static KV scales shrink it).
+        self.roofline = RooflineModel.of(self.runner.model, self.model_config, self.dtype,
+                                         [cache.bytes_per_token() for cache in self.runner.kv_caches], tp_size(),
+                                         expert_parallel())
+        self.peaks = device_peaks(self.device)
+        self.roofline_totals = RooflineTotals()
+        self.last_step_roofline: StepRoofline | None = None
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -120,6 +131,7 @@ class LLMEngine:
     @torch.inference_mode()
     def step_requests(self) -> list[Request]:
         """One step; the requests that got a token in it (finished ones are no longer in self.requests)."""
+        started = time.perf_counter()
         chunks = self.scheduler.schedule()
         self.last_step_tokens = sum(chunk.num_tokens for chunk in chunks)
         if not chunks:
@@ -136,7 +148,12 @@ class LLMEngine:
         rows = [seq.sampling_row(mask_of.get(seq)) for seq in seqs]
         tokens, verified = sample_step(self.sampler, logits, sampling, rows, self.eos_token_ids,
                                        self.model_config.vocab_size)
+        # Before the update moves num_computed_tokens: each chunk's context start.
+        cost = self.roofline.step_cost([(c.num_tokens, c.seq.num_computed_tokens) for c in chunks],
+                                       sum(len(c.draft_token_ids) + 1 for c in sampling))
         touched = self.scheduler.update_from_output(chunks, seqs, tokens, verified)
+        self.last_step_roofline = StepRoofline(cost, time.perf_counter() - started, self.peaks)
+        self.roofline_totals.add(self.last_step_roofline)
         for request in touched:
             if request.finished:
                 self.requests.pop(request.request_id, None)
