@@ -70,7 +70,8 @@ GIB = 1 << 30
 EPS = 1e-5
 GPT_OSS_LIMIT, GPT_OSS_ALPHA = 7.0, 1.702
 # KV cache kinds: (scheme, static scales set from the data's amax, as calibration would).
-KV_KINDS = {"none": (None, False), "int8": ("int8", False), "int8-static": ("int8", True), "fp8": ("fp8", True)}
+KV_KINDS = {"none": (None, False), "int8": ("int8", False), "int8-static": ("int8", True), "int4": ("int4", False),
+            "int4-static": ("int4", True), "fp8": ("fp8", True)}
 
 
 # ---- sizes --------------------------------------------------------------------------------------------------
@@ -318,7 +319,7 @@ def check_decode_attention(sizes: Sizes, shape: AttentionShape, kv: str, device:
     q, sinks, scale = attention_inputs(len(sizes.decode_lens), shape, device, seed=2)
     ops = case.cache.kernel_operands()
     got = paged_decode_attention(q, ops.keys, ops.values, case.tables, case.context_lens, scale, shape.window, sinks,
-                                 ops.k_scale, ops.v_scale)
+                                 ops.k_scale, ops.v_scale, k_zero=ops.k_zero, v_zero=ops.v_zero)
     lens = case.context_lens.long()
     batch = DecodeBatch(size=len(lens), positions=lens - 1, length=int(lens.max()), block_tables=case.tables.long())
     ref = TorchAttentionBackend._decode(q, None, None, case.cache, batch, scale, shape.window, sinks)
@@ -336,7 +337,8 @@ def check_prefill_attention(sizes: Sizes, shape: AttentionShape, kv: str, device
     context_starts = torch.tensor([ctx for ctx, _ in spans], dtype=torch.int32, device=device)
     ops = case.cache.kernel_operands()
     got = paged_prefill_attention(q, ops.keys, ops.values, case.tables, query_starts, context_starts,
-                                  max(new for _, new in spans), scale, shape.window, sinks, ops.k_scale, ops.v_scale)
+                                  max(new for _, new in spans), scale, shape.window, sinks, ops.k_scale, ops.v_scale,
+                                  ops.k_zero, ops.v_zero)
     ref = torch.cat([
         TorchAttentionBackend._prefill(q[c.query_start:c.query_start + c.query_len], k, v, case.cache, c, scale,
                                        shape.window, sinks)
@@ -368,8 +370,8 @@ def check_kv_cache_write(sizes: Sizes, kv: str, device: torch.device) -> Measure
     oracle, cache = caches
     oracle.write(k, v, slots // bs, slots % bs)
     ops = cache.kernel_operands()
-    write_kv_cache(k, v, ops.keys, ops.values, slots // bs, slots % bs, ops.k_scale, ops.v_scale,
-                   dynamic_int8=ops.dynamic_int8)
+    write_kv_cache(k, v, ops.keys, ops.values, slots // bs, slots % bs, ops.k_scale, ops.v_scale, ops.dynamic,
+                   ops.k_zero, ops.v_zero)
     scales = [exact(cache.token_scales, oracle.token_scales)] if getattr(oracle, "token_scales", None) is not None \
         else []
     return also(exact(cache.data, oracle.data), *scales)
@@ -610,6 +612,7 @@ def e2e_cases(tmp: Path, quantized: bool) -> list[E2ECase]:
                   E2ECase("llama", llama, {"quantization": "fp8-dynamic"}),
                   E2ECase("gpt_oss", oss, {"quantization": "mxfp4"}),
                   E2ECase("llama", llama, {"kv_cache_quant": "int8"}),
+                  E2ECase("llama", llama, {"kv_cache_quant": "int4"}),
                   E2ECase("llama", llama, {"kv_cache_quant": "fp8"})]
     return cases
 
@@ -728,7 +731,8 @@ def decode_attention_perf(sizes: Sizes, kv: str, device: torch.device, bandwidth
     ops = case.cache.kernel_operands()
     splits = choose_num_splits(ctx, batch, shape.kv_heads)  # fixed outside the timing, as under CUDA graphs
     ms = time_ms(lambda: paged_decode_attention(q, ops.keys, ops.values, case.tables, case.context_lens, scale,
-                                                k_scale=ops.k_scale, v_scale=ops.v_scale, num_splits=splits), device)
+                                                k_scale=ops.k_scale, v_scale=ops.v_scale, num_splits=splits,
+                                                k_zero=ops.k_zero, v_zero=ops.v_zero), device)
     bytes_read = batch * ctx * case.cache.bytes_per_token()  # keys, values and any per-token scales
     return {"status": "ok", "ms": ms, **roofline(ms / 1e3, bytes_read, bandwidth),
             "detail": f"{size_text(bytes_read)} of K/V per layer, {splits} splits"}
@@ -855,7 +859,7 @@ def perf(runner: Runner, sizes: Sizes, device: torch.device, tmp: Path) -> None:
     bw = runner.run("perf", "HBM bandwidth (device-to-device copy)", lambda: measure_bandwidth(sizes, device))
     bandwidth = bw.get("gbps") if bw else None
     shape = sizes.attention[0]
-    for kv in ("none", "int8", "fp8"):
+    for kv in ("none", "int8", "int4", "fp8"):
         runner.run("perf", f"decode attention {shape.name}, batch {sizes.attn_batch} x {sizes.attn_context}, KV {kv}",
                    lambda kv=kv: decode_attention_perf(sizes, kv, device, bandwidth))
     for proj, n, k in sizes.gemm_shapes:

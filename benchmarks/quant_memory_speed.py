@@ -38,7 +38,7 @@ WEIGHT_SCHEMES = {
     "mxfp4 (W4A16, bf16)": {"dtype": "bfloat16", "quantization": "mxfp4"},
 }
 KV_SCHEMES = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (torch.bfloat16, "int8"),
-              "fp8": (torch.bfloat16, "fp8")}
+              "fp8": (torch.bfloat16, "fp8"), "int4": (torch.bfloat16, "int4")}
 
 
 def weight_gib(llm: LLM) -> float:

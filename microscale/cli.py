@@ -1,4 +1,4 @@
-"""`microscale` command line: generate, chat, serve, bench, quantize, eval, monitor."""
+"""`microscale` command line: generate, chat, serve, bench, quantize, eval, monitor, plan."""
 
 from __future__ import annotations
 
@@ -15,12 +15,16 @@ from typing import Any
 
 from microscale.bench import BenchError
 from microscale.bench.cli import add_bench_parser
+from microscale.command_parser import CommandParser
 from microscale.config import EngineArgs
+from microscale.engine.inputs import InputProcessor
 from microscale.engine_flags import add_engine_flags, engine_kwargs
 from microscale.jsonl import json_lines
+from microscale.peer_names import ENGINE, SERVE, add_peer_flags, translate_command
 from microscale.quant.format import exportable_weight_formats, weight_format
 from microscale.quant.kv_cache import KV_CACHES
 from microscale.sampling_params import SamplingParams, StructuredOutputsParams
+from microscale.serve.stats_log import DEFAULT_INTERVAL_S as DEFAULT_STATS_INTERVAL_S
 
 
 class CLIError(Exception):
@@ -35,11 +39,16 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     groups = add_engine_flags(p)
     groups["engine"].add_argument("-v", "--verbose", action="store_true",
                                   help="log engine details (KV cache size, ...)")
+    add_peer_flags(p, ENGINE)
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, default_note: str = "") -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default {max_tokens})")
+    # None when not given: the command's default (args.default_max_tokens) applies, which generate may cut to what
+    # the context holds.
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help=f"tokens to generate (default {max_tokens}{default_note})")
+    p.set_defaults(default_max_tokens=max_tokens)
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's, else 1)")
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
@@ -56,7 +65,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="microscale", description="LLM inference and serving engine.")
+    parser = CommandParser(prog="microscale", description="LLM inference and serving engine.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="complete prompts (one, or a JSONL file of them)",
@@ -66,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", help="the prompt text")
     src.add_argument("--prompts-file", help='JSONL: each line a string or {"prompt": ..., "max_tokens": ...}')
     gen.add_argument("--output", help="write JSONL results here (default: stdout)")
-    _add_sampling_args(gen, max_tokens=128)
+    _add_sampling_args(gen, max_tokens=128, default_note=", or what the context leaves after the prompt; a larger "
+                                                      "--max-tokens than the context holds is an error")
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat, streaming tokens as they come",
@@ -86,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
                            description="Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, "
-                                       "/v1/models, /health, /version); streams with Server-Sent Events.")
+                                       "/v1/responses, /v1/models) and vLLM's extras (/tokenize, /detokenize, "
+                                       "/tokenizer_info, /metrics, /health, /version); streams with Server-Sent "
+                                       "Events. `microscale serve api_server MODEL` (LMDeploy's words) is the same.")
     _add_engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=23333, help="port to listen on (default 23333)")
@@ -99,10 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=int, default=None, metavar="N",
                        help="answer 503 (Retry-After) while N requests wait for a slot (default: no limit)")
     _add_serve_limit_args(serve)
+    add_peer_flags(serve, SERVE)
     serve.add_argument("--engine-restarts", type=int, default=3, metavar="N",
                        help="restart the engine process up to N times after a fault, then exit 1 (default 3)")
     serve.add_argument("--shutdown-drain-seconds", type=float, default=30, metavar="SECONDS",
                        help="on SIGTERM, let streams finish for this long before ending them (default 30)")
+    logs = serve.add_argument_group("logging")
+    logs.add_argument("--log-stats-interval", type=float, default=DEFAULT_STATS_INTERVAL_S, metavar="SECONDS",
+                      help="seconds between stats lines (throughput, running and waiting requests, KV cache usage; "
+                           f"default {DEFAULT_STATS_INTERVAL_S:g})")
+    logs.add_argument("--disable-log-stats", action="store_true", help="no periodic stats line")
+    logs.add_argument("--disable-log-requests", action="store_true",
+                      help="no access line (client, method, path, status) per request")
     serve.set_defaults(func=cmd_serve)
 
     add_bench_parser(sub)
@@ -115,6 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     mon.add_argument("--once", action="store_true",
                      help="print one snapshot and exit (rates over one interval, latencies since the server started)")
     mon.set_defaults(func=cmd_monitor, verbose=False)
+
+    plan = sub.add_parser("plan", help="will it fit: memory per rank from config.json alone",
+                          description="Plan one rank's memory from the model's config.json and the engine options, "
+                                      "reading no weights: weights by component and precision, activations, CUDA "
+                                      "graphs, KV bytes per token, how many tokens and full-length sequences fit, "
+                                      "and a verdict (exit status 1 when it does not fit).")
+    _add_engine_args(plan)
+    plan.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                      help="plan for a device of this many GiB (default: this machine's GPU, a GPU named by "
+                           "--device H100/H200/H800/A100/L40S/L4/B200, or the host's RAM with --device cpu)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.set_defaults(func=cmd_plan)
 
     quant = sub.add_parser("quantize", help="write a pre-quantized checkpoint",
                            description="Quantize a 16/32-bit checkpoint and write it as a Hugging Face folder: "
@@ -204,8 +236,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if not pairs:
             raise CLIError(f"{args.prompts_file} holds no prompts")
         prompts, per_prompt = [p for p, _ in pairs], [o for _, o in pairs]
+    # Checked before the model loads.
+    inputs = InputProcessor(EngineArgs(model=args.model, **engine_kwargs(args)))
+    params = _prompt_params(inputs, prompts, [{**overrides, **own} for own in per_prompt], args.default_max_tokens,
+                            args.prompts_file)
     llm = LLM(args.model, **engine_kwargs(args))
-    params = [llm.engine.inputs.default_sampling_params(**{**overrides, **own}) for own in per_prompt]
     outputs = llm.generate(prompts, params, use_tqdm=args.prompts_file is not None)
     if args.prompt is not None and args.output is None:
         print(args.prompt + outputs[0].outputs[0].text)
@@ -216,6 +251,29 @@ def cmd_generate(args: argparse.Namespace) -> None:
             c = o.outputs[0]
             record = {"prompt": o.prompt, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _prompt_params(
+    inputs: InputProcessor, prompts: list[Any], settings: list[dict[str, Any]], default_max_tokens: int,
+    path: str | None,
+) -> list[SamplingParams]:
+    """Each prompt's SamplingParams from its settings, refusing what the engine would, and (with the server's 400
+    message) a max_tokens the context cannot hold after the prompt: the output would stop short of it, at the
+    context limit. Without max_tokens, a prompt gets default_max_tokens or the room left, as the server's default."""
+    params = []
+    for number, (prompt, own) in enumerate(zip(prompts, settings), 1):
+        _, ids = inputs.tokenize_prompt(prompt)
+        try:
+            inputs.validate_prompt(ids)
+            if "max_tokens" in own:
+                params.append(inputs.default_sampling_params(**own))
+                inputs.check_max_tokens(len(ids), params[-1].max_tokens)
+            else:
+                room = inputs.max_model_len - len(ids)
+                params.append(inputs.default_sampling_params(**own, max_tokens=min(default_max_tokens, room)))
+        except ValueError as e:
+            raise CLIError(f"{path}, prompt {number}: {e}" if path else str(e)) from None
+    return params
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -241,7 +299,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         raise CLIError("this model's chat template writes no tool-call format microscale knows; "
                        "give --tool-call-parser")
     parser = reply_parser(tokenizer, family, with_tools=bool(tools))
-    params = engine.inputs.default_sampling_params(**overrides)
+    params = engine.inputs.default_sampling_params(**{"max_tokens": args.default_max_tokens, **overrides})
     messages = [{"role": "system", "content": args.system}] if args.system else []
     turns = itertools.count()
     print("microscale chat: an empty line or Ctrl-D exits.", file=sys.stderr)
@@ -336,36 +394,40 @@ def _add_serve_limit_args(serve: argparse.ArgumentParser) -> None:
                                              f"together (default {d.max_stored_response_bytes})")
 
 
-def served_model_name(model: str) -> str:
-    """A local model is served as its folder's name (its path would leak the server's layout), a hub id as is."""
-    path = Path(model)
-    return path.resolve().name if path.is_dir() else model
-
-
 def cmd_serve(args: argparse.Namespace) -> None:
     import signal
 
     from microscale.serve.app import build_app
     from microscale.serve.async_engine import AsyncEngine
     from microscale.serve.limits import ServeLimits
-    from microscale.serve.server import serve
+    from microscale.serve.server import LISTEN_BACKLOG, BindError, bind, serve
 
-    engine = AsyncEngine(EngineArgs(model=args.model, **engine_kwargs(args)), args.max_waiting, args.engine_restarts)
+    if not args.log_stats_interval > 0:
+        raise CLIError(f"--log-stats-interval must be positive, got {args.log_stats_interval:g}")
+    try:
+        sock = bind(args.host, args.port)  # before the model loads: a busy port fails now, not minutes later
+    except BindError as e:
+        raise CLIError(str(e)) from None
+    engine = AsyncEngine(EngineArgs(model=args.model, **engine_kwargs(args)), args.max_waiting, args.engine_restarts,
+                         served_model_name=args.served_model_name)
     engine.start()
-    name = args.served_model_name or served_model_name(args.model)
     limits = ServeLimits(max_n=args.max_n, max_request_bytes=args.max_request_bytes,
                          max_prompt_chars=args.max_prompt_chars, body_timeout_s=args.body_timeout,
                          header_timeout_s=args.header_timeout, max_stored_responses=args.max_stored_responses,
                          max_stored_response_bytes=args.max_stored_response_bytes)
-    app = build_app(engine, name, args.api_key, limits, args.tool_call_parser)
+    app = build_app(engine, args.api_key, limits, args.tool_call_parser,
+                    None if args.disable_log_stats else args.log_stats_interval)
+    # The stats lines are INFO, shown without --verbose (as vLLM shows them).
+    logging.getLogger("microscale.serve.stats_log").setLevel(logging.INFO)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler it found:
     # ignoring it there makes that shutdown exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    print(f"microscale: serving {name} at http://{args.host}:{args.port}/v1 "
+    sock.listen(LISTEN_BACKLOG)
+    print(f"microscale: serving {engine.served_model_name} at http://{args.host}:{args.port}/v1 "
           "(OpenAI API; /metrics, /health; Ctrl-C stops)", file=sys.stderr, flush=True)
-    sys.exit(serve(app, engine, args.host, args.port, args.shutdown_drain_seconds,
-                   "info" if args.verbose else "warning", limits.header_timeout_s))
+    sys.exit(serve(app, engine, sock, args.shutdown_drain_seconds, "info" if args.verbose else "warning",
+                   limits.header_timeout_s, access_log=not args.disable_log_requests))
 
 
 def _run_as_torchrun_worker(args: argparse.Namespace) -> bool:
@@ -387,6 +449,39 @@ def cmd_monitor(args: argparse.Namespace) -> None:
     if args.interval <= 0 or args.window <= 0:
         raise CLIError("--interval and --window must be positive")
     sys.exit(run_monitor(args.server, args.interval, args.window, args.once))
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    import torch
+
+    from microscale.config import resolve_dtype
+    from microscale.engine.plan import DeviceMemory, plan_memory
+    from microscale.models.loader import load_model_config
+
+    mem = DeviceMemory.named(args.device, args.gpu_memory)
+    engine_args = EngineArgs(model=args.model, **{**engine_kwargs(args), "device": mem.kind})
+    cfg = load_model_config(_config_folder(args.model))
+    max_model_len = engine_args.max_model_len or cfg.max_position_embeddings
+    dtype = resolve_dtype(engine_args.dtype, cfg.checkpoint_dtype, torch.device(mem.kind))
+    result = plan_memory(engine_args, cfg, max_model_len, dtype, mem, Path(args.model).name)
+    print(json.dumps(result.to_dict(), indent=1) if args.json else result.render())
+    if not result.fits:
+        sys.exit(1)
+
+
+def _config_folder(model: str) -> Path:
+    """A local model folder, or for a hub id the folder its config.json alone is downloaded to."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    from microscale.models.loader import resolve_model_path
+
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(model, "config.json")).parent
+    except Exception:  # offline or not a hub id: the loader's own message says which
+        return resolve_model_path(model)
 
 
 def _read_data(path: str, max_chars: int | None) -> str:
@@ -484,7 +579,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    # What a peer's name (LMDeploy's, vLLM's) set is said even without --verbose.
+    logging.getLogger("microscale.peer_names").setLevel(logging.INFO)
+    args = build_parser().parse_args(translate_command(sys.argv[1:] if argv is None else argv))
     logging.getLogger("microscale").setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
         if _run_as_torchrun_worker(args):

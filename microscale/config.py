@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +186,11 @@ class SchedulerConfig:
 
 SPECULATIVE_METHODS = ("ngram", "draft")
 DEFAULT_PROMPT_LOOKUP = 5  # vLLM's n when neither bound is given
+# disable_by_batch_size when none is given, by device type and method: above it verifying drafts costs more than it
+# saves. CPU, measured on the bundled model (benchmarks/results/spec-decode.md): n-gram 1.2x at 8 running requests,
+# 0.9x at 16; the draft model 1.1-1.2x alone, 0.95x at 4. GPU: not measured here (no GPU lent); 32 keeps an 8B-class
+# decode step memory-bound, where a verification's extra tokens are nearly free (any accelerator counts as a GPU).
+AUTO_DISABLE_BY_BATCH_SIZE = {("cpu", "ngram"): 8, ("cpu", "draft"): 1, ("gpu", "ngram"): 32, ("gpu", "draft"): 32}
 
 
 @dataclass(frozen=True)
@@ -194,7 +199,8 @@ class SpeculativeConfig:
     request's own tokens) or "draft" (a smaller model on the same tokenizer, from the folder `model`).
     num_speculative_tokens: k, the most tokens proposed per step. prompt_lookup_min/max: the n-gram sizes tried,
     longest first (one given: both are it; neither: 5, as vLLM). disable_by_batch_size: no speculation while more
-    requests than this run (None: always speculate), where verifying drafts stops paying for itself."""
+    requests than this run, where verifying drafts stops paying for itself (None: the engine picks it for its device
+    and method, AUTO_DISABLE_BY_BATCH_SIZE)."""
 
     method: str
     num_speculative_tokens: int
@@ -229,6 +235,13 @@ class SpeculativeConfig:
                 f"speculative_config.prompt_lookup_min ({low}) must not exceed prompt_lookup_max ({high}).")
         object.__setattr__(self, "prompt_lookup_min", low)
         object.__setattr__(self, "prompt_lookup_max", high)
+
+    def for_device(self, device_type: str) -> SpeculativeConfig:
+        """This config with disable_by_batch_size chosen for `device_type` when none was given."""
+        if self.disable_by_batch_size is not None:
+            return self
+        kind = "cpu" if device_type == "cpu" else "gpu"
+        return replace(self, disable_by_batch_size=AUTO_DISABLE_BY_BATCH_SIZE[(kind, self.method)])
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SpeculativeConfig:
@@ -278,6 +291,11 @@ class EngineArgs:
                                  "help": "local Hugging Face model folder, or a hub id (org/name) when online"})
     # A separate tokenizer folder (e.g. for a config-only folder run with load_format="dummy").
     tokenizer: str | None = _knob(None, "tokenizer folder, if not the model's (e.g. with dummy weights)")
+    # Replaces the tokenizer's chat template wherever one is applied (chat and Responses endpoints, /tokenize,
+    # `microscale chat`, LLM.chat), as vLLM's --chat-template: a file, or the Jinja text itself.
+    chat_template: str | None = _knob(
+        None, "chat template replacing the tokenizer's: a Jinja file, or the template text itself (vLLM's meaning; "
+              "in text, \\n is a newline)", metavar="FILE|TEMPLATE")
     dtype: str = _knob("auto", "auto, float32, bfloat16 or float16 (default: auto)")
     max_num_seqs: int = _knob(256, "most sequences in one step")
     max_num_batched_tokens: int = _knob(2048, "token budget of one step")
@@ -305,6 +323,13 @@ class EngineArgs:
     load_format: str = _knob("auto", "dummy: random weights of the right shapes (for benchmarks)",
                              choices=LOAD_FORMATS)
     device: str | None = _knob(None, "cpu or cuda (default: cuda when available)")
+    # CPU threads for the engine's torch work, all tensor-parallel ranks together. None: torch's own default, one
+    # per physical core, best when the engine has the machine to itself; on a shared host fewer leave cores to the
+    # rest (oversubscribed cores make every step wait on the slowest thread).
+    threads: int | None = _knob(
+        None, "CPU threads for the engine (all ranks together); default: torch's, one per physical core, best on a "
+              "host of its own: set fewer on a shared one so the engine does not compete for busy cores",
+        metavar="N")
     # Weight quantization applied at load time (a format of microscale.quant.format's registry: "fp8",
     # "fp8-dynamic", "mxfp4"); a pre-quantized checkpoint keeps its own.
     quantization: str | None = _knob(
@@ -355,6 +380,8 @@ class EngineArgs:
         if not self.structured_outputs_max_compile_ms > 0:
             raise ValueError(f"structured_outputs_max_compile_ms must be positive, got "
                              f"{self.structured_outputs_max_compile_ms}.")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}.")
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}.")
         if self.kernel_backend not in KERNEL_BACKENDS:

@@ -45,19 +45,36 @@ def _alias_reasoning(message: Any) -> Any:
     return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
 
 
-def _token_text(value: Any) -> str | None:
+def token_text(value: Any) -> str | None:
     """tokenizer_config.json stores special tokens as strings or as {"content": ...} objects."""
     if isinstance(value, dict):
         return value.get("content")
     return value
 
 
+def load_chat_template(template: str) -> str:
+    """A chat template given as vLLM's --chat-template takes it: a file's path, else (holding a brace or a newline)
+    the Jinja text itself, its backslash escapes (\\n) read as a shell user means them. Checked to compile."""
+    try:
+        text = Path(template).read_text(encoding="utf-8")
+    except (OSError, ValueError) as e:
+        if not any(c in template for c in "{}\n"):
+            raise ValueError(f"chat_template {template!r} looks like a file path, but it cannot be read: {e}") from None
+        # Characters beyond latin-1 pass through the escape decoding as \\u escapes of their own.
+        text = template.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    try:
+        Tokenizer._compiled_template(text)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ValueError(f"chat_template does not compile: {e.message} (line {e.lineno}).") from None
+    return text
+
+
 class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer, config: dict[str, Any]) -> None:
         self._tok = tokenizer
         self.config = config
-        self.bos_token = _token_text(config.get("bos_token"))
-        self.eos_token = _token_text(config.get("eos_token"))
+        self.bos_token = token_text(config.get("bos_token"))
+        self.eos_token = token_text(config.get("eos_token"))
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self.chat_template: str | None = config.get("chat_template")
@@ -100,7 +117,7 @@ class Tokenizer:
     ) -> str:
         if not self.chat_template:
             raise ValueError("This model's tokenizer_config.json has no chat_template; use generate() instead.")
-        special = {k: _token_text(v) for k, v in self.config.items() if k.endswith("_token")}
+        special = {k: token_text(v) for k, v in self.config.items() if k.endswith("_token")}
         # tools/documents are None, not undefined, when not given: templates test `tools is not none`.
         context = {"tools": None, "documents": None, **special, **kwargs}
         try:

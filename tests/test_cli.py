@@ -183,6 +183,8 @@ def test_sample_seed_is_reproducible(capsys, model_dir):
         (["--prompt", "x " * 200], "max_model_len"),
         (["--prompt", "x", "--max-tokens", "0"], "max_tokens"),
         (["--prompt", "x", "--max-tokens", "-5"], "max_tokens"),
+        # As the server's 400: the output would stop at the context limit, short of max_tokens.
+        (["--prompt", "x", "--max-tokens", "5000"], "max_tokens is 5000: more than the context length (128)"),
         (["--prompt", "x", "--top-p", "1.5"], "top_p"),
         (["--prompt", "x", "--top-p", "0"], "top_p"),
         (["--prompt", "x", "--temperature", "-1"], "temperature"),
@@ -195,8 +197,8 @@ def test_sample_seed_is_reproducible(capsys, model_dir):
         (["--prompt", "x", "--structured-outputs", '{"regexp": "a"}'], "keys are"),
         (["--prompt", "x", "--structured-outputs", '{"regex": "[0-9"}'], "invalid regex"),
     ],
-    ids=["empty-prompt", "too-long", "max-tokens-0", "max-tokens-neg", "top-p-big", "top-p-0", "temp-neg",
-         "block-size-0", "dtype", "kv-too-small", "deterministic-triton", "structured-not-json",
+    ids=["empty-prompt", "too-long", "max-tokens-0", "max-tokens-neg", "max-tokens-past-context", "top-p-big",
+         "top-p-0", "temp-neg", "block-size-0", "dtype", "kv-too-small", "deterministic-triton", "structured-not-json",
          "structured-not-object", "structured-unknown-key", "structured-bad-regex"],
 )
 def test_generate_user_errors(capsys, model_dir, args, match):
@@ -225,6 +227,10 @@ def test_prompts_file_errors(capsys, tmp_path, model_dir):
     bad_param = tmp_path / "bad_param.jsonl"
     bad_param.write_text('{"prompt": "x", "top_p": 2}\n')
     assert_one_line_error(capsys, [*base, str(bad_param)], "top_p")
+    past_context = tmp_path / "past_context.jsonl"
+    past_context.write_text('"x"\n{"prompt": "x", "max_tokens": 500}\n')
+    assert_one_line_error(capsys, [*base, str(past_context)], "past_context.jsonl, prompt 2: The prompt has 1 tokens "
+                                                             "and max_tokens is 500")
 
 
 def test_usage_errors_exit_2(capsys, model_dir):

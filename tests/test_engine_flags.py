@@ -55,13 +55,13 @@ def test_flags_reach_the_engine_args():
     args = build_parser().parse_args([
         "serve", "m", "--no-prefix-caching", "--tp", "2", "--enforce-eager", "--quant", "fp8-dynamic",
         "--kv-cache-quant", "int8", "--calib-data", "c.txt", "--calib-batches", "3", "--swap-space", "0.5",
-        "--load-format", "dummy",
+        "--load-format", "dummy", "--threads", "3",
     ])
     engine = EngineArgs(model=args.model, **engine_kwargs(args))
     assert (engine.enable_prefix_caching, engine.tensor_parallel_size, engine.enforce_eager) == (False, 2, True)
     assert (engine.quantization, engine.kv_cache_quant, engine.swap_space) == ("fp8-dynamic", "int8", 0.5)
     assert engine.calib_config == CalibConfig(calib_dataset="c.txt", calib_batches=3)
-    assert engine.load_format == "dummy"
+    assert (engine.load_format, engine.threads) == ("dummy", 3)
 
 
 def test_format_choices_come_from_the_registries():
@@ -69,4 +69,4 @@ def test_format_choices_come_from_the_registries():
     add_engine_flags(parser, only=("quantization", "kv_cache_quant"))
     choices = {action.dest: action.choices for action in parser._actions}
     assert choices["quantization"] == known_weight_formats()
-    assert choices["kv_cache_quant"] == quantized_kv_cache_names() == ["fp8", "int8"]
+    assert choices["kv_cache_quant"] == quantized_kv_cache_names() == ["fp8", "int4", "int8"]

@@ -431,3 +431,14 @@ def test_bad_engine_args(model_dir, kwargs, match):
 
 def test_engine_class_is_what_llm_uses(llm):
     assert isinstance(llm.engine, LLMEngine)
+
+
+def test_threads_sets_the_engines_cpu_threads(model_dir):
+    before = torch.get_num_threads()
+    try:
+        LLM(model_dir, dtype=torch.float32, max_model_len=MAX_MODEL_LEN, threads=before + 1)
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        LLM(model_dir, threads=0)

@@ -38,8 +38,9 @@ class TritonAttentionBackend(StatelessBackend):
     ) -> torch.Tensor:
         cache = kv_cache.kernel_operands()
         write_kv_cache(k, v, cache.keys, cache.values, meta.slot_blocks, meta.slot_offsets, cache.k_scale,
-                       cache.v_scale, dynamic_int8=cache.dynamic_int8)
-        reads = dict(scale=scale, window=window, sinks=sinks, k_scale=cache.k_scale, v_scale=cache.v_scale)
+                       cache.v_scale, cache.dynamic, cache.k_zero, cache.v_zero)
+        reads = dict(scale=scale, window=window, sinks=sinks, k_scale=cache.k_scale, v_scale=cache.v_scale,
+                     k_zero=cache.k_zero, v_zero=cache.v_zero)
         # Each kernel returns its rows; a decode-only (or prefill-only) step needs no copy into a joint output.
         parts = []
         decoded = 0

@@ -17,10 +17,11 @@ def torchrun_rank() -> tuple[int, int] | None:
     return None
 
 
-def share_cpus(world_size: int, device: torch.device) -> None:
-    """On a CPU the ranks split its cores (one CPU share each)."""
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+def share_cpus(world_size: int, device: torch.device, threads: int | None = None) -> None:
+    """On a CPU the ranks split `threads` (EngineArgs.threads; None: the machine's cores) between them; a single
+    rank without `threads` keeps torch's default."""
+    if device.type == "cpu" and (threads is not None or world_size > 1):
+        torch.set_num_threads(max(1, (threads or os.cpu_count() or 1) // world_size))
 
 
 def free_port() -> int:

@@ -8,6 +8,8 @@ control group carries rank 0's step messages (host data) to the workers, who idl
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -38,6 +40,22 @@ def tp_size() -> int:
 def expert_parallel() -> bool:
     """MoE layers place whole experts on ranks (instead of splitting every expert's intermediate dim)."""
     return _expert_parallel and _size > 1
+
+
+@contextmanager
+def planned_layout(size: int, enable_expert_parallel: bool = False) -> Iterator[None]:
+    """Layers built inside see rank 0 of `size` ranks without joining a group: the memory planner builds one
+    rank's model on the meta device to count its bytes. Inside a real group the real layout stays."""
+    global _rank, _size, _expert_parallel
+    if dist.is_initialized():
+        yield
+        return
+    saved = _rank, _size, _expert_parallel
+    _rank, _size, _expert_parallel = 0, size, enable_expert_parallel
+    try:
+        yield
+    finally:
+        _rank, _size, _expert_parallel = saved
 
 
 def init_tensor_parallel(

@@ -4,7 +4,7 @@ nothing of the engine that serves the model.
 
 FP8 static activations: the largest |input| of each such Linear (while calibrating the layer runs with its
 FP8 weights and 16-bit activations) becomes its input scale (amax / 448). KV cache: the largest |k| and |v|
-per layer and KV head become the cache's static scales (INT8 per head, FP8 per tensor).
+per layer and KV head become the cache's static scales (INT8 and INT4 per head, FP8 per tensor).
 """
 
 from __future__ import annotations

@@ -4,15 +4,21 @@ sampler."""
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
 from microscale.config import EngineArgs, SchedulerConfig
+from microscale.distributed.parallel_state import expert_parallel, tp_size
 from microscale.engine.block_manager import BlockManager
 from microscale.engine.calibration import calibrate, calibration_windows
 from microscale.engine.detokenizer import IncrementalDetokenizer
+from microscale.engine.device_peaks import device_peaks
 from microscale.engine.executor import Executor
 from microscale.engine.inputs import InputProcessor, PromptType
 from microscale.engine.logprobs import prompt_logprobs
+from microscale.engine.roofline import RooflineModel, RooflineTotals, StepRoofline
 from microscale.engine.sampler import Sampler
 from microscale.engine.scheduler import Scheduler
 from microscale.engine.sequence import Request, Sequence
@@ -21,6 +27,8 @@ from microscale.engine.spec_decode.verify_step import sample_step
 from microscale.engine.structured import GrammarCompiler, StepMasks
 from microscale.outputs import RequestOutput, SampleLogprobs
 from microscale.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -40,21 +48,33 @@ class LLMEngine:
         self.graph_capture_seconds = shard.graph_capture_seconds
         self.block_manager = BlockManager(shard.num_blocks, args.block_size, args.enable_prefix_caching,
                                           shard.num_host_blocks)
+        speculative = None if args.speculative_config is None else args.speculative_config.for_device(self.device.type)
+        if speculative is not None:
+            logger.info("speculative decoding: %s, k = %d, off while more than %d requests run", speculative.method,
+                        speculative.num_speculative_tokens, speculative.disable_by_batch_size)
         proposer = None
         if shard.draft_runner is not None:
             proposer = DraftModelProposer(shard.draft_runner, shard.num_blocks, args.block_size,
                                           args.speculative_config.num_speculative_tokens, self.eos_token_ids,
                                           self.model_config.vocab_size, args.max_num_batched_tokens)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager, self.eos_token_ids, self.tokenizer,
-                                   args.speculative_config, proposer)
+                                   speculative, proposer)
         self.sampler = Sampler()
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
                                         args.structured_outputs_max_compile_ms)
         self.requests: dict[str, Request] = {}
+        self.last_step_tokens = 0  # tokens the last step's forward computed (the server's iteration-tokens metric)
         if args.calib_config is not None:
             windows = calibration_windows(self.tokenizer, args.calib_config, max_model_len)
             shard.set_kv_amax(calibrate(self.runner.model, self.prompt_logits, windows))
         self.compile_seconds = shard.compile_forwards(args.enforce_eager)
+        # Every step's bytes and FLOPs against the device's peaks (after calibration: static KV scales shrink it).
+        self.roofline = RooflineModel.of(self.runner.model, self.model_config, self.dtype,
+                                         [cache.bytes_per_token() for cache in self.runner.kv_caches], tp_size(),
+                                         expert_parallel())
+        self.peaks = device_peaks(self.device)
+        self.roofline_totals = RooflineTotals()
+        self.last_step_roofline: StepRoofline | None = None
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -112,7 +132,9 @@ class LLMEngine:
     @torch.inference_mode()
     def step_requests(self) -> list[Request]:
         """One step; the requests that got a token in it (finished ones are no longer in self.requests)."""
+        started = time.perf_counter()
         chunks = self.scheduler.schedule()
+        self.last_step_tokens = sum(chunk.num_tokens for chunk in chunks)
         if not chunks:
             if self.scheduler.swaps:  # every running sequence was swapped out: copy before blocks are reused
                 self.executor.execute([], self.scheduler.swaps)
@@ -127,7 +149,12 @@ class LLMEngine:
         rows = [seq.sampling_row(mask_of.get(seq)) for seq in seqs]
         tokens, verified = sample_step(self.sampler, logits, sampling, rows, self.eos_token_ids,
                                        self.model_config.vocab_size)
+        # Before the update moves num_computed_tokens: each chunk's context start.
+        cost = self.roofline.step_cost([(c.num_tokens, c.seq.num_computed_tokens) for c in chunks],
+                                       sum(len(c.draft_token_ids) + 1 for c in sampling))
         touched = self.scheduler.update_from_output(chunks, seqs, tokens, verified)
+        self.last_step_roofline = StepRoofline(cost, time.perf_counter() - started, self.peaks)
+        self.roofline_totals.add(self.last_step_roofline)
         for request in touched:
             if request.finished:
                 self.requests.pop(request.request_id, None)

@@ -37,6 +37,8 @@ class Executor:
         self.processes: list[mp.Process] = []  # empty under torchrun: the ranks are not ours to watch
         if self.world_size > 1:
             self._start_ranks(args, device)  # they join the group before any shard is built
+        else:
+            share_cpus(1, device, args.threads)
         try:
             self.shard: EngineShard = build_shard(args, inputs, device)
         except BaseException:
@@ -53,7 +55,7 @@ class Executor:
                 raise ValueError(f"torchrun started rank {rank} of {world}, but this engine is rank 0 of "
                                  f"tensor_parallel_size={n}.")
             init_tensor_parallel(0, n, "env://", device, args.enable_expert_parallel)
-            share_cpus(n, device)
+            share_cpus(n, device, args.threads)
             return
         init_method = f"tcp://127.0.0.1:{free_port()}"
         ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
@@ -67,7 +69,7 @@ class Executor:
         except BaseException:
             self.shutdown()
             raise
-        share_cpus(n, device)
+        share_cpus(n, device, args.threads)
         logger.info("tensor parallel: %d ranks (%s)", n, "gloo" if device.type != "cuda" else "nccl")
 
     def execute(

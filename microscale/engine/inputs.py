@@ -11,7 +11,7 @@ from typing import Any
 from microscale.config import EngineArgs
 from microscale.models.loader import load_generation_config, load_model_config, resolve_model_path
 from microscale.sampling_params import SamplingParams
-from microscale.tokenizer import Tokenizer
+from microscale.tokenizer import Tokenizer, load_chat_template
 
 # generation_config.json keys that become the default SamplingParams (as vLLM does).
 _GENERATION_DEFAULTS = {
@@ -31,6 +31,8 @@ class InputProcessor:
         self.model_dir = model_dir = resolve_model_path(args.model)
         self.model_config = cfg = load_model_config(model_dir)
         self.tokenizer = Tokenizer.from_pretrained(resolve_model_path(args.tokenizer) if args.tokenizer else model_dir)
+        if args.chat_template is not None:
+            self.tokenizer.chat_template = load_chat_template(args.chat_template)
         generation_config = load_generation_config(model_dir)
         self.eos_token_ids = self._eos_ids(generation_config)
         self.generation_defaults = {
@@ -73,6 +75,18 @@ class InputProcessor:
                 f"The prompt has {len(ids)} tokens; max_model_len is {max_len}"
                 + (", which leaves no room to generate." if room_to_generate else ".")
             )
+        self.check_vocabulary(ids, "Prompt token ids")
+
+    def check_vocabulary(self, ids: list[int], what: str = "Token ids") -> None:
+        """A ValueError for ids outside the vocabulary (the tokenizer would raise on them, or overflow)."""
         vocab = self.model_config.vocab_size
         if any(t < 0 or t >= vocab for t in ids):
-            raise ValueError(f"Prompt token ids must be in [0, {vocab}).")
+            raise ValueError(f"{what} must be in [0, {vocab}).")
+
+    def check_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
+        """A ValueError when the prompt and max_tokens together pass the context length: the output would stop
+        short of max_tokens (the server answers 400; `microscale generate` refuses up front)."""
+        max_len = self.max_model_len
+        if max_tokens is not None and num_prompt_tokens + max_tokens > max_len:
+            raise ValueError(f"The prompt has {num_prompt_tokens} tokens and max_tokens is {max_tokens}: more than "
+                             f"the context length ({max_len}); shorten the prompt or lower max_tokens.")

@@ -107,7 +107,7 @@ class ModelRunner:
 
     def set_kv_scales(self, layer_index: int, k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
         """Static KV cache scales of one layer (float32; from calibration or the checkpoint): [kv_heads] for
-        int8 (the layer then stores no per-token scales), [] or [1] for fp8. Before allocate_kv_cache, the
+        int8 / int4 (the layer then stores no per-token scales), [] or [1] for fp8. Before allocate_kv_cache, the
         memory saved goes to more blocks; later, what the cache already holds is re-quantised, but not what is
         swapped out: call it with no sequence preempted by swapping (the engine does, at start-up)."""
         self.kv_caches[layer_index].set_scales(k_scale, v_scale)

@@ -14,6 +14,14 @@ from microscale.config import EngineArgs, ModelConfig, resolve_dtype
 from microscale.distributed.parallel_state import min_over_ranks, tp_rank, tp_size
 from microscale.engine.inputs import InputProcessor
 from microscale.engine.model_runner import ModelRunner
+from microscale.engine.plan import (
+    DeviceMemory,
+    GpuMemory,
+    blocks_per_seq,
+    fixed_kv_budget,
+    kv_cache_budget,
+    plan_memory,
+)
 from microscale.models.loader import load_model, load_model_config, resolve_model_path
 from microscale.quant.kv_cache import KV_CACHES, kv_scales_from_amax
 from microscale.quant.scheme import QuantScheme
@@ -21,7 +29,6 @@ from microscale.quant.scheme import QuantScheme
 logger = logging.getLogger(__name__)
 
 _GIB = 1 << 30
-_DEFAULT_CPU_KV_GIB = 4.0
 
 
 @dataclass
@@ -66,6 +73,11 @@ def build_shard(args: EngineArgs, inputs: InputProcessor, device: torch.device) 
         )
     # Before anything of this shard is on the GPU: where its memory accounting starts.
     start = GpuSnapshot.take(device) if device.type == "cuda" else None
+    if tp_rank() == 0:  # before any weight is read: a configuration that cannot fit fails now, not after loading
+        plan = plan_memory(args, cfg, max_model_len, dtype, DeviceMemory.of(device), inputs.model_dir.name)
+        logger.info("%s", plan.summary())
+        if not plan.fits:
+            raise ValueError(plan.refusal())
     model, kv_scales = load_model(inputs.model_dir, cfg, dtype, device, max_model_len, quant, args.load_format,
                                   args.seed)
     logger.info("loaded %s (%s, %s) in %.1fs", cfg.architecture, dtype, device, time.perf_counter() - started)
@@ -96,8 +108,11 @@ def _build_draft_runner(
     spec = args.speculative_config
     if spec is None or spec.method != "draft":
         return None
-    model_dir = resolve_model_path(spec.model)
-    cfg = load_model_config(model_dir)
+    try:
+        model_dir = resolve_model_path(spec.model)
+        cfg = load_model_config(model_dir)
+    except ValueError as e:
+        raise ValueError(f"speculative_config.model (the draft model): {e}") from None
     if cfg.vocab_size != target.vocab_size:
         raise ValueError(f"speculative_config.model {spec.model} has a vocabulary of {cfg.vocab_size} tokens, the "
                          f"target {target.vocab_size}: a draft model must share the target's tokenizer.")
@@ -127,12 +142,7 @@ def _capture_decode_graphs(args: EngineArgs, runner: ModelRunner, device: torch.
 def _num_swap_blocks(args: EngineArgs, runner: ModelRunner, max_model_len: int) -> int:
     """Blocks of the host swap space: swap_space GiB, but no more than max_num_seqs full sequences take."""
     swap_blocks = int(args.swap_space * _GIB // runner.kv_block_bytes(args.block_size))
-    return min(swap_blocks, args.max_num_seqs * _blocks_per_seq(args, max_model_len))
-
-
-def _blocks_per_seq(args: EngineArgs, max_model_len: int) -> int:
-    """KV blocks one sequence of max_model_len tokens takes."""
-    return -(-max_model_len // args.block_size)
+    return min(swap_blocks, args.max_num_seqs * blocks_per_seq(max_model_len, args.block_size))
 
 
 def _apply_checkpoint_kv_scales(runner: ModelRunner, kv_scales: dict, kv_cache_quant: str | None) -> None:
@@ -164,41 +174,6 @@ class GpuSnapshot:
     def take(cls, device: torch.device) -> GpuSnapshot:
         free, total = torch.cuda.mem_get_info(device)
         return cls(free, total, torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device))
-
-
-@dataclass(frozen=True)
-class GpuMemory:
-    """What sizes the KV cache on a GPU, in bytes, accounted as vLLM's memory profiling does."""
-
-    total: int
-    free_at_start: int  # before the shard loaded
-    free: int  # after the profiled step, torch's cached blocks handed back
-    weights: int  # torch memory the shard held before the profiled step (weights, buffers)
-    peak_activation: int  # the profiled step's peak torch memory above that
-    non_torch: int  # memory this process took outside torch since the start (NCCL, cuBLAS workspaces)
-
-
-def kv_cache_budget(mem: GpuMemory, cache_max_entry_count: float, gpu_memory_utilization: float | None) -> int:
-    """Bytes the KV cache may take on a GPU.
-
-    gpu_memory_utilization (vLLM's meaning; wins when set): the engine may use this fraction of the GPU's total
-    memory in all, so the KV cache gets it less the weights, the peak activations and this process's non-torch
-    memory. Other processes' memory is not charged to it, but (as in vLLM) they must leave that much free at the
-    start. cache_max_entry_count (LMDeploy's meaning): this fraction of the memory left free after the weights
-    and the peak activations.
-    """
-    if gpu_memory_utilization is None:
-        budget = cache_max_entry_count * (mem.free - mem.peak_activation)
-    else:
-        requested = gpu_memory_utilization * mem.total
-        if mem.free_at_start < requested:
-            raise ValueError(
-                f"gpu_memory_utilization={gpu_memory_utilization} asks for {requested / _GIB:.2f} GiB of the GPU's "
-                f"{mem.total / _GIB:.2f} GiB, but only {mem.free_at_start / _GIB:.2f} GiB were free when the engine "
-                f"started (other processes hold the rest): lower it, or free the GPU."
-            )
-        budget = requested - mem.weights - mem.peak_activation - mem.non_torch
-    return max(0, int(budget))
 
 
 def _profile_gpu_memory(args: EngineArgs, runner: ModelRunner, device: torch.device, start: GpuSnapshot) -> GpuMemory:
@@ -238,16 +213,11 @@ def _num_kv_blocks(
     block_bytes = runner.kv_block_bytes(args.block_size)
     if draft is not None:
         block_bytes += draft.kv_block_bytes(args.block_size)
-    blocks_per_seq = _blocks_per_seq(args, max_model_len)
-    if args.kv_cache_memory is not None:
-        budget = args.kv_cache_memory * _GIB
-    elif device.type == "cuda":
+    budget = fixed_kv_budget(args, device.type, max_model_len, block_bytes)
+    if budget is None:
         budget = _gpu_kv_budget(args, runner, device, start)
-    else:
-        # No more than every sequence slot could ever use.
-        budget = min(_DEFAULT_CPU_KV_GIB * _GIB, args.max_num_seqs * blocks_per_seq * block_bytes)
     num_blocks = int(budget // block_bytes)
-    if num_blocks < blocks_per_seq:
+    if num_blocks < blocks_per_seq(max_model_len, args.block_size):
         raise ValueError(
             f"The KV cache budget ({budget / _GIB:.3f} GiB = {num_blocks} blocks of {args.block_size} tokens) "
             f"cannot hold one sequence of max_model_len={max_model_len} tokens; raise kv_cache_memory / "

@@ -30,7 +30,7 @@ def run_worker(
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)
     init_tensor_parallel(rank, world_size, init_method, device, args.enable_expert_parallel)
-    share_cpus(world_size, device)
+    share_cpus(world_size, device, args.threads)
     runner = build_shard(args, InputProcessor(args), device).runner
     while (step := broadcast_from_driver()) is not None:
         runner.forward_logits(step)  # the logits are rank 0's to sample

@@ -1,10 +1,11 @@
 """Batch-invariant matmuls for deterministic mode (`deterministic=True`): a token's result must not depend on
 how many other rows share its matmul. CPU BLAS (oneDNN/MKL) picks its kernel from the row count, and a row's
-last bits change with it (float32 at 2, 7 or 9 rows; bfloat16 at 1 row with K >= 2048); with the row count
-padded to a multiple of ROW_TILE every row of every batch gets the same kernel and the same reduction order
-(measured for 1-4100 rows, K 64-8192, N 64-8192, float32 and bfloat16; tests/kernels/test_batch_invariant_linear.py
-keeps it checked). The mode is scoped to a forward (a context variable), so engines with and without it can
-share a process."""
+last bits change with it (float32 at 2, 7 or 9 rows; bfloat16 at 1 row with K >= 2048; on AMX/AVX-512 machines
+float32 changes again at 33-64 rows, so padding the row count to a multiple is not enough). Here every matmul is
+made of calls of exactly ROW_TILE rows (the last one zero-padded): one shape, so one kernel and one reduction
+order for every row of every batch (measured for 1-300 rows, K 64-4096, N 64-4096, float32 and bfloat16, on AVX2
+and AMX machines; tests/kernels/test_batch_invariant_linear.py keeps it checked). The mode is scoped to a forward
+(a context variable), so engines with and without it can share a process."""
 
 from __future__ import annotations
 
@@ -41,9 +42,10 @@ def pad_rows(x: torch.Tensor, multiple: int = ROW_TILE, dim: int = 0) -> torch.T
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; inside batch_invariant_mode, over rows padded to a multiple of ROW_TILE. (The compiled forward
-    never runs in that mode, and Dynamo cannot read a context variable: it traces plain F.linear.)"""
-    if torch.compiler.is_compiling() or not _enabled.get():
+    """F.linear; inside batch_invariant_mode, as calls of exactly ROW_TILE rows. (The compiled forward never runs
+    in that mode, and Dynamo cannot read a context variable: it traces plain F.linear.)"""
+    if torch.compiler.is_compiling() or not _enabled.get() or x.numel() == 0:
         return F.linear(x, weight, bias)
-    flat = x.reshape(-1, x.shape[-1])
-    return F.linear(pad_rows(flat), weight, bias)[: flat.shape[0]].view(*x.shape[:-1], weight.shape[0])
+    flat = pad_rows(x.reshape(-1, x.shape[-1]))
+    out = torch.cat([F.linear(flat[i : i + ROW_TILE], weight, bias) for i in range(0, flat.shape[0], ROW_TILE)])
+    return out[: x.numel() // x.shape[-1]].view(*x.shape[:-1], weight.shape[0])

@@ -2,7 +2,7 @@
 
 Pass 1, grid (sequences, KV heads, splits): each program takes every query head of one KV head (they share the
 K/V loads) over one slice of the attended context, reading K/V through the block table and dequantising int8 /
-fp8 on read, and writes a partial softmax (running max, sum, unnormalised accumulator) to float32 scratch.
+int4 / fp8 on read, and writes a partial softmax (running max, sum, unnormalised accumulator) to float32 scratch.
 Pass 2, grid (sequences, query heads): merges the splits by log-sum-exp and adds the sink term once.
 
 Matches TorchAttentionBackend._decode over the paged cache (microscale/attention/torch_backend.py).
@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from microscale.kernels.int4 import check_int4_operands, dequantize_kv, unpack_int4
 from microscale.kernels.selector import interpreting
 
 # Read once, like Triton itself: the interpreter's tl.dot multiplies raw 16-bit patterns of bfloat16 operands,
@@ -37,7 +38,7 @@ _MAX_SPLITS = 32
 
 @triton.jit
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, cl_ptr,
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, cl_ptr,
     m_ptr, l_ptr, acc_ptr,
     scale, window, block_size, num_splits,
     sq_n, sq_h, sq_d,
@@ -47,8 +48,8 @@ def _split_kernel(
     svs_b, svs_s, svs_h,
     sbt_n, sbt_b, scl,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, QUANT: tl.constexpr, USE_DOT: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, QUANT: tl.constexpr, INT4: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -60,6 +61,9 @@ def _split_kernel(
     row_ok = rows < GROUP
     dim_ok = dims < HEAD_DIM
     heads = kvh * GROUP + rows
+    # int4: byte j holds elements 2j and 2j + 1 (head_dim is even).
+    half_dims = tl.arange(0, D_PAD // 2)
+    half_dim_ok = half_dims < HEAD_DIM // 2
 
     q_raw = tl.load(
         q_ptr + seq * sq_n + heads[:, None] * sq_h + dims[None, :] * sq_d,
@@ -87,16 +91,21 @@ def _split_kernel(
         block = tl.load(bt_ptr + seq * sbt_n + (pos // block_size) * sbt_b, mask=ok, other=0).to(tl.int64)
         slot = pos % block_size
         kv_ok = ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_ptr + block[:, None] * sk_b + slot[:, None] * sk_s + kvh * sk_h + dims[None, :] * sk_d,
-                    mask=kv_ok, other=0.0)
-        v = tl.load(v_ptr + block[:, None] * sv_b + slot[:, None] * sv_s + kvh * sv_h + dims[None, :] * sv_d,
-                    mask=kv_ok, other=0.0)
+        if INT4:
+            packed_ok = ok[:, None] & half_dim_ok[None, :]
+            k = unpack_int4(tl.load(k_ptr + block[:, None] * sk_b + slot[:, None] * sk_s + kvh * sk_h
+                                    + half_dims[None, :] * sk_d, mask=packed_ok, other=0))
+            v = unpack_int4(tl.load(v_ptr + block[:, None] * sv_b + slot[:, None] * sv_s + kvh * sv_h
+                                    + half_dims[None, :] * sv_d, mask=packed_ok, other=0))
+        else:
+            k = tl.load(k_ptr + block[:, None] * sk_b + slot[:, None] * sk_s + kvh * sk_h + dims[None, :] * sk_d,
+                        mask=kv_ok, other=0.0)
+            v = tl.load(v_ptr + block[:, None] * sv_b + slot[:, None] * sv_s + kvh * sv_h + dims[None, :] * sv_d,
+                        mask=kv_ok, other=0.0)
         if QUANT:
             # Strided loads: a per-head or per-tensor scale arrives as a zero-stride view of every slot.
-            k_s = tl.load(ks_ptr + block * sks_b + slot * sks_s + kvh * sks_h, mask=ok, other=0.0).to(tl.float32)
-            v_s = tl.load(vs_ptr + block * svs_b + slot * svs_s + kvh * svs_h, mask=ok, other=0.0).to(tl.float32)
-            k = k.to(tl.float32) * k_s[:, None]
-            v = v.to(tl.float32) * v_s[:, None]
+            k = dequantize_kv(k, ks_ptr, kz_ptr, block * sks_b + slot * sks_s + kvh * sks_h, ok, INT4)
+            v = dequantize_kv(v, vs_ptr, vz_ptr, block * svs_b + slot * svs_s + kvh * svs_h, ok, INT4)
 
         if USE_DOT:
             if DOT_FP32:
@@ -186,19 +195,24 @@ def paged_decode_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     num_splits: int | None = None,
+    k_zero: torch.Tensor | None = None,
+    v_zero: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of q [n, num_heads, head_dim] over the paged cache keys/values [num_blocks, block_size,
     kv_heads, head_dim] (model dtype, int8 or fp8; dequantised as stored.float() * k_scale/v_scale [num_blocks,
-    block_size, kv_heads] when given). Sequence i's query is at position context_lens[i] - 1 and its keys lie in
-    blocks block_tables[i]. window: keys at positions > p - window only; sinks [num_heads]: an extra logit per
-    head in the softmax denominator. num_splits=None reads context_lens.max() on the host (a sync); pass it
-    explicitly (e.g. from choose_num_splits) under CUDA graphs. Returns [n, num_heads, head_dim] in q.dtype."""
+    block_size, kv_heads] when given; int4: uint8 [..., head_dim / 2], two codes a byte, dequantised as
+    code * scale + k_zero/v_zero, the zero points strided as their scales). Sequence i's query is at position
+    context_lens[i] - 1 and its keys lie in blocks block_tables[i]. window: keys at positions > p - window only;
+    sinks [num_heads]: an extra logit per head in the softmax denominator. num_splits=None reads
+    context_lens.max() on the host (a sync); pass it explicitly (e.g. from choose_num_splits) under CUDA graphs.
+    Returns [n, num_heads, head_dim] in q.dtype."""
     n, num_heads, head_dim = q.shape
     num_blocks, block_size, kv_heads, _ = keys.shape
     if num_heads % kv_heads:
         raise ValueError(f"num_heads {num_heads} is not a multiple of kv_heads {kv_heads}")
     if (k_scale is None) != (v_scale is None):
         raise ValueError("k_scale and v_scale come together")
+    int4 = check_int4_operands(keys, head_dim, k_scale, v_scale, k_zero, v_zero)
     out = torch.empty((n, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if n == 0:
         return out
@@ -220,14 +234,15 @@ def paged_decode_attention(
     ks, vs = (k_scale, v_scale) if quant else (keys, values)
     ks_strides = k_scale.stride() if quant else (0, 0, 0)
     vs_strides = v_scale.stride() if quant else (0, 0, 0)
+    kz, vz = (k_zero, v_zero) if int4 else (ks, vs)
     _split_kernel[(n, kv_heads, num_splits)](
-        q, keys, values, ks, vs, block_tables, context_lens,
+        q, keys, values, ks, vs, kz, vz, block_tables, context_lens,
         m, s_sum, acc,
         scale, window if window is not None else 0, block_size, num_splits,
         *q.stride(), *keys.stride(), *values.stride(), *ks_strides, *vs_strides,
         *block_tables.stride(), context_lens.stride(0),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_N=block_n,
-        HAS_WINDOW=window is not None, QUANT=quant, USE_DOT=use_dot,
+        HAS_WINDOW=window is not None, QUANT=quant, INT4=int4, USE_DOT=use_dot,
         DOT_FP32=_INTERPRET or q.dtype == torch.float32, num_warps=_NUM_WARPS,
     )
     _reduce_kernel[(n, num_heads)](

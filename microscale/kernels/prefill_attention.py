@@ -4,7 +4,8 @@ sequence's cached prefix and its own new tokens, all read from the paged KV cach
 Flash-attention style: one program per (chunk, block of BLOCK_M queries, KV head). A program holds the queries
 of every query head sharing that KV head (GQA) as rows of one tile, so each K/V block is loaded once for the
 whole group; it walks the key blocks that the causal mask (and sliding window) leave visible, with an online
-softmax in float32. int8 / fp8 caches are dequantised on read with their per-slot scales.
+softmax in float32. int8 / int4 / fp8 caches are dequantised on read with their per-slot scales (and int4's
+zero points).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from microscale.kernels.int4 import check_int4_operands, dequantize_kv, unpack_int4
 from microscale.kernels.selector import interpreting
 
 # Under the interpreter tl.dot on bfloat16 operands multiplies raw bit patterns: upcast to float32 there.
@@ -21,7 +23,7 @@ _INTERPRET = interpreting()  # read once: kernels are defined (and their constex
 
 @triton.jit
 def _prefill_attention_kernel(
-    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, sinks_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, sinks_ptr, out_ptr,
     tables_ptr, query_starts_ptr, context_starts_ptr,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
@@ -33,7 +35,7 @@ def _prefill_attention_kernel(
     scale, window,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, QUANTIZED: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SINKS: tl.constexpr, QUANTIZED: tl.constexpr, INT4: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     chunk = tl.program_id(0)
@@ -57,6 +59,9 @@ def _prefill_attention_kernel(
         q_pos = ctx_start + q_idx
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
+        # int4: byte j holds elements 2j and 2j + 1 (head_dim is even).
+        half_d = tl.arange(0, BLOCK_D // 2)
+        half_d_ok = half_d < HEAD_DIM // 2
 
         q_rows = (q_start + q_idx).to(tl.int64)
         q = tl.load(
@@ -84,22 +89,33 @@ def _prefill_attention_kernel(
             block = tl.load(table_row + (k_pos // BLOCK_SIZE) * stride_table_col, mask=k_ok, other=0).to(tl.int64)
             offset = k_pos % BLOCK_SIZE
             kv_ok = k_ok[:, None] & d_ok[None, :]
-            k = tl.load(
-                k_ptr + block[:, None] * stride_kb + offset[:, None] * stride_ks + kv_head * stride_kh
-                + d[None, :] * stride_kd, mask=kv_ok, other=0.0,
-            )
-            v = tl.load(
-                v_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs + kv_head * stride_vh
-                + d[None, :] * stride_vd, mask=kv_ok, other=0.0,
-            )
+            if INT4:
+                packed_ok = k_ok[:, None] & half_d_ok[None, :]
+                k = unpack_int4(tl.load(
+                    k_ptr + block[:, None] * stride_kb + offset[:, None] * stride_ks + kv_head * stride_kh
+                    + half_d[None, :] * stride_kd, mask=packed_ok, other=0,
+                ))
+                v = unpack_int4(tl.load(
+                    v_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs + kv_head * stride_vh
+                    + half_d[None, :] * stride_vd, mask=packed_ok, other=0,
+                ))
+            else:
+                k = tl.load(
+                    k_ptr + block[:, None] * stride_kb + offset[:, None] * stride_ks + kv_head * stride_kh
+                    + d[None, :] * stride_kd, mask=kv_ok, other=0.0,
+                )
+                v = tl.load(
+                    v_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs + kv_head * stride_vh
+                    + d[None, :] * stride_vd, mask=kv_ok, other=0.0,
+                )
             if QUANTIZED:
                 # Dequantised to the model dtype, as the cache's own read does, so both paths round alike.
-                ks = tl.load(ks_ptr + block * stride_ksb + offset * stride_kss + kv_head * stride_ksh,
-                             mask=k_ok, other=0.0).to(tl.float32)
-                vs = tl.load(vs_ptr + block * stride_vsb + offset * stride_vss + kv_head * stride_vsh,
-                             mask=k_ok, other=0.0).to(tl.float32)
-                k = (k.to(tl.float32) * ks[:, None]).to(q_ptr.dtype.element_ty)
-                v = (v.to(tl.float32) * vs[:, None]).to(q_ptr.dtype.element_ty)
+                k = dequantize_kv(k, ks_ptr, kz_ptr, block * stride_ksb + offset * stride_kss + kv_head * stride_ksh,
+                                  k_ok, INT4)
+                v = dequantize_kv(v, vs_ptr, vz_ptr, block * stride_vsb + offset * stride_vss + kv_head * stride_vsh,
+                                  k_ok, INT4)
+                k = k.to(q_ptr.dtype.element_ty)
+                v = v.to(q_ptr.dtype.element_ty)
             if DOT_F32:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
@@ -153,16 +169,20 @@ def paged_prefill_attention(
     sinks: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    k_zero: torch.Tensor | None = None,
+    v_zero: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each chunk's queries q[query_starts[i]:query_starts[i+1]] (at positions
     context_starts[i] + j) over keys [0, context_starts[i] + query_len) of the paged cache through
     block_tables[i]. q: [T, num_heads, head_dim]; keys/values: [num_blocks, block_size, kv_heads, head_dim] as
-    stored, with per-slot dequantisation scales k_scale/v_scale when quantised. Returns [T, num_heads, head_dim]
-    in q.dtype; rows of q outside every chunk are left uninitialised."""
+    stored (int4: uint8 [..., head_dim / 2], two codes a byte), with per-slot dequantisation scales
+    k_scale/v_scale when quantised (and zero points k_zero/v_zero for int4, strided as their scales). Returns
+    [T, num_heads, head_dim] in q.dtype; rows of q outside every chunk are left uninitialised."""
     tokens, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = keys.shape
     num_chunks = block_tables.shape[0]
     group = heads // kv_heads
+    int4 = check_int4_operands(keys, head_dim, k_scale, v_scale, k_zero, v_zero)
     out = torch.empty_like(q)
     if num_chunks == 0 or max_query_len == 0 or tokens == 0:
         return out
@@ -192,15 +212,16 @@ def paged_prefill_attention(
     wide = block_m * group_p * block_d >= (128 * 64 if quantized else 128 * 128)
     num_warps = 8 if wide or q.dtype == torch.float32 else 4
     grid = (num_chunks, triton.cdiv(max_query_len, block_m), kv_heads)
+    kz, vz = (k_zero, v_zero) if int4 else (ks, vs)
     _prefill_attention_kernel[grid](
-        q, keys, values, ks, vs, sinks if sinks is not None else q, out,
+        q, keys, values, ks, vs, kz, vz, sinks if sinks is not None else q, out,
         block_tables, query_starts.contiguous(), context_starts.contiguous(),
         *q.stride(), *keys.stride(), *values.stride(), *ks_strides, *vs_strides, *out.stride(),
         *block_tables.stride(),
         float(scale), int(window) if window is not None else 0,
         GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        USE_WINDOW=window is not None, USE_SINKS=sinks is not None, QUANTIZED=quantized,
+        USE_WINDOW=window is not None, USE_SINKS=sinks is not None, QUANTIZED=quantized, INT4=int4,
         # float32 models get exact float32 products, not TF32's 10-bit mantissas (the default for float32 dots).
         DOT_F32=_INTERPRET, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,

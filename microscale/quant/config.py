@@ -15,10 +15,11 @@ class QuantAlgo(str, Enum):
     MXFP4 = "mxfp4"  # weight-only W4A16, OCP MX blocks of 32
     W4A16_MXFP4 = "mxfp4"  # alias of MXFP4
     INT8 = "int8"  # KV cache only
+    INT4 = "int4"  # KV cache only: asymmetric 4-bit per token and KV head (LMDeploy's quant_policy=4)
 
 
 _WEIGHT_ALGOS = (QuantAlgo.NO_QUANT, QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL_PER_TOKEN, QuantAlgo.MXFP4)
-_KV_ALGOS = (QuantAlgo.FP8, QuantAlgo.INT8)
+_KV_ALGOS = (QuantAlgo.FP8, QuantAlgo.INT8, QuantAlgo.INT4)
 
 
 @dataclass

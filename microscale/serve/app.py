@@ -1,5 +1,5 @@
-"""The FastAPI app: OpenAI routes over one AsyncEngine, behind RequestGuard (API key, body size and timeout), with
-model-name and request checks and OpenAI-style errors."""
+"""The FastAPI app: OpenAI routes and vLLM's tokenizer routes over one AsyncEngine, behind RequestGuard (API key,
+body size and timeout), with model-name and request checks and OpenAI-style errors; the periodic stats line."""
 
 from __future__ import annotations
 
@@ -17,10 +17,21 @@ from microscale.serve.completions import create_completion
 from microscale.serve.errors import APIError, error_response, install_error_handlers
 from microscale.serve.guard import RequestGuard
 from microscale.serve.limits import ServeLimits
-from microscale.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from microscale.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from microscale.serve.response_store import ResponseStore
 from microscale.serve.responses import create_response, not_found
 from microscale.serve.responses_protocol import DeletedResponse, ResponsesRequest
+from microscale.serve.stats_log import StatsLogger, log_stats_every
+from microscale.serve.tokenization import detokenize, tokenize, tokenizer_info
 from microscale.serve.tool_parsers import tool_family
 from microscale.serve.validation import check_request
 from microscale.version import __version__
@@ -47,19 +58,26 @@ async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> R
 
 
 def build_app(
-    engine: AsyncEngine, served_model_name: str, api_key: str | None = None, limits: ServeLimits | None = None,
-    tool_call_parser: str | None = None,
+    engine: AsyncEngine, api_key: str | None = None, limits: ServeLimits | None = None,
+    tool_call_parser: str | None = None, log_stats_interval: float | None = None,
 ) -> FastAPI:
-    """Over a started engine, which stops (aborting what is in flight) when the server shuts down.
-    `tool_call_parser`: the model's tool-call format (PARSER_NAMES), else the one its chat template writes."""
+    """Over a started engine, which stops (aborting what is in flight) when the server shuts down; the model is
+    served as engine.served_model_name. `tool_call_parser`: the model's tool-call format (PARSER_NAMES), else the
+    one its chat template writes. `log_stats_interval`: seconds between stats lines (None: none)."""
     limits = limits or ServeLimits()
     tools_format = tool_family(engine.inputs.tokenizer, tool_call_parser)
+    served_model_name = engine.served_model_name
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        stats = None
+        if log_stats_interval is not None:
+            stats = asyncio.create_task(log_stats_every(log_stats_interval, StatsLogger(engine.metrics)))
         try:
             yield
         finally:
+            if stats is not None:
+                stats.cancel()
             engine.shutdown()
 
     app = FastAPI(title="microscale", version=__version__, lifespan=lifespan)
@@ -96,9 +114,36 @@ def build_app(
     async def version() -> dict[str, str]:
         return {"version": __version__}
 
+    def model_card() -> ModelCard:
+        return ModelCard(id=served_model_name, max_model_len=engine.inputs.max_model_len)
+
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=served_model_name, max_model_len=engine.inputs.max_model_len)])
+        return ModelList(data=[model_card()])
+
+    @app.get("/v1/models/{model_id:path}")  # hub-style names hold a slash
+    async def model(model_id: str) -> ModelCard:
+        check_model(model_id)
+        return model_card()
+
+    @app.post("/v1/embeddings")
+    async def embeddings() -> Response:
+        raise APIError(404, f"This server does not serve embeddings: {served_model_name!r} is a generative model "
+                       "(use /v1/completions or /v1/chat/completions).")
+
+    @app.post("/tokenize")
+    async def tokenize_route(body: TokenizeRequest) -> TokenizeResponse:
+        check_model(body.model)
+        return await tokenize(engine.inputs, body, limits, tools_format)
+
+    @app.post("/detokenize")
+    async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:
+        check_model(body.model)
+        return await detokenize(engine.inputs, body)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route() -> dict:
+        return tokenizer_info(engine.inputs.tokenizer)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
+from pathlib import Path
 from typing import Any, Literal
 
 from microscale.config import EngineArgs
@@ -113,9 +114,21 @@ def _apply(output: RequestOutput, delta: RequestDelta) -> None:
     output.metrics = delta.metrics
 
 
+def default_model_name(model: str) -> str:
+    """A local model is served as its folder's name (its path would leak the server's layout), a hub id as is."""
+    path = Path(model)
+    return path.resolve().name if path.is_dir() else model
+
+
 class AsyncEngine:
-    def __init__(self, args: EngineArgs, max_waiting: int | None = None, max_restarts: int = 0) -> None:
+    def __init__(
+        self, args: EngineArgs, max_waiting: int | None = None, max_restarts: int = 0, *,
+        served_model_name: str | None = None,
+    ) -> None:
+        """`served_model_name`: what clients call the model (default: default_model_name(args.model)); the
+        server's routes and its metrics' model_name label take it from here."""
         self.args = args
+        self.served_model_name = served_model_name or default_model_name(args.model)
         self.max_restarts = max_restarts
         self.restarts = 0
         self.state: EngineState = "ok"
@@ -123,7 +136,7 @@ class AsyncEngine:
         self.inputs = InputProcessor(args)  # fails here, before any process starts, on a bad model path
         # Requests allowed to wait for a slot (in the scheduler or on their way to it); None: no limit.
         self.max_waiting = max_waiting
-        self.metrics = ServerMetrics(self.inputs.max_model_len)
+        self.metrics = ServerMetrics(self.inputs.max_model_len, self.served_model_name)
         self.latest_stats: dict[str, float] = {}  # the engine's stats in its last report
         self.error: str | None = None  # why the engine process last died, for logs (clients are not told)
         self.process: multiprocessing.process.BaseProcess | None = None
@@ -168,7 +181,7 @@ class AsyncEngine:
             self.process.join()
             raise _remote_error(message.error_type, message.message)
         self._num_sent = 0
-        self.metrics.new_engine()
+        self.metrics.new_engine(message.cache_config)
         self._record_stats(message.stats)
         self._to_engine, self._from_engine = to_engine, from_engine
 

@@ -137,12 +137,12 @@ class EngineCore:
         requests = self.engine.step_requests()
         elapsed = time.monotonic() - started
         self._pending.extend(self._safe_delta(request) for request in requests)
-        self._report(elapsed)
+        self._report(elapsed, self.engine.last_step_tokens)
 
-    def _report(self, step_seconds: float | None) -> None:
+    def _report(self, step_seconds: float | None, step_tokens: int = 0) -> None:
         deltas, self._pending = self._pending, []
         stats = {**self.engine.get_stats(), "requests_received": self._requests_received, **self._system_stats()}
-        self.outbox.send(StepReport(deltas, stats, step_seconds))
+        self.outbox.send(StepReport(deltas, stats, step_seconds, step_tokens))
 
     def _safe_delta(self, request: Request) -> RequestDelta:
         """The request's delta; should reporting it fail (say, in its detokenizer), it is aborted with an error."""
@@ -196,6 +196,18 @@ def system_stats(device: torch.device) -> dict[str, float]:
     return stats
 
 
+def cache_config_info(engine: LLMEngine) -> dict[str, str]:
+    """The KV cache's settings under vLLM's CacheConfig names (cache_dtype "auto": the model's dtype; the GPU blocks
+    are the device's, CPU or GPU; the CPU blocks are the swap space's)."""
+    args, shard = engine.args, engine.executor.shard
+    settings = {
+        "block_size": args.block_size, "cache_dtype": shard.kv_cache_quant or "auto",
+        "enable_prefix_caching": args.enable_prefix_caching, "gpu_memory_utilization": args.gpu_memory_utilization,
+        "num_cpu_blocks": shard.num_host_blocks, "num_gpu_blocks": shard.num_blocks, "swap_space": args.swap_space,
+    }
+    return {key: str(value) for key, value in settings.items()}
+
+
 def resident_memory_bytes() -> int | None:
     try:
         with open("/proc/self/statm") as f:
@@ -216,7 +228,7 @@ def run_engine_core(args: EngineArgs, inbox: Connection, outbox: Connection, log
         return
     if fault_injection.enabled():
         fault_injection.install(engine)
-    outbox.send(Ready(engine.get_stats()))
+    outbox.send(Ready(engine.get_stats(), cache_config_info(engine)))
     healthy = EngineCore(engine, inbox, outbox).run()
     engine.shutdown()  # tensor-parallel workers
     if not healthy:

@@ -53,6 +53,7 @@ ToEngine = AddRequest | Abort | Call | Shutdown
 @dataclass(frozen=True)
 class Ready:
     stats: dict[str, float]  # LLMEngine.get_stats() once the model is loaded
+    cache_config: dict[str, str]  # the KV cache's settings, by vLLM's cache_config_info label names
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class StepReport:
     # LLMEngine.get_stats() after the step, plus requests_received and this process's memory figures.
     stats: dict[str, float]
     step_seconds: float | None  # None: no step ran (an update after aborts while idle)
+    step_tokens: int = 0  # tokens the step's forward computed (prefill chunks, decodes, drafts)
 
 
 @dataclass(frozen=True)

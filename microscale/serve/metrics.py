@@ -1,7 +1,10 @@
-"""Prometheus metrics of one server, names as vLLM's with a `microscale:` prefix.
+"""Prometheus metrics of one server as vLLM exports them: vLLM's names with a `microscale:` prefix, every series
+labelled with the served model's name (`model_name`, which vLLM's dashboards filter on), no `*_created` series.
+examples/grafana.json is vLLM's example dashboard over them.
 
 Everything comes from the engine process's StepReports: engine totals and gauges from each report's stats,
-per-request latencies from the engine's own timestamps (time.monotonic(), one clock for both processes).
+per-request latencies from the engine's own timestamps (time.monotonic(), one clock for both processes); a
+request's last token is timed when its final report arrives.
 `record_*` methods run on the engine client's reader thread; `render` may run anywhere (prometheus_client's
 values are thread-safe). Each server gets its own registry, so several apps can live in one process (as in
 the tests).
@@ -12,12 +15,15 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from microscale.serve.engine_core import resident_memory_bytes
 from microscale.serve.messages import RequestDelta, StepReport
+
+# vLLM's choice too: a `_created` sample per series doubles what a scrape carries, and dashboards never read it.
+disable_created_metrics()
 
 PREFIX = "microscale:"
 FINISH_REASONS = ("stop", "length", "abort")
@@ -34,6 +40,8 @@ _ENGINE_TOTALS = {
 }
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+# Tokens one engine step computes (vLLM's iteration_tokens_total buckets).
+_STEP_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 _REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                     120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
@@ -50,33 +58,52 @@ def _token_buckets(max_len: int) -> list[int]:
 
 
 class ServerMetrics:
-    def __init__(self, max_model_len: int) -> None:
+    def __init__(self, max_model_len: int, model_name: str) -> None:
         self.registry = registry = CollectorRegistry()
-        self.request_success = Counter(f"{PREFIX}request_success", "Finished sequences, by finish reason.",
-                                       ["finished_reason"], registry=registry)
-        for reason in FINISH_REASONS:
-            self.request_success.labels(reason)  # exported at 0 from the start
-        self.totals = {key: Counter(PREFIX + key, doc, registry=registry) for key, doc in _ENGINE_TOTALS.items()}
-        self.running = Gauge(f"{PREFIX}num_requests_running", "Requests in the running batch.", registry=registry)
-        self.waiting = Gauge(f"{PREFIX}num_requests_waiting", "Requests waiting to be scheduled.", registry=registry)
-        self.kv_usage = Gauge(f"{PREFIX}kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).",
-                              registry=registry)
+        self.model_name = model_name
+        labels = ["model_name"]
+
+        def counter(metric: str, doc: str) -> Counter:
+            return Counter(PREFIX + metric, doc, labels, registry=registry).labels(model_name)
+
+        def gauge(metric: str, doc: str) -> Gauge:
+            return Gauge(PREFIX + metric, doc, labels, registry=registry).labels(model_name)
 
         def histogram(metric: str, doc: str, buckets) -> Histogram:
-            return Histogram(PREFIX + metric, doc, buckets=buckets, registry=registry)
+            return Histogram(PREFIX + metric, doc, labels, buckets=buckets, registry=registry).labels(model_name)
 
+        self.request_success = Counter(f"{PREFIX}request_success", "Finished sequences, by finish reason.",
+                                       [*labels, "finished_reason"], registry=registry)
+        for reason in FINISH_REASONS:
+            self.request_success.labels(model_name, reason)  # exported at 0 from the start
+        self.totals = {key: counter(key, doc) for key, doc in _ENGINE_TOTALS.items()}
+        self.running = gauge("num_requests_running", "Requests in the running batch.")
+        self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).")
         self.ttft = histogram("time_to_first_token_seconds", "Arrival to first generated token.", _LATENCY_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between a request's successive tokens.",
                              _LATENCY_BUCKETS)
+        self.tpot = histogram("request_time_per_output_token_seconds",
+                              "Per request: its decode time over its output tokens after the first (its longest "
+                              "sequence's, when it has several).", _LATENCY_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", _REQUEST_BUCKETS)
         self.queue_time = histogram("request_queue_time_seconds", "Arrival to the start of its first scheduled step.",
                                     _REQUEST_BUCKETS)
+        self.prefill_time = histogram("request_prefill_time_seconds", "First scheduled step to first token.",
+                                      _REQUEST_BUCKETS)
+        self.decode_time = histogram("request_decode_time_seconds", "First token to last token.", _REQUEST_BUCKETS)
+        self.inference_time = histogram("request_inference_time_seconds", "First scheduled step to last token.",
+                                        _REQUEST_BUCKETS)
         tokens = _token_buckets(max_model_len)
         self.prompt_len = histogram("request_prompt_tokens", "Prompt length of finished requests.", tokens)
         self.generation_len = histogram("request_generation_tokens", "Tokens generated per finished sequence.",
                                         tokens)
+        self.max_generation_len = histogram("request_max_num_generation_tokens",
+                                            "Most tokens one sequence of a finished request generated.", tokens)
         self.step_time = histogram("engine_step_seconds", "Duration of one engine step.", _LATENCY_BUCKETS)
-        self.system = _SystemCollector()
+        self.step_tokens = histogram("iteration_tokens_total", "Tokens computed by one engine step.",
+                                     _STEP_TOKEN_BUCKETS)
+        self.system = _SystemCollector(model_name)
         registry.register(self.system)
         self._last_totals: dict[str, float] | None = None
         self._progress: dict[str, tuple[float, int]] = {}  # request id -> (time of its last token, tokens so far)
@@ -84,19 +111,26 @@ class ServerMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def value(self, sample: str) -> float:
+        """This server's current value of a sample (`generation_tokens_total`: the name without the prefix)."""
+        return self.registry.get_sample_value(PREFIX + sample, {"model_name": self.model_name}) or 0.0
+
     # ---- the engine client's reader thread ------------------------------------------------------------
 
     def record_report(self, report: StepReport) -> None:
         now = time.monotonic()
         if report.step_seconds is not None:
             self.step_time.observe(report.step_seconds)
+            self.step_tokens.observe(report.step_tokens)
         for delta in report.deltas:
             self._record_delta(delta, now)
         self.record_stats(report.stats)
 
-    def new_engine(self) -> None:
-        """The stats that follow are a new engine process's, counted from zero: the counters' new baseline."""
+    def new_engine(self, cache_config: dict[str, str]) -> None:
+        """The stats that follow are a new engine process's, counted from zero: the counters' new baseline.
+        `cache_config`: its KV cache's settings, exported as cache_config_info's labels."""
         self._last_totals = None
+        self.system.cache_config = cache_config
 
     def record_stats(self, stats: dict[str, float]) -> None:
         """Counters move by the engine totals' growth; gauges take the engine's current state."""
@@ -124,30 +158,54 @@ class ServerMetrics:
             return
         self._progress.pop(delta.request_id, None)
         for completion in delta.completions:
-            self.request_success.labels(completion.finish_reason).inc()
+            self.request_success.labels(self.model_name, completion.finish_reason).inc()
         if all(c.finish_reason == "abort" for c in delta.completions):
             return  # a client that left: its latencies say nothing about the server
-        self.e2e.observe(now - delta.metrics["arrival_time"])
+        times = delta.metrics
+        self.e2e.observe(now - times["arrival_time"])
         self.prompt_len.observe(delta.num_prompt_tokens)
         for completion in delta.completions:
             self.generation_len.observe(completion.num_output_tokens)
+        longest = max(c.num_output_tokens for c in delta.completions)
+        self.max_generation_len.observe(longest)
+        if "first_scheduled_time" in times and "first_token_time" in times:
+            self.prefill_time.observe(times["first_token_time"] - times["first_scheduled_time"])
+            self.inference_time.observe(now - times["first_scheduled_time"])
+            decode_seconds = now - times["first_token_time"]
+            self.decode_time.observe(decode_seconds)
+            if longest > 1:  # one token has no time per output token
+                self.tpot.observe(decode_seconds / (longest - 1))
 
 
 class _SystemCollector(Collector):
-    """Resident memory of both server processes (this front and the engine), and GPU memory/utilisation as
-    the engine process last reported them."""
+    """What the engine process last reported of itself: resident memory of both server processes (this front and
+    the engine), GPU memory/utilisation, and its KV cache's settings (vLLM's cache_config_info: a gauge at 1 whose
+    labels are the settings)."""
 
-    def __init__(self) -> None:
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
         self.engine_stats: dict[str, float] = {}
+        self.cache_config: dict[str, str] = {}
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         stats = self.engine_stats
+
+        def gauge(metric: str, doc: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(PREFIX + metric, doc, labels=["model_name"])
+            family.add_metric([self.model_name], value)
+            return family
+
         rss = resident_memory_bytes()
         if rss is not None:
             rss += stats.get("resident_memory_bytes", 0)
-            yield GaugeMetricFamily(f"{PREFIX}process_resident_memory_bytes",
-                                    "Resident memory of the server (front and engine processes).", value=rss)
+            yield gauge("process_resident_memory_bytes", "Resident memory of the server (front and engine processes).",
+                        rss)
         for key, doc in (("gpu_memory_used_bytes", "GPU memory in use (all processes)."),
                          ("gpu_utilization_perc", "GPU busy fraction (0..1) over the last sample.")):
             if key in stats:
-                yield GaugeMetricFamily(PREFIX + key, doc, value=stats[key])
+                yield gauge(key, doc, stats[key])
+        if self.cache_config:
+            info = GaugeMetricFamily(f"{PREFIX}cache_config_info", "The KV cache's configuration (in its labels).",
+                                     labels=["model_name", *self.cache_config])
+            info.add_metric([self.model_name, *self.cache_config.values()], 1)
+            yield info

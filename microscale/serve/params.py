@@ -83,9 +83,7 @@ def check_token_ids(inputs: InputProcessor, ids: list[int], param: str) -> None:
 
 def check_prompt(inputs: InputProcessor, ids: list[int], params: SamplingParams, param: str) -> None:
     check_token_ids(inputs, ids, param)
-    max_len = inputs.max_model_len
-    if params.max_tokens is not None and len(ids) + params.max_tokens > max_len:
-        raise APIError(
-            400, f"The prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}: more than the context "
-            f"length ({max_len}); shorten the prompt or lower max_tokens.", "max_tokens",
-        )
+    try:
+        inputs.check_max_tokens(len(ids), params.max_tokens)
+    except ValueError as e:
+        raise APIError(400, str(e), "max_tokens") from None

@@ -1,4 +1,5 @@
-"""OpenAI API request and response bodies (completions, chat completions, models, errors) as pydantic models.
+"""OpenAI API request and response bodies (completions, chat completions, models, errors) and vLLM's tokenizer
+endpoints' as pydantic models.
 
 Requests ignore fields we do not know (clients send vendor extras) but declare OpenAI's features microscale lacks,
 so that validation.py can refuse them; their types bound every field's domain (finite floats, int64 integers, valid
@@ -10,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from microscale.sampling_params import INT64_MAX, INT64_MIN
 
@@ -310,3 +311,49 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+
+
+# ---- vLLM's tokenizer endpoints (/tokenize, /detokenize) -------------------------------------------------
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's two tokenize bodies in one: a `prompt` (TokenizeCompletionRequest) or `messages` rendered with the chat
+    template (TokenizeChatRequest), exactly one of them."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    # None: vLLM's default, True for a prompt and False for messages (the chat template writes its own BOS).
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    tools: list[ChatTool] | None = None
+    return_token_strs: bool | None = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+    def prompt_chars(self) -> int:
+        return len(self.prompt) if self.prompt is not None else sum(len(m.text()) for m in self.messages)
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: Text | None = None
+    tokens: list[Annotated[int, Field(ge=0, le=INT64_MAX)]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

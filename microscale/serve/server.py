@@ -1,11 +1,14 @@
-"""Running the app under uvicorn, ending cleanly: on SIGTERM/SIGINT new requests get 503 and idle connections
-close, streams in flight get drain_seconds to finish, then each one left ends with an error event and
-`data: [DONE]` (never a cut body) before the engine stops. The exit code says whether the engine failed for good
-(its restarts used up), so that a supervisor starts the server again."""
+"""Running the app under uvicorn on a socket bound beforehand (bind(): a busy or invalid port fails at once, before
+the model loads), ending cleanly: on SIGTERM/SIGINT new requests get 503 and idle connections close, streams in
+flight get drain_seconds to finish, then each one left ends with an error event and `data: [DONE]` (never a cut
+body) before the engine stops. The exit code says whether the engine failed for good (its restarts used up), so
+that a supervisor starts the server again. Each request gets an access line (method, path, status) at INFO unless
+access_log is off, as vLLM's server logs them."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import socket
 import threading
@@ -15,6 +18,35 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from microscale.serve.async_engine import AsyncEngine
+
+LISTEN_BACKLOG = 2048  # uvicorn's default
+
+
+class BindError(Exception):
+    """The server cannot listen where it was asked to (its message says where and why)."""
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port, not yet listening (clients are refused, not kept waiting, until the
+    server calls listen() once the model is loaded)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        # As uvicorn does: a restarted server may bind at once over its predecessor's TIME_WAIT connections (a
+        # port another socket listens on still fails).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except (OSError, OverflowError) as e:  # OverflowError: a port outside 0-65535
+        sock.close()
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise BindError(f"cannot listen on {host}:{port}: {reason}") from None
+    return sock
+
+
+def _log_config(log_level: str) -> dict:
+    """uvicorn's logging with its own messages at log_level, but the access lines at INFO whatever it is."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["uvicorn.error"]["level"] = log_level.upper()
+    return config
 
 
 class _HeaderTimeoutProtocol(HttpToolsProtocol):
@@ -69,12 +101,13 @@ class _DrainingServer(uvicorn.Server):
 
 
 def serve(
-    app: FastAPI, engine: AsyncEngine, host: str, port: int, drain_seconds: float, log_level: str,
-    header_timeout: float,
+    app: FastAPI, engine: AsyncEngine, sock: socket.socket, drain_seconds: float, log_level: str,
+    header_timeout: float, access_log: bool = True,
 ) -> int:
-    """Serve until a signal (exit code 0) or until the engine fails for good (1)."""
+    """Serve on `sock` (bound, and listening) until a signal (exit code 0) or until the engine fails for good (1)."""
     protocol = functools.partial(_HeaderTimeoutProtocol, header_timeout=header_timeout)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol)
+    config = uvicorn.Config(app, http=protocol, log_config=_log_config(log_level), log_level=None,
+                            access_log=access_log, backlog=LISTEN_BACKLOG)
     server = _DrainingServer(config, engine, drain_seconds)
     failed = threading.Event()
 
@@ -83,5 +116,5 @@ def serve(
         server.should_exit = True  # uvicorn's main loop checks it a few times a second
 
     engine.on_failed = on_failed
-    server.run()
+    server.run(sockets=[sock])
     return 1 if failed.is_set() or not server.started else 0

@@ -1,7 +1,7 @@
 """The torch reference attention backend against a naive per-sequence implementation over contiguous K/V:
 decodes (from the persistent decode buffer) and prefill chunks with cached prefixes (from the paged cache),
-GQA, sliding windows, attention sinks, float32 and bfloat16, KV caches in the model dtype, int8 (dynamic and
-static scales) and fp8 (the naive reference attends over what the cache holds); and the decode buffer's row
+GQA, sliding windows, attention sinks, float32 and bfloat16, KV caches in the model dtype, int8 and int4 (dynamic
+and static scales) and fp8 (the naive reference attends over what the cache holds); and the decode buffer's row
 bookkeeping."""
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def naive_attention(q, keys, values, q_positions, scale, window, sinks=None):
     return torch.einsum("htl,lhd->thd", probs, values)
 
 
-# "int8-static": int8 with per-head scales from the amax of the data (as calibration would set them).
-KV_QUANTS = [None, "int8", "int8-static", "fp8"]
+# "int8-static", "int4-static": per-head scales from the amax of the data (as calibration would set them).
+KV_QUANTS = [None, "int8", "int8-static", "int4", "int4-static", "fp8"]
 
 
 def make_cache(kv_quant: str | None, kv_heads: int, dim: int, dtype: torch.dtype, num_blocks: int,
@@ -49,7 +49,7 @@ def make_cache(kv_quant: str | None, kv_heads: int, dim: int, dtype: torch.dtype
     dim] each)."""
     scheme = kv_quant.removesuffix("-static") if kv_quant else None
     cache = make_kv_cache(scheme, kv_heads, dim, dtype, torch.device("cpu"))
-    if kv_quant in ("int8-static", "fp8"):
+    if kv_quant in ("int8-static", "int4-static", "fp8"):
         amax = torch.cat(calibration).float().abs().amax(dim=(0, 2))
         cache.set_scales(*kv_scales_from_amax(scheme, amax, amax))
     cache.allocate(num_blocks, BLOCK)
@@ -127,9 +127,11 @@ def test_matches_naive_attention(dtype, tol, heads, kv_heads, window, source, wi
         keys, values = held(kv_cache, tables[i], cached + new)
         if kv_quant is None:
             assert torch.equal(keys, full_k[i]) and torch.equal(values, full_v[i])
-        else:  # the cache holds the keys and values, up to the quantisation error (fp8: 3 mantissa bits)
-            assert torch.allclose(keys.float(), full_k[i].float(), rtol=0.07, atol=0.05)
-            assert torch.allclose(values.float(), full_v[i].float(), rtol=0.07, atol=0.05)
+        else:  # the cache holds the keys and values, up to the quantisation error (fp8: 3 mantissa bits; int4:
+            # half of one of 16 steps over a vector's range, or over [-amax, amax] when static)
+            rtol, atol = (0.0, 0.3) if kv_quant.startswith("int4") else (0.07, 0.05)
+            assert torch.allclose(keys.float(), full_k[i].float(), rtol=rtol, atol=atol)
+            assert torch.allclose(values.float(), full_v[i].float(), rtol=rtol, atol=atol)
         positions = torch.arange(cached, cached + new)
         expected = naive_attention(q[row : row + new], keys, values, positions, scale, window, sinks)
         got = out[row : row + new].view(new, heads, dim).float()

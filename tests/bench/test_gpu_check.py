@@ -33,8 +33,10 @@ def _run(tmp_path: Path, capsys, *argv: str) -> tuple[int, dict, str]:
 @pytest.mark.slow
 @needs_cpu_only
 def test_dry_run_checks_every_kernel_and_model(tmp_path, capsys):
-    """The whole dry run, as `python benchmarks/gpu_check.py --dry-run` runs it (about a minute on 2 cores)."""
-    code, result, table = _run(tmp_path, capsys)
+    """The dry run as `python benchmarks/gpu_check.py --dry-run` runs it, in two parts: every kernel and the
+    performance table, then the end-to-end section for the tiny Llama (tests/kernels/test_triton_end_to_end.py runs
+    Qwen3 and gpt-oss through the Triton kernels already; here it is the section's plumbing that is checked)."""
+    code, result, table = _run(tmp_path, capsys, "--skip-e2e")
     assert code == 0, [r for r in result["rows"] if r["status"] not in ("pass", "ok")]
     meta, rows = result["meta"], result["rows"]
     assert META_KEYS <= meta.keys() and meta["dry_run"] and meta["interpreter"] and "no GPU" in meta["device"]
@@ -46,8 +48,7 @@ def test_dry_run_checks_every_kernel_and_model(tmp_path, capsys):
     for kv in gpu_check.KV_KINDS:
         assert sum(r["name"].endswith(f"KV {kv}") for r in kernels) == 5  # decode, prefill (2 shapes each), write
     assert all(r["status"] == "pass" and isinstance(r["max_err"], float) and r["tol"] for r in kernels)
-    assert {r["name"].split()[0] for r in by["e2e"]} == {"llama", "qwen3", "gpt_oss"}
-    assert all(r["status"] == "pass" and "tokens equal" in r["detail"] for r in by["e2e"])
+    assert not by["e2e"]
     assert all(r["status"] == "ok" for r in by["perf"] + by["gemm"])
     perf = {r["name"]: r for r in by["perf"]}
     assert perf["HBM bandwidth (device-to-device copy)"]["gbps"] > 0
@@ -58,8 +59,14 @@ def test_dry_run_checks_every_kernel_and_model(tmp_path, capsys):
     assert all({"bf16_ms", "mxfp4_ms", "fp8_triton_ms", "fp8_scaled_mm_note"} <= r.keys() for r in by["gemm"])
     # The table comes last, and says the timings mean nothing here.
     assert "meaningless" in table and table.rstrip().splitlines()[-1].startswith("| down ")
-    for heading in ("### Kernels", "### End to end", "### Bandwidth", "### GEMMs"):
+    for heading in ("### Kernels", "### Bandwidth", "### GEMMs"):
         assert heading in table
+
+    code, result, table = _run(tmp_path, capsys, "--skip-kernels", "--skip-perf", "--only", "llama float32")
+    (row,) = result["rows"]
+    assert code == 0 and row["section"] == "e2e" and row["name"].startswith("llama float32 triton eager")
+    assert row["status"] == "pass" and "tokens equal" in row["detail"]
+    assert "### End to end" in table
 
 
 @needs_cpu_only

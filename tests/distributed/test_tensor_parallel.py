@@ -177,7 +177,7 @@ def test_server_health_fails_when_a_worker_dies(tiny_model):
     engine = AsyncEngine(EngineArgs(model=str(tiny_model("llama")), tensor_parallel_size=2,
                                     kv_cache_memory=_kv_gib(2, None), **KNOBS))
     engine.start()
-    with TestClient(build_app(engine, "tiny")) as client:
+    with TestClient(build_app(engine)) as client:
         assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
         with open(f"/proc/{engine.process.pid}/task/{engine.process.pid}/children") as f:
             children = [int(pid) for pid in f.read().split()]

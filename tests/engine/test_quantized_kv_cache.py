@@ -1,6 +1,7 @@
-"""A quantised KV cache (int8, fp8) holds ~4x the float32 tokens in the same memory, and every attention path
-reads exactly what it holds: greedy outputs are the same one request at a time (persistent decode buffer),
-all at once, under preemption (paged decodes) and with chunked prefill. Tiny random float32 model on CPU."""
+"""A quantised KV cache (int8, fp8; int4) holds ~4x (int4: ~5x at this head size) the float32 tokens in the same
+memory, and every attention path reads exactly what it holds: greedy outputs are the same one request at a time
+(persistent decode buffer), all at once, under preemption (paged decodes) and with chunked prefill. Tiny random
+float32 model on CPU."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ _rng = random.Random(99)
 PROMPTS = [[_rng.randrange(3, 4096) for _ in range(3 + (i * 117) // 15)] for i in range(16)]
 _rng.shuffle(PROMPTS)
 PARAMS = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=8 + (i * 7) % 25) for i in range(16)]
-DESCRIPTIONS = {"int8": "int8, per-token scales", "fp8": "fp8 e4m3, per-tensor scales"}
+DESCRIPTIONS = {"int8": "int8, per-token scales", "int4": "int4, per-token scales and zero points",
+                "fp8": "fp8 e4m3, per-tensor scales"}
 
 
 def make_llm(model_dir, kv_cache_quant, **kwargs) -> LLM:
@@ -46,7 +48,7 @@ def model_dir(tiny_model):
     return tiny_model()
 
 
-@pytest.mark.parametrize("kv_cache_quant", ["int8", "fp8"])
+@pytest.mark.parametrize("kv_cache_quant", ["int8", "int4", "fp8"])
 def test_every_attention_path_gives_the_same_tokens(model_dir, kv_cache_quant):
     alone = make_llm(model_dir, kv_cache_quant, enable_prefix_caching=False)
     assert alone.engine.runner.attention_backend.decode_buffer is not None
@@ -79,9 +81,12 @@ def test_quantised_cache_holds_about_four_times_the_tokens(model_dir):
     assert int8.engine.block_manager.num_blocks >= 3.5 * fp32_blocks
     fp8 = make_llm(model_dir, "fp8", kv_cache_memory=1.0 / 1024)
     assert fp8.engine.block_manager.num_blocks == 4 * fp32_blocks
+    # int4: a 16-value head vector takes 8 bytes and a bfloat16 scale and zero point, 12 in all (float32: 64)
+    int4 = make_llm(model_dir, "int4", kv_cache_memory=1.0 / 1024)
+    assert int4.engine.block_manager.num_blocks == fp32_blocks * 64 // 12
     # The quantised caches' logits stay near the float32 cache's (logits here: std ~0.8); fp8 (3 mantissa bits,
-    # one scale per tensor) is the coarser.
+    # one scale per tensor) and int4 (16 levels) are the coarser.
     prompt = max(PROMPTS, key=len)
     expected = plain.engine.prompt_logits(prompt)
-    for llm, tol in ((int8, 0.1), (fp8, 0.5)):
+    for llm, tol in ((int8, 0.1), (fp8, 0.5), (int4, 0.5)):
         assert (llm.engine.prompt_logits(prompt) - expected).abs().max() < tol

@@ -46,3 +46,10 @@ def test_bad_configs_are_one_line_value_errors(given, message):
     with pytest.raises(ValueError, match=message) as info:
         SpeculativeConfig.from_json(given) if isinstance(given, str) else SpeculativeConfig.from_dict(given)
     assert "\n" not in str(info.value)
+
+
+def test_the_cut_off_is_chosen_for_the_device_when_none_is_given() -> None:
+    ngram, draft = SpeculativeConfig("ngram", 4), SpeculativeConfig("draft", 4, model="/m/draft")
+    assert [c.for_device("cpu").disable_by_batch_size for c in (ngram, draft)] == [8, 1]
+    assert [c.for_device("cuda").disable_by_batch_size for c in (ngram, draft)] == [32, 32]
+    assert SpeculativeConfig("ngram", 4, disable_by_batch_size=3).for_device("cpu").disable_by_batch_size == 3

@@ -16,9 +16,12 @@ from safetensors.torch import load_file, save_file
 from microscale import LLM, SamplingParams
 from microscale.config import EngineArgs, SpeculativeConfig
 
-NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+# Speculation on however many requests run (on a CPU it is off by default above a few, where it stops paying).
+ALWAYS = {"disable_by_batch_size": 4096}
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4, **ALWAYS}
 # The bundled model's trained draft (tools/train_draft_model.py); tiny-gptoss-pycode shares its tokenizer.
-DRAFT = {"method": "draft", "model": str(REPO / "models" / "tiny-llama-pycode-draft"), "num_speculative_tokens": 4}
+DRAFT = {"method": "draft", "model": str(REPO / "models" / "tiny-llama-pycode-draft"), "num_speculative_tokens": 4,
+         **ALWAYS}
 _TEXT = (REPO / "data" / "pycode-valid.txt").read_text()
 # 64 held-out code prompts; the trained models continue them with the loops n-gram lookup feeds on.
 PROMPTS = [_TEXT[i * 997 : i * 997 + 160] for i in range(64)]
@@ -63,7 +66,8 @@ def test_preemption_and_prefix_hits_under_speculation(method, tiny_model, assert
     prompts sharing a 48-token prefix hit the prefix cache; outputs are those of each request run alone. The draft
     model is the target itself: every draft is accepted, so sequences run k tokens ahead each step."""
     path = tiny_model("llama")
-    spec = NGRAM if method == "ngram" else {"method": "draft", "model": str(path), "num_speculative_tokens": 3}
+    spec = NGRAM if method == "ngram" else {"method": "draft", "model": str(path), "num_speculative_tokens": 3,
+                                            **ALWAYS}
     shared = list(range(100, 148))
     prompts = [{"prompt_token_ids": shared + [200 + i] * (4 + i % 5) + [7, 8, 9] * 3} for i in range(16)]
     # 40 blocks of 8 tokens: 2 layers x (K, V) x 2 KV heads x 16 dims x 4 bytes per token.
@@ -165,11 +169,15 @@ def test_logprobs_of_accepted_tokens_are_those_without_speculation() -> None:
     assert spec.engine.get_stats()["spec_decode_num_accepted_tokens"] > 0
 
 
-def test_a_draft_model_must_share_the_vocabulary(tiny_model) -> None:
+def test_a_draft_model_must_exist_and_share_the_vocabulary(tiny_model, tmp_path) -> None:
+    target = str(REPO / "models" / "tiny-llama-pycode")
     other = tiny_model("llama", vocab_size=4100)
     with pytest.raises(ValueError, match="vocabulary of 4100 tokens, the target 4096"):
-        LLM(str(REPO / "models" / "tiny-llama-pycode"), dtype="float32",
-            speculative_config={"method": "draft", "model": str(other), "num_speculative_tokens": 2})
+        LLM(target, dtype="float32", speculative_config={"method": "draft", "model": str(other),
+                                                         "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match=r"speculative_config.model \(the draft model\): Model path .* not a folder"):
+        LLM(target, dtype="float32", speculative_config={"method": "draft", "model": str(tmp_path / "none"),
+                                                         "num_speculative_tokens": 2})
 
 
 def test_a_draft_model_samples_as_the_target_does(tiny_model) -> None:
@@ -177,7 +185,7 @@ def test_a_draft_model_samples_as_the_target_does(tiny_model) -> None:
     top-k, top-p, min_p, penalties counting earlier drafts as output), p == q and every draft is accepted."""
     path = str(tiny_model("llama"))
     llm = LLM(path, dtype="float32", speculative_config={"method": "draft", "model": path,
-                                                          "num_speculative_tokens": 3})
+                                                          "num_speculative_tokens": 3, **ALWAYS})
     params = SamplingParams(temperature=0.9, top_k=40, top_p=0.9, min_p=0.02, repetition_penalty=1.3,
                             frequency_penalty=0.2, seed=7, max_tokens=24, ignore_eos=True)
     llm.generate([{"prompt_token_ids": [5 + i, 9, 13 + i]} for i in range(8)], params, use_tqdm=False)
@@ -206,7 +214,7 @@ def test_the_first_verified_token_follows_the_target(tiny_model, tmp_path) -> No
     target = str(tiny_model("llama"))
     draft = _perturbed_copy(tiny_model("llama"), tmp_path)
     llm = LLM(target, dtype="float32", max_num_seqs=256, speculative_config={
-        "method": "draft", "model": draft, "num_speculative_tokens": 2})
+        "method": "draft", "model": draft, "num_speculative_tokens": 2, **ALWAYS})
     prompt = [11, 27, 301]
     params = SamplingParams(temperature=1.0, top_k=3, max_tokens=3, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": prompt}] * 1200, params, use_tqdm=False)
@@ -238,7 +246,7 @@ def test_a_draft_cache_out_of_blocks_only_stops_proposing(tiny_model, assert_idl
     prompts = [{"prompt_token_ids": [3 + i, 40, 41, 42] * 6} for i in range(6)]
     plain = _greedy(LLM(path, dtype="float32"), prompts, max_tokens=40)
     llm = LLM(path, dtype="float32", block_size=8, speculative_config={"method": "draft", "model": path,
-                                                                       "num_speculative_tokens": 3})
+                                                                       "num_speculative_tokens": 3, **ALWAYS})
     proposer = llm.engine.scheduler.proposer
     held_back = proposer.free_blocks[:-10]
     del proposer.free_blocks[:-10]  # 10 blocks of 8 tokens: room for about two of the six sequences

@@ -76,15 +76,15 @@ def test_recomputed_preemption_changes_outputs_here(model_dir):
     assert together != alone
 
 
-@pytest.mark.parametrize("scheme", ["none", "int8", "fp8"])
+@pytest.mark.parametrize("scheme", ["none", "int8", "int4", "fp8"])
 def test_kv_cache_swap_round_trip_is_bit_exact(scheme):
     if scheme == "fp8" and getattr(torch, "float8_e4m3fn", None) is None:
         pytest.skip("no float8 in this torch")
     cache = make_kv_cache(scheme, 2, 8, torch.bfloat16, torch.device("cpu"))
     cache.allocate(6, 4)
     cache.allocate_host(3)
-    if scheme == "int8":
-        assert len(cache.block_tensors()) == 2  # values and their per-token scales
+    if scheme in ("int8", "int4"):
+        assert len(cache.block_tensors()) == 2  # values and their per-token scales (int4: and zero points)
     gen = torch.Generator().manual_seed(0)
 
     def fill(blocks: list[int]) -> None:

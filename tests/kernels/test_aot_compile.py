@@ -48,7 +48,7 @@ def ci_sweep(tmp_path_factory):
 def test_ci_subset_compiles_or_is_refused_up_front(ci_sweep):
     status, output, results = ci_sweep
     assert set(status.values()) == {0}, output[-6000:]
-    assert len(results) == 17 + 2 * 6, output[-6000:]
+    assert len(results) == 18 + 2 * 7, output[-6000:]
     failed = [f"sm_{r['arch']} {r['case']}: {r['detail']}" for r in results if r["status"] == "failed"]
     assert not failed, "\n".join(failed)
     compiled = [r for r in results if r["status"] == "compiled"]
@@ -71,6 +71,20 @@ def test_fused_moe_compiles_for_every_target(ci_sweep):
     assert {r["arch"] for r in moe} == {80, 89, 90}
     assert all(r["status"] == "compiled" for r in moe), [r["detail"] for r in moe]
     assert all({"_gate_up_kernel", "_down_kernel"} <= {k["kernel"] for k in r["kernels"]} for r in moe)
+
+
+def test_int4_kv_cache_attention_compiles_for_every_target(ci_sweep):
+    """The int4 KV cache (dynamic and static): its write, decode and prefill kernels on sm_80, sm_89 and sm_90."""
+    *_, results = ci_sweep
+    int4 = [r for r in results if "kv=int4" in r["case"]]
+    assert {r["arch"] for r in int4} == {80, 89, 90}
+    assert all(r["status"] == "compiled" for r in int4), [r["detail"] for r in int4]
+    for r in int4:
+        write_mode = "MODE=4" if "int4-static" in r["case"] else "MODE=5"  # kv_cache_write's int4 modes
+        variant = {"_kv_cache_write_kernel": write_mode, "_split_kernel": "INT4=True",
+                   "_prefill_attention_kernel": "INT4=True"}
+        assert set(variant) <= {k["kernel"] for k in r["kernels"]}
+        assert all(variant[k["kernel"]] in k["constexprs"] for k in r["kernels"] if k["kernel"] in variant)
 
 
 def test_fp8_kernels_are_refused_below_sm89_with_a_reason(ci_sweep):

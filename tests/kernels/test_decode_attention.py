@@ -29,8 +29,10 @@ def make_case(
     num_blocks = 1 + sum(per_seq) + spare_blocks
     cache = make_kv_cache(quant, kv_heads, head_dim, dtype, torch.device("cpu"))
     if static:
-        # Per-head scales small enough that some values clip at +-127, as calibration rarely covers everything.
-        cache.set_scales(*(0.02 + 0.03 * torch.rand(2, kv_heads, generator=gen)))
+        # Per-head scales small enough that some values clip (int8: at +-127; int4: the range is 7.5 scales either
+        # side of 0), as calibration rarely covers everything.
+        base = 0.02 if quant == "int8" else 0.3
+        cache.set_scales(*(base * (1 + 1.5 * torch.rand(2, kv_heads, generator=gen))))
     cache.allocate(num_blocks, block_size)
     ids = (1 + torch.randperm(num_blocks - 1, generator=gen)).tolist()
     tables = torch.zeros(n, max(per_seq) + 1, dtype=torch.int64)  # one more column: always some padding
@@ -57,7 +59,8 @@ def run_case(cache, q, tables, context_lens, window, sinks, num_splits):
     scale = q.shape[-1] ** -0.5
     ops = cache.kernel_operands()
     got = da.paged_decode_attention(
-        q, ops.keys, ops.values, tables, context_lens, scale, window, sinks, ops.k_scale, ops.v_scale, num_splits
+        q, ops.keys, ops.values, tables, context_lens, scale, window, sinks, ops.k_scale, ops.v_scale, num_splits,
+        ops.k_zero, ops.v_zero,
     )
     expected = reference(cache, q, tables, context_lens, scale, window, sinks)
     assert got.shape == expected.shape and got.dtype == q.dtype
@@ -72,7 +75,8 @@ def assert_close(got, expected, dtype):
 LENS = [1, 37, 100, 16, 9]  # ragged: a lone token, exactly one 16-block, several tiles
 
 
-@pytest.mark.parametrize("quant, static", [(None, False), ("int8", False), ("int8", True), ("fp8", False)])
+@pytest.mark.parametrize("quant, static", [(None, False), ("int8", False), ("int8", True), ("int4", False),
+                                           ("int4", True), ("fp8", False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_cache_schemes(quant, static, dtype):
     """Every storage scheme and dtype, window and sinks on, 3 splits."""
@@ -120,7 +124,7 @@ def test_default_num_splits():
     assert da.choose_num_splits(100_000, 256, 8) == 1
 
 
-@pytest.mark.parametrize("quant", [None, "int8"])
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
 def test_reads_only_the_context(quant):
     """Unwritten slots, spare blocks and the padding block 0 hold NaN (and NaN scales): a read past
     context_lens, outside the window, or through a padding table entry would make the output NaN."""
@@ -138,12 +142,13 @@ def test_reads_only_the_context(quant):
         ops.values[poison] = float("nan")
         assert ops.keys.isnan().any()  # the poison reached the cache the kernel reads
     else:
-        ops.keys[poison] = 127  # int8 has no NaN: its scales carry the poison
+        ops.keys[poison] = 127  # int8 / int4 have no NaN: their scales (and zero points) carry the poison
         ops.values[poison] = 127
-        ops.k_scale[poison] = float("nan")
-        ops.v_scale[poison] = float("nan")
+        for params in (ops.k_scale, ops.v_scale, ops.k_zero, ops.v_zero):
+            if params is not None:
+                params[poison] = float("nan")
     got = da.paged_decode_attention(q, ops.keys, ops.values, tables, lens, scale, window, sinks, ops.k_scale,
-                                    ops.v_scale, num_splits=3)
+                                    ops.v_scale, 3, ops.k_zero, ops.v_zero)
     assert torch.isfinite(got).all()
     assert_close(got, expected, torch.float32)
 

@@ -1,6 +1,7 @@
 """The Triton paged prefill attention kernel (run through Triton's interpreter on CPU) against the engine's torch
 backend, chunk by chunk, over real KV caches: fresh prompts, chunked-prefill continuations and prefix-cache hits
-in one batch, GQA, sliding windows, sinks, caches in the model dtype, int8 (dynamic and static scales) and fp8,
+in one batch, GQA, sliding windows, sinks, caches in the model dtype, int8 and int4 (dynamic and static scales)
+and fp8,
 with each sequence's blocks scattered over the cache."""
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def build_case(
 ) -> Case:
     """Chunks (context_start, query_len) of distinct sequences, each written (prefix, then new tokens) into its
     own randomly chosen blocks; block 0 is kept as padding. `poison`: every slot no sequence wrote (block 0
-    included) holds NaN (int8: its dynamic scale is NaN)."""
+    included) holds NaN (int8 / int4: its dynamic scale is NaN)."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     lengths = [ctx + qlen for ctx, qlen in chunk_specs]
@@ -59,7 +60,7 @@ def build_case(
           for n in lengths]
     scheme = kv_quant.removesuffix("-static") if kv_quant else None
     cache = make_kv_cache(scheme, kv_heads, head_dim, dtype, torch.device("cpu"))
-    if kv_quant in ("int8-static", "fp8"):
+    if kv_quant in ("int8-static", "int4-static", "fp8"):
         k_amax = torch.cat([k for k, _ in kv]).abs().amax(dim=(0, 2))
         v_amax = torch.cat([v for _, v in kv]).abs().amax(dim=(0, 2))
         k_scale, _ = kv_scales_from_amax(scheme, k_amax, k_amax)
@@ -67,7 +68,7 @@ def build_case(
         cache.set_scales(k_scale, v_scale)
     cache.allocate(num_blocks, block_size)
     if poison:
-        if cache.data.dtype == torch.int8:
+        if cache.data.dtype in (torch.int8, torch.uint8):
             cache.data.fill_(127)
             if getattr(cache, "token_scales", None) is not None:
                 cache.token_scales.fill_(float("nan"))
@@ -99,7 +100,7 @@ def run_kernel(case: Case, scale: float, window: int | None, sinks: torch.Tensor
     ops = case.cache.kernel_operands()
     return paged_prefill_attention(
         case.q, ops.keys, ops.values, case.tables, case.query_starts, case.context_starts,
-        max(c.query_len for c in case.chunks), scale, window, sinks, ops.k_scale, ops.v_scale,
+        max(c.query_len for c in case.chunks), scale, window, sinks, ops.k_scale, ops.v_scale, ops.k_zero, ops.v_zero,
     )
 
 
@@ -122,7 +123,7 @@ def check(case: Case, scale: float, window: int | None, sinks: torch.Tensor | No
     torch.testing.assert_close(out[:n].float(), ref.float(), atol=atol, rtol=rtol)
 
 
-KV_QUANTS = [None, "int8", "int8-static", "fp8"]
+KV_QUANTS = [None, "int8", "int8-static", "int4", "int4-static", "fp8"]
 
 
 WINDOW = 6  # shorter than most contexts

@@ -27,7 +27,7 @@ def _tokens(llm: LLM) -> list[list[int]]:
 
 
 @pytest.mark.parametrize(("arch", "kv_cache_quant"), [
-    ("llama", None), ("llama", "int8"), ("llama", "fp8"), ("gpt_oss", None), ("qwen3", None),
+    ("llama", None), ("llama", "int8"), ("llama", "int4"), ("llama", "fp8"), ("gpt_oss", None), ("qwen3", None),
 ])
 def test_triton_path_matches_the_torch_path(tiny_model, arch, kv_cache_quant):
     reference, triton = _pair(tiny_model(arch), kv_cache_quant=kv_cache_quant)
@@ -70,8 +70,8 @@ def test_speculative_verification_through_triton(tiny_model):
     with a cached context, the draft's catch-up chunks too; the tokens are the torch path's without drafts."""
     path = str(tiny_model("llama"))
     reference = LLM(path, kernel_backend="torch", **KNOBS)
-    triton = LLM(path, kernel_backend="triton", speculative_config={"method": "draft", "model": path,
-                                                                    "num_speculative_tokens": 3}, **KNOBS)
+    triton = LLM(path, kernel_backend="triton", speculative_config={
+        "method": "draft", "model": path, "num_speculative_tokens": 3, "disable_by_batch_size": 4}, **KNOBS)
     draft = triton.engine.scheduler.proposer.runner
     for runner in (triton.engine.runner, draft):
         runner.enable_decode_graphs(EagerReplay)

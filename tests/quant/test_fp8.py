@@ -263,8 +263,12 @@ def test_quant_config_api() -> None:
     assert QuantConfig(quant_algo=QuantAlgo.W4A16_MXFP4).quantization == "mxfp4"
     assert QuantConfig(quant_algo="FP8_PER_CHANNEL_PER_TOKEN").quantization == "fp8-dynamic"
     assert QuantConfig(kv_cache_quant_algo=QuantAlgo.FP8).quantization is None  # KV cache only
+    assert QuantConfig(kv_cache_quant_algo=QuantAlgo.INT4).kv_cache_quant == "int4"
+    assert QuantConfig(kv_cache_quant_algo="INT4").kv_cache_quant == "int4"
     with pytest.raises(ValueError, match="kv_cache_quant_algo"):
         QuantConfig(kv_cache_quant_algo=QuantAlgo.MXFP4)
+    with pytest.raises(ValueError, match="quant_algo"):
+        QuantConfig(quant_algo=QuantAlgo.INT4)  # KV cache only
     with pytest.raises(ValueError, match="quant_algo"):
         QuantConfig(quant_algo="int3")
     with pytest.raises(ValueError, match="calib_batches"):

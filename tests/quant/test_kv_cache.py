@@ -1,5 +1,6 @@
-"""Quantised KV cache storage: the int8 and fp8 formulas, caches that read back exactly what they wrote, static
-scales (from calibration amax, set before or after allocation), and the model runner's KV cache API."""
+"""Quantised KV cache storage: the int8, int4 and fp8 formulas (int4 against the scheme written out plainly),
+caches that read back exactly what they wrote, static scales (from calibration amax, set before or after
+allocation), and the model runner's KV cache API."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ from microscale.layers.attention import Attention
 from microscale.quant import kv_cache as kvq
 from microscale.quant.kv_cache import (
     dequantize,
+    dequantize_int4,
+    int4_token_params,
     int8_token_scales,
     kv_scales_from_amax,
     make_kv_cache,
     quantize_fp8,
+    quantize_int4,
     quantize_int8,
 )
 
@@ -64,6 +68,59 @@ def test_int8_static_scales_saturate():
     assert q[0, 0].tolist() == [127, -50, 0] and q[0, 1].tolist() == [5, 0, 0]  # half-to-even: -0.5 -> 0
 
 
+def plain_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int4 scheme written out plainly, one vector at a time in float64 (no bfloat16 parameters): 16 evenly
+    spaced levels from the vector's min to its max, the nearest one taken (ties to even, as Python rounds).
+    Returns (the values it gives back, its step per vector)."""
+    flat = x.double().reshape(-1, x.shape[-1])
+    out, steps = torch.empty_like(flat), torch.empty(len(flat), dtype=torch.float64)
+    for i, vector in enumerate(flat.tolist()):
+        lo, hi = min(vector), max(vector)
+        step = (hi - lo) / 15 if hi > lo else 1.0
+        out[i] = torch.tensor([lo + min(15, max(0, round((e - lo) / step))) * step for e in vector])
+        steps[i] = step
+    return out.view(x.shape), steps.view(x.shape[:-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_round_trip_against_the_plain_scheme(dtype):
+    x = sample(dtype=dtype)
+    params = int4_token_params(x)
+    assert params.shape == (40, KV_HEADS, 2) and params.dtype == kvq.TOKEN_SCALE_DTYPE
+    packed = quantize_int4(x, params)
+    assert packed.shape == (40, KV_HEADS, DIM // 2) and packed.dtype == torch.uint8
+    # Two codes a byte, element 2j in the low nibble: each code is round((x - zero) / scale) clamped to 0..15.
+    scale, zero = params.float().unbind(-1)
+    codes = ((x.float() - zero[..., None]) / scale[..., None]).round().clamp(0, 15)
+    assert torch.equal(packed.int(), (codes[..., 0::2] + 16 * codes[..., 1::2]).int())
+    got = dequantize_int4(packed, params, torch.float64)
+    assert torch.equal(got, (codes * scale[..., None] + zero[..., None]).double())
+    # Against the plain scheme: each value within half a step, up to the bfloat16 rounding of the parameters
+    # (zero point: 2^-9 of |min|; scale: 2^-9 of itself, over 15 steps), and mostly the very same level.
+    expected, step = plain_int4(x)
+    lo, hi = x.double().amin(dim=-1), x.double().amax(dim=-1)
+    bound = step / 2 * (1 + 2**-8) + 2**-9 * (lo.abs() + hi - lo)
+    assert ((got - x.double()).abs() <= bound[..., None]).all()
+    assert ((expected - x.double()).abs() <= step[..., None] / 2 * (1 + 1e-9)).all()
+    assert ((got - expected).abs() <= step[..., None] / 4).double().mean() > 0.97
+    assert torch.equal(got[3, 1], torch.zeros(DIM, dtype=torch.float64))  # the all-zero vector stays zero
+
+
+def test_int4_static_scales_use_the_symmetric_range():
+    """One scale per head from calibration's amax: 16 levels over [-amax, amax], beyond which values clip."""
+    amax = torch.tensor([3.0, 0.0])
+    k_scale, _ = kv_scales_from_amax("int4", amax, amax)
+    assert torch.allclose(k_scale, torch.tensor([0.4, 1.0]))
+    cache = make_kv_cache("int4", KV_HEADS, 4, torch.float32, CPU)
+    cache.set_scales(torch.tensor([0.4, 1.0]), torch.ones(KV_HEADS))
+    scale = torch.tensor(0.4).to(torch.bfloat16).float()  # static scales are kept as bfloat16 values
+    cache.allocate(2, BLOCK)
+    x = torch.tensor([[[4.5, -9.0, 0.0, 0.7]] * 2])  # [1 token, 2 heads, 4]
+    stored, _ = cache.write(x, x, *slots(1))
+    assert torch.equal(stored[0, 0], torch.tensor([7.5, -7.5, 0.5, 1.5]) * scale)  # 0 is a tie: code 8
+    assert torch.equal(stored[0, 1], torch.tensor([4.5, -7.5, 0.5, 0.5]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_matches_the_clamp_then_cast_formula(dtype):
     x = sample(dtype=dtype)
@@ -95,7 +152,7 @@ def test_scales_from_amax():
 
 # ---- caches -----------------------------------------------------------------------------------------------
 
-SCHEMES = [None, "int8", "int8-static", "fp8", "fp8-static"]
+SCHEMES = [None, "int8", "int8-static", "int4", "int4-static", "fp8", "fp8-static"]
 
 
 def make(scheme: str | None, dtype: torch.dtype = torch.float32, num_blocks: int = 12) -> kvq.KVCache:
@@ -125,6 +182,9 @@ def test_read_gives_back_exactly_what_write_returned(scheme, dtype):
     # ... which is the scheme's formula applied to the new tokens.
     if scheme is None:
         expected = k
+    elif scheme.startswith("int4"):
+        params = int4_token_params(k) if scheme == "int4" else cache.static_params[0]
+        expected = dequantize_int4(quantize_int4(k, params), params, dtype)
     else:
         scale = int8_token_scales(k) if scheme == "int8" else cache.static_scales[0]
         quantize = quantize_int8 if scheme.startswith("int8") else quantize_fp8
@@ -133,13 +193,16 @@ def test_read_gives_back_exactly_what_write_returned(scheme, dtype):
 
 
 def test_bytes_per_token():
-    per_value = {None: 4, "int8": 1, "int8-static": 1, "fp8": 1}
-    scales = {"int8": 2 * KV_HEADS * 2}  # bfloat16 scale per token, key/value and KV head
+    per_value = {None: 4, "int8": 1, "int8-static": 1, "int4": 0.5, "int4-static": 0.5, "fp8": 1}
+    # bfloat16 scale per token, key/value and KV head (int4: and a bfloat16 zero point)
+    scales = {"int8": 2 * KV_HEADS * 2, "int4": 2 * KV_HEADS * 4}
     for scheme, size in per_value.items():
         expected = 2 * KV_HEADS * DIM * size + scales.get(scheme, 0)
         assert make(scheme).bytes_per_token() == expected, scheme
         # (allocating or not makes no difference)
     assert make_kv_cache("int8", KV_HEADS, DIM, torch.bfloat16, CPU).bytes_per_token() == 2 * KV_HEADS * (DIM + 2)
+    # Llama-3.1-8B's layers (8 KV heads of 128): 4096 bytes a token in bfloat16, 1088 in int4 (3.76x the tokens).
+    assert make_kv_cache("int4", 8, 128, torch.bfloat16, CPU).bytes_per_token() == 1088
 
 
 def test_setting_static_scales_requantises_what_the_cache_holds():
@@ -171,8 +234,10 @@ def test_fp8_scale_change_requantises():
 
 
 def test_bad_scales_and_names_are_refused():
-    with pytest.raises(ValueError, match=r"Unknown kv_cache_quant 'int4'; known: \['fp8', 'int8', 'none'\]"):
-        make_kv_cache("int4", KV_HEADS, DIM, torch.float32, CPU)
+    with pytest.raises(ValueError, match=r"Unknown kv_cache_quant 'int3'; known: \['fp8', 'int4', 'int8', 'none'\]"):
+        make_kv_cache("int3", KV_HEADS, DIM, torch.float32, CPU)
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        make_kv_cache("int4", KV_HEADS, 15, torch.float32, CPU)
     with pytest.raises(ValueError, match="shape"):
         make("int8").set_scales(torch.ones(3), torch.ones(3))
     with pytest.raises(ValueError, match="shape"):
@@ -217,8 +282,11 @@ def test_runner_sizes_and_describes_its_cache():
     fp8 = runner("fp8")
     assert fp8.kv_block_bytes(16) == 2 * 2 * KV_HEADS * DIM * 16
     assert fp8.kv_cache_description() == "fp8 e4m3, per-tensor scales"
+    int4 = runner("int4")
+    assert int4.kv_block_bytes(16) == 2 * 2 * KV_HEADS * (DIM // 2 + 4) * 16
+    assert int4.kv_cache_description() == "int4, per-token scales and zero points"
     with pytest.raises(ValueError, match="known"):
-        runner("int4")
+        runner("int3")
 
 
 def test_runner_binds_each_layer_its_cache_and_drops_stale_buffer_rows():

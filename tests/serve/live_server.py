@@ -75,10 +75,10 @@ def wait_until(ready: Callable[[], bool], failure: Callable[[], str], limit_s: f
 @contextmanager
 def running_server(model: Path, **app_options) -> Iterator[RunningServer]:
     """`model` served as MODEL_NAME (build_app's `app_options`) until the block ends."""
-    engine = AsyncEngine(EngineArgs(model=str(model), **ENGINE_KNOBS))
+    engine = AsyncEngine(EngineArgs(model=str(model), **ENGINE_KNOBS), served_model_name=MODEL_NAME)
     engine.start()
     port = free_port()
-    config = uvicorn.Config(build_app(engine, MODEL_NAME, API_KEY, **app_options), host="127.0.0.1", port=port,
+    config = uvicorn.Config(build_app(engine, API_KEY, **app_options), host="127.0.0.1", port=port,
                             log_level="warning", timeout_graceful_shutdown=2)
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, daemon=True)

@@ -18,7 +18,7 @@ LONG_PROMPT = "x " * 600  # past max_model_len=512
 def _post(server, path: str, body, headers: dict | None = None) -> httpx.Response:
     content = body if isinstance(body, (str, bytes)) else json.dumps(body)
     auth = {"Authorization": f"Bearer {server.api_key}", "Content-Type": "application/json"}
-    return httpx.post(f"{server.url}{path}", content=content, headers={**auth, **(headers or {})}, timeout=30)
+    return httpx.post(f"{server.url}{path}", content=content, headers={**auth, **(headers or {})}, timeout=300)
 
 
 def _assert_openai_error(response: httpx.Response, status: int) -> dict:
@@ -92,7 +92,7 @@ def test_over_max_waiting_gets_503_with_retry_after(server):
 def test_disconnect_mid_stream_frees_blocks(server):
     body = {"prompt": "def main():", "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
     headers = {"Authorization": f"Bearer {server.api_key}"}
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers, timeout=30) as response:
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers, timeout=300) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
         stats = server.engine.latest_stats
@@ -133,7 +133,7 @@ def test_health_fails_once_the_engine_process_dies(pytestconfig):
     engine = AsyncEngine(EngineArgs(model=str(model), dtype="float32", max_model_len=512))
     engine.start()
     body = {"prompt": "hi", "max_tokens": 500, "ignore_eos": True, "stream": True}
-    with TestClient(build_app(engine, "tiny")) as client:
+    with TestClient(build_app(engine)) as client:
         assert client.get("/health").status_code == 200
         with client.stream("POST", "/v1/completions", json=body) as response:
             os.kill(engine.process.pid, signal.SIGKILL)

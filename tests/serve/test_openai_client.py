@@ -1,12 +1,14 @@
 """The official openai client against a live server: the same text as LLM.generate / LLM.chat, streaming and
-not, n=2, stop strings, seeds, logprobs, usage in the last stream chunk, 64 concurrent streams, and structured
-outputs (response_format, structured_outputs)."""
+not, n=2, stop strings, seeds, logprobs, usage in the last stream chunk, 64 concurrent streams, structured
+outputs (response_format, structured_outputs), models.retrieve and the embeddings 404; and vLLM's tokenizer
+endpoints (plain HTTP) as lm-eval's remote tokenizer reads them."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -172,3 +174,52 @@ def test_a_grammar_past_the_compile_limit_is_a_400(server, monkeypatch):
             "type": "json_schema", "json_schema": {"name": "costly", "schema": schema}})
     assert "structured_outputs_max_compile_ms" in caught.value.message
     assert caught.value.body["param"] == "structured_outputs"
+
+
+# ---- models, embeddings, and vLLM's tokenizer endpoints ---------------------------------------------------------
+
+
+def test_model_retrieve_and_embeddings_are_openai_404s(server):
+    client = server.client()
+    card = client.models.retrieve(server.model)
+    assert (card.id, card.object, card.max_model_len) == (server.model, "model", 512)
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.models.retrieve("org/other-model")
+    assert unknown.value.code == "model_not_found" and "'org/other-model' does not exist" in unknown.value.message
+    with pytest.raises(openai.NotFoundError) as embeddings:
+        client.embeddings.create(model=server.model, input="import os")
+    assert "does not serve embeddings" in embeddings.value.message
+
+
+def test_tokenize_and_detokenize_in_vllms_shapes(server):
+    # As vLLM's, these routes sit outside /v1 and take no API key; lm-eval's remote tokenizer calls them.
+    client, tokenizer = server.client(), server.engine.inputs.tokenizer
+    prompt_tokens = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=1).usage.prompt_tokens
+    chat_tokens = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=1).usage.prompt_tokens
+
+    def post(path: str, body: dict) -> httpx.Response:
+        return httpx.post(f"{server.url}{path}", json=body, timeout=60)  # a hang guard, not a deadline
+
+    tokenized = post("/tokenize", {"model": server.model, "prompt": PROMPT, "return_token_strs": True}).json()
+    assert tokenized.keys() == {"count", "max_model_len", "tokens", "token_strs"}
+    assert tokenized["count"] == len(tokenized["tokens"]) == prompt_tokens and tokenized["max_model_len"] == 512
+    assert tokenized["token_strs"] == [tokenizer.id_to_token(t) for t in tokenized["tokens"]]
+    chat = post("/tokenize", {"messages": CHAT}).json()  # rendered as /v1/chat/completions renders it
+    assert chat["count"] == chat_tokens and chat["token_strs"] is None
+    special = tokenizer.encode(tokenizer.eos_token, add_special_tokens=False)
+    assert post("/detokenize", {"tokens": special + tokenized["tokens"]}).json() == {
+        "prompt": tokenizer.eos_token + PROMPT}  # special tokens kept: a round trip gives back what was tokenized
+    for path, body, status, param in [("/tokenize", {"prompt": PROMPT, "messages": CHAT}, 400, None),
+                                      ("/tokenize", {"prompt": PROMPT, "model": "other"}, 404, "model"),
+                                      ("/detokenize", {"tokens": [10**6]}, 400, "tokens"),
+                                      ("/detokenize", {"tokens": [-1]}, 400, "tokens.0")]:
+        response = post(path, body)
+        assert response.status_code == status and response.json()["error"]["param"] == param, response.text
+
+
+def test_tokenizer_info_is_what_lm_eval_reads(server):
+    info = httpx.get(f"{server.url}/tokenizer_info", timeout=60).json()
+    tokenizer = server.engine.inputs.tokenizer
+    assert info["eos_token"] == tokenizer.eos_token and info["bos_token"] == tokenizer.bos_token
+    assert info["chat_template"] == tokenizer.chat_template and info["tokenizer_class"]
+    assert info["added_tokens_decoder"]["0"] == "<|endoftext|>"  # AddedToken objects as their text, as vLLM's

@@ -297,12 +297,12 @@ def test_a_chunked_body_is_cut_off_at_the_limit_not_buffered():
 
 
 def test_served_model_name_defaults_to_the_folder_name(pytestconfig):
-    from microscale.cli import served_model_name
+    from microscale.serve.async_engine import default_model_name
 
     model = pytestconfig.rootpath / "models" / "tiny-llama-pycode"
-    assert served_model_name(str(model)) == "tiny-llama-pycode"
-    assert served_model_name(f"{model}/") == "tiny-llama-pycode"
-    assert served_model_name("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"  # a hub id is not a path
+    assert default_model_name(str(model)) == "tiny-llama-pycode"
+    assert default_model_name(f"{model}/") == "tiny-llama-pycode"
+    assert default_model_name("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"  # a hub id is not a path
 
 
 # ---- the malformed-request table -----------------------------------------------------------------------------

@@ -33,7 +33,7 @@ HOT_KERNELS = ("_split_kernel", "_reduce_kernel", "_decode_kernel", "_kv_cache_w
                "_gated_kernel", "_gate_up_kernel", "_down_kernel", "_fp8_gemm_kernel")
 _GPU = torch.device("cuda", 0)  # what capability checks are asked about; nothing is allocated on it
 _BLOCK_SIZE = 16  # EngineArgs.block_size's default
-_KV_KINDS = ("none", "int8", "int8-static", "fp8")
+_KV_KINDS = ("none", "int8", "int8-static", "int4", "int4-static", "fp8")
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def _kv_cache(shapes: Shapes, kind: str, dtype: torch.dtype, num_blocks: int):
 
     cache = make_kv_cache(None if kind == "none" else kind.removesuffix("-static"), shapes.kv_heads,
                           shapes.head_dim, dtype, torch.device("cpu"))
-    if kind == "int8-static":  # calibrated: per-head scales instead of per-token ones
+    if kind.endswith("-static"):  # calibrated: per-head scales instead of per-token ones
         cache.set_scales(torch.ones(shapes.kv_heads), torch.ones(shapes.kv_heads))
     cache.allocate(num_blocks, _BLOCK_SIZE)
     return cache
@@ -271,8 +271,8 @@ def build_cases() -> list[Case]:
 
 
 # What `make test` compiles (tests/kernels/test_aot_compile.py): on sm_90, every kernel family in the variants
-# decode runs every step (the spill check) and in a prefill; on sm_80 and sm_89, the fused MoE and every FP8 kernel
-# (refused on sm_80, compiled on sm_89).
+# decode runs every step (the spill check) and in a prefill; on sm_80 and sm_89, the fused MoE, every FP8 kernel
+# (refused on sm_80, compiled on sm_89) and the int4 KV cache's attention.
 SUBSETS = {
     "ci": (
         "Llama-3.1-8B bf16 attention kv=none decode 1x32768",
@@ -280,6 +280,7 @@ SUBSETS = {
         "Llama-3.1-8B bf16 attention kv=int8-static decode 8x4096",
         "Llama-3.1-8B bf16 attention kv=fp8 decode 8x4096",
         "gpt-oss-20b bf16 attention kv=none prefill 2048@4096+512@0 + 64 decodes",
+        "gpt-oss-20b bf16 attention kv=int4 prefill 2048@4096+512@0 + 64 decodes",
         "Llama-3.1-8B bf16 rms_norm T=1",
         "Llama-3.1-8B bf16 rms_norm T=1 fp8-out",
         "Llama-3.1-8B bf16 silu_and_mul T=1 fp8-out",
@@ -297,6 +298,7 @@ SUBSETS = {
         "gpt-oss-20b bf16 fused_moe mxfp4 T=1",
         "gpt-oss-20b bf16 fused_moe 16-bit T=1",
         "Llama-3.1-8B bf16 attention kv=fp8 decode 8x4096",
+        "Llama-3.1-8B bf16 attention kv=int4-static prefill 2048@4096+512@0 + 64 decodes",
         "Llama-3.1-8B bf16 rms_norm T=1 fp8-out",
         "Llama-3.1-8B bf16 silu_and_mul T=1 fp8-out",
         "Llama-3.1-8B bf16 fp8_gemm qkv M=1 dynamic",
