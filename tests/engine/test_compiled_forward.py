@@ -44,7 +44,7 @@ def test_greedy_outputs_equal_the_eager_forward(compiled, model, assert_idle) ->
 def test_a_compiled_draft_model_beside_the_compiled_target(compiling, model, compiled) -> None:
     # The model as its own draft: two compiled runners in one process, each attention op reading its own
     # runner's layers and step (a draft that agrees with the target has every proposal accepted).
-    spec = {"method": "draft", "model": str(model), "num_speculative_tokens": 3}
+    spec = {"method": "draft", "model": str(model), "num_speculative_tokens": 3, "disable_by_batch_size": 4}
     llm = small_llm(model, speculative_config=spec)
     assert llm.engine.scheduler.proposer.runner.compiled_forward is not None
     assert ms_greedy(llm, PROMPTS, 12) == ms_greedy(compiled, PROMPTS, 12)
