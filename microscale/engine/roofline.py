@@ -224,7 +224,7 @@ class RooflineTotals:
             moved, done = sum(self.bytes[k] for k in kinds) / seconds, sum(self.flops[k] for k in kinds) / seconds
             bandwidth, compute = moved / peaks.bytes_per_s, done / peaks.flops_per_s
             out[kind] = {"steps": sum(self.steps[k] for k in kinds), "seconds": round(seconds, 4),
-                         "gb_per_s": round(moved / 1e9, 3), "tflop_per_s": round(done / 1e12, 4),
+                         "gb_per_s": float(f"{moved / 1e9:.4g}"), "tflop_per_s": float(f"{done / 1e12:.4g}"),
                          "bandwidth_of_peak": round(bandwidth, 4), "compute_of_peak": round(compute, 4),
                          "speed_of_light": round(max(bandwidth, compute), 4)}
         return out
