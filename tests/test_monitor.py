@@ -108,6 +108,7 @@ def test_dashboard_colours_the_seed_figures_against_their_targets():
     green, yellow, red = "\x1b[32m", "\x1b[33m", "\x1b[31m"
     assert f"{green}90% (engine loop busy)" in text and f"{red}50.0%" in text and f"{green}95.0%" in text
     assert f"20.0 GB/s = {red}20%" in text and "of the 100.0 GB/s peak" in text and "> 60% of peak" in text
+    assert "2 TB/s on an H800, of its 3.35 TB/s peak" in text
     assert f"{green}5.6" in text and f"{yellow}17.2" in text and "< 15 ms" in text  # ITL p50 / p99
     assert "0.250 J" in text
     assert re.search(r"memory bandwidth \(mixed steps\) +—", console.export_text())

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from microscale.monitor.scrape import ServerUnreachable, Snapshot, delta, fetch, quantiles, rate
-from microscale.serve.seed_figures import TARGETS, WINDOW_S
+from microscale.serve.seed_figures import BANDWIDTH_TARGET_NOTE, TARGETS, WINDOW_S
 
 P = "microscale:"
 QUANTILES = (0.5, 0.9, 0.99)
@@ -94,8 +94,8 @@ def render(server: str, window_start: Snapshot, previous: Snapshot, latest: Snap
     elapsed = latest.time - previous.time
     rates = f"rates over the last {elapsed:.1f}s" if elapsed > 0 else "rates from the next poll"
     note = Text(f"{rates}; latencies and hit rate {window}; the seed's figures over the server's last "
-                f"{WINDOW_S:g}s of steps", style="dim")
-    return Panel(Group(table, Text(""), seed_figures(latest, window_start), note), title=f"microscale @ {server}",
+                f"{WINDOW_S:g}s of steps; bandwidth target: {BANDWIDTH_TARGET_NOTE}", style="dim")
+    return Panel(Group(table, seed_figures(latest, window_start), note), title=f"microscale @ {server}",
                  border_style="green")
 
 

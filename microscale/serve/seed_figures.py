@@ -48,10 +48,11 @@ class Target:
 
 # The seed's targets. Its bandwidth target is "an H800 should exceed 2 TB/s": 2 of the H800's 3.35 TB/s datasheet
 # peak, about 60%, which is the share of this device's measured peak asked of every device here.
+BANDWIDTH_TARGET_NOTE = "the seed's > 2 TB/s on an H800, of its 3.35 TB/s peak"
 TARGETS = {
     "utilization": Target("85-95%", low=0.85, high=0.95),
     "batching": Target("> 90%", low=0.90),
-    "bandwidth": Target("> 60% of peak (seed: > 2 TB/s of an H800's 3.35 TB/s)", low=0.60),
+    "bandwidth": Target("> 60% of peak", low=0.60),
     "latency": Target("< 15 ms", high=0.015),
 }
 
@@ -206,7 +207,7 @@ class SeedFigures(Collector):
                           "cache, activations) over their time, decode-only and mixed steps apart" + window + ".",
                           ("step",))
         share = gauge("memory_bandwidth_peak_perc", "Achieved memory bandwidth over the device's measured peak "
-                      f"(0..1){window}. Target {TARGETS['bandwidth'].text}.", ("step",))
+                      f"(0..1){window}. Target {TARGETS['bandwidth'].text} ({BANDWIDTH_TARGET_NOTE}).", ("step",))
         for kind in ("decode", "mixed"):
             if (value := figures.get(f"bandwidth_{kind}")) is not None:
                 bandwidth.add_metric([name, kind], value)
