@@ -22,6 +22,7 @@ from microscale.distributed.parallel_state import planned_layout
 from microscale.engine.cuda_graphs import bucket_sizes
 from microscale.engine.device_peaks import datasheet_for
 from microscale.layers.attention import Attention
+from microscale.models.loader import load_model_config, resolve_model_path
 from microscale.models.registry import get_model_class
 from microscale.quant.kv_cache import make_kv_cache
 from microscale.quant.scheme import QuantScheme
@@ -33,7 +34,7 @@ DEFAULT_CPU_KV_GIB = 4.0
 GPU_NON_TORCH_BYTES = _GIB * 3 // 4
 # Each captured decode graph's own bookkeeping beyond the shared pool (an estimate).
 GRAPH_OVERHEAD_BYTES = 2 << 20
-COMPONENTS = ("embeddings", "attention", "mlp", "experts", "norms", "lm_head", "rope tables")
+COMPONENTS = ("embeddings", "attention", "mlp", "experts", "norms", "lm_head", "rope tables", "draft model")
 
 
 @dataclass(frozen=True)
@@ -279,6 +280,23 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+def _kv_bytes_per_token(model: nn.Module, kv_cache_quant: str | None, dtype: torch.dtype) -> int:
+    """KV cache bytes one token takes over every attention layer of `model`, in the format `kv_cache_quant`."""
+    return sum(make_kv_cache(kv_cache_quant, layer.num_kv_heads, layer.head_dim, dtype,
+                             torch.device("meta")).bytes_per_token()
+               for layer in model.modules() if isinstance(layer, Attention))
+
+
+def _draft_meta_model(args: EngineArgs, dtype: torch.dtype, max_model_len: int) -> nn.Module | None:
+    """Speculative decoding's draft model (method "draft") on the meta device: unquantised, in the target's dtype,
+    unsharded (its config.json is all that is read)."""
+    spec = args.speculative_config
+    if spec is None or spec.method != "draft":
+        return None
+    cfg = load_model_config(resolve_model_path(spec.model))
+    return build_meta_model(cfg, dtype, QuantScheme.resolve(None, None), max_model_len, 1, False)
+
+
 def _gib(n: int) -> str:
     return f"{n / _GIB:.2f} GiB"
 
@@ -326,9 +344,14 @@ def plan_memory(args: EngineArgs, cfg: ModelConfig, max_model_len: int, dtype: t
     tp = args.tensor_parallel_size
     model = build_meta_model(cfg, dtype, quant, max_model_len, tp, args.enable_expert_parallel)
     weights = tensor_bytes(model)
-    kv_per_token = sum(make_kv_cache(kv_cache_quant, layer.num_kv_heads, layer.head_dim, dtype,
-                                     torch.device("meta")).bytes_per_token()
-                       for layer in model.modules() if isinstance(layer, Attention))
+    kv_per_token = _kv_bytes_per_token(model, kv_cache_quant, dtype)
+    draft = _draft_meta_model(args, dtype, max_model_len)
+    if draft is not None:  # its weights, and its cache beside the target's (as many blocks: engine/shard.py)
+        weights["draft model"] = {}
+        for parts in tensor_bytes(draft).values():
+            for precision, size in parts.items():
+                weights["draft model"][precision] = weights["draft model"].get(precision, 0) + size
+        kv_per_token += _kv_bytes_per_token(draft, None, dtype)
     block_bytes = kv_per_token * args.block_size
     gpu = mem.kind == "cuda"
     activations = activation_bytes(cfg, dtype, args.max_num_batched_tokens,

@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class GrammarError(RuntimeError):
+    """A sequence's structured-outputs matcher could not follow its output."""
+
+
 @dataclass
 class ScheduledChunk:
     seq: Sequence
@@ -365,6 +369,8 @@ class Scheduler:
         stop_string = seq.detokenizer.add_token(token, check_stop=past_min)
         if seq.matcher is not None:
             seq.matcher.consume_token(token)
+            if seq.matcher.is_error():  # e.g. its parser ran out of budget: the request fails, it does not "stop"
+                raise GrammarError(f"structured outputs: the grammar matcher failed: {seq.matcher.get_error()}")
         reason = self._finish_reason(seq, token, stop_string, past_min)
         if reason is not None:
             self.finish(seq, reason)

@@ -84,6 +84,20 @@ def test_planned_kv_blocks_are_the_engines(cpu_args, kv, budget):
     assert plan.fits and plan.full_sequences == plan.num_blocks // 4
 
 
+def test_a_draft_model_is_planned_with_its_weights_and_cache(cpu_args):
+    """Speculative decoding's draft model (here the target itself): its weights are counted, and its KV cache
+    shares the budget with as many blocks as the target's."""
+    args = dataclasses.replace(cpu_args, speculative_config={"method": "draft", "model": cpu_args.model,
+                                                             "num_speculative_tokens": 2})
+    inputs = InputProcessor(args)
+    built = shard.build_shard(args, inputs, torch.device("cpu"))
+    plan = plan_memory(args, inputs.model_config, 64, torch.float32, DeviceMemory.of(torch.device("cpu")))
+    block_bytes = built.runner.kv_block_bytes(16) + built.draft_runner.kv_block_bytes(16)
+    assert plan.kv_bytes_per_token * 16 == block_bytes and plan.num_blocks == built.num_blocks
+    assert sum(plan.weights["draft model"].values()) == resident_bytes(built.draft_runner.model)
+    assert plan.weight_bytes == resident_bytes(built.runner.model) + resident_bytes(built.draft_runner.model)
+
+
 def test_a_start_that_cannot_fit_is_refused_before_any_weight_is_read(monkeypatch, cpu_args):
     def never(*args, **kwargs):
         raise AssertionError("the loader was called")

@@ -365,6 +365,33 @@ def test_update_from_output_fails_a_request_whose_detokenizer_raises():
     assert sched.num_generated_tokens == 1
 
 
+class _FailingMatcher:
+    """A grammar matcher whose parser fails on the first token it is given (llguidance's error state)."""
+
+    def consume_token(self, token: int) -> bool:
+        return False
+
+    def is_error(self) -> bool:
+        return True
+
+    def get_error(self) -> str:
+        return "parser fuel exhausted"
+
+    def is_stopped(self) -> bool:
+        return True  # llguidance says stopped in its error state too: that must not read as a normal end
+
+
+def test_a_grammar_matcher_error_fails_its_request():
+    sched = make_scheduler()
+    bad, good = make_seq("bad", 3), make_seq("good", 3, 100)
+    for s in (bad, good):
+        sched.add(s)
+    bad.matcher = _FailingMatcher()
+    sample_step(sched, sched.schedule(), [4, 5])
+    assert bad.request.error == "GrammarError" and bad.finish_reason == "abort" and bad.block_table == []
+    assert good.request.error is None and good.output_token_ids == [5]
+
+
 def test_score_prompt_borrows_blocks_in_chunks_and_gives_them_back():
     sched = make_scheduler(num_blocks=8, block_size=4, max_tokens=8, prefix_caching=True)
     seen = []
