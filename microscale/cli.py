@@ -15,10 +15,12 @@ from typing import Any
 
 from microscale.bench import BenchError
 from microscale.bench.cli import add_bench_parser
+from microscale.command_parser import CommandParser
 from microscale.config import EngineArgs
 from microscale.engine.inputs import InputProcessor
 from microscale.engine_flags import add_engine_flags, engine_kwargs
 from microscale.jsonl import json_lines
+from microscale.peer_names import ENGINE, SERVE, add_peer_flags, translate_command
 from microscale.quant.format import exportable_weight_formats, weight_format
 from microscale.quant.kv_cache import KV_CACHES
 from microscale.sampling_params import SamplingParams, StructuredOutputsParams
@@ -37,6 +39,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     groups = add_engine_flags(p)
     groups["engine"].add_argument("-v", "--verbose", action="store_true",
                                   help="log engine details (KV cache size, ...)")
+    add_peer_flags(p, ENGINE)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, default_note: str = "") -> None:
@@ -62,7 +65,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, default_note
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="microscale", description="LLM inference and serving engine.")
+    parser = CommandParser(prog="microscale", description="LLM inference and serving engine.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="complete prompts (one, or a JSONL file of them)",
@@ -95,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, "
                                        "/v1/responses, /v1/models) and vLLM's extras (/tokenize, /detokenize, "
                                        "/tokenizer_info, /metrics, /health, /version); streams with Server-Sent "
-                                       "Events.")
+                                       "Events. `microscale serve api_server MODEL` (LMDeploy's words) is the same.")
     _add_engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=23333, help="port to listen on (default 23333)")
@@ -108,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=int, default=None, metavar="N",
                        help="answer 503 (Retry-After) while N requests wait for a slot (default: no limit)")
     _add_serve_limit_args(serve)
+    add_peer_flags(serve, SERVE)
     serve.add_argument("--engine-restarts", type=int, default=3, metavar="N",
                        help="restart the engine process up to N times after a fault, then exit 1 (default 3)")
     serve.add_argument("--shutdown-drain-seconds", type=float, default=30, metavar="SECONDS",
@@ -575,7 +579,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    # What a peer's name (LMDeploy's, vLLM's) set is said even without --verbose.
+    logging.getLogger("microscale.peer_names").setLevel(logging.INFO)
+    args = build_parser().parse_args(translate_command(sys.argv[1:] if argv is None else argv))
     logging.getLogger("microscale").setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
         if _run_as_torchrun_worker(args):

@@ -291,6 +291,11 @@ class EngineArgs:
                                  "help": "local Hugging Face model folder, or a hub id (org/name) when online"})
     # A separate tokenizer folder (e.g. for a config-only folder run with load_format="dummy").
     tokenizer: str | None = _knob(None, "tokenizer folder, if not the model's (e.g. with dummy weights)")
+    # Replaces the tokenizer's chat template wherever one is applied (chat and Responses endpoints, /tokenize,
+    # `microscale chat`, LLM.chat), as vLLM's --chat-template: a file, or the Jinja text itself.
+    chat_template: str | None = _knob(
+        None, "chat template replacing the tokenizer's: a Jinja file, or the template text itself (vLLM's meaning; "
+              "in text, \\n is a newline)", metavar="FILE|TEMPLATE")
     dtype: str = _knob("auto", "auto, float32, bfloat16 or float16 (default: auto)")
     max_num_seqs: int = _knob(256, "most sequences in one step")
     max_num_batched_tokens: int = _knob(2048, "token budget of one step")

@@ -52,6 +52,23 @@ def token_text(value: Any) -> str | None:
     return value
 
 
+def load_chat_template(template: str) -> str:
+    """A chat template given as vLLM's --chat-template takes it: a file's path, else (holding a brace or a newline)
+    the Jinja text itself, its backslash escapes (\\n) read as a shell user means them. Checked to compile."""
+    try:
+        text = Path(template).read_text(encoding="utf-8")
+    except (OSError, ValueError) as e:
+        if not any(c in template for c in "{}\n"):
+            raise ValueError(f"chat_template {template!r} looks like a file path, but it cannot be read: {e}") from None
+        # Characters beyond latin-1 pass through the escape decoding as \\u escapes of their own.
+        text = template.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    try:
+        Tokenizer._compiled_template(text)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ValueError(f"chat_template does not compile: {e.message} (line {e.lineno}).") from None
+    return text
+
+
 class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer, config: dict[str, Any]) -> None:
         self._tok = tokenizer

@@ -17,13 +17,14 @@ LAYERS = [
     ["kernels"],
     ["distributed"],
     ["quant"],
-    ["config"],
+    ["config", "peer_names"],
     ["attention"],
     ["layers"],
     ["models"],
     ["engine"],
     ["llm", "eval", "bench", "serve", "export", "monitor"],
-    ["cli", "engine_flags", "__main__", "", "kernels.aot"],  # "": the package's __init__, the public API
+    # "": the package's __init__, the public API
+    ["cli", "engine_flags", "command_parser", "__main__", "", "kernels.aot"],
 ]
 
 

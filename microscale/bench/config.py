@@ -1,5 +1,7 @@
 """The `microscale bench throughput` settings: a YAML file in the seed's shape (engine + data sections), with
-command-line flags of the same names overriding it. Unknown keys and wrong types fail naming the key."""
+command-line flags of the same names overriding it. Unknown keys and wrong types fail naming the key. The engine
+section also takes LMDeploy's and vLLM's names (`backend: turbomind`, `quant_policy: 4`, `session_len`,
+`kv_cache_dtype`: microscale.peer_names)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 import yaml
 
 from microscale.config import SpeculativeConfig
+from microscale.peer_names import BENCH, bench_peer_keys, peer_names, translate
 
 BACKENDS = ("microscale", "transformers", "vllm")
 
@@ -96,10 +99,23 @@ def load_config(path: str | Path | None, overrides: dict[str, dict[str, Any]] | 
         if not isinstance(values, dict):
             raise BenchConfigError(f"'{name}' must be a mapping of settings, got {type(values).__name__}.")
         values = {**values, **{k: v for k, v in (overrides or {}).get(name, {}).items() if v is not None}}
+        if name == "engine":
+            values = _translate_peer_names(values)
         sections[name] = _build_section(name, cls, values)
     config = BenchConfig(**sections)
     _check_values(config)
     return config
+
+
+def _translate_peer_names(values: dict[str, Any]) -> dict[str, Any]:
+    """The engine section with LMDeploy's and vLLM's keys (and values) in microscale's."""
+    native = {f.name for f in fields(EngineSection)}
+    peer = bench_peer_keys(values, native)
+    ours = {k: v for k, v in values.items() if k not in peer}
+    try:
+        return {**ours, **translate({BENCH}, {k: values[k] for k in peer}, ours, lambda key, _: f"'engine.{key}'")}
+    except ValueError as e:
+        raise BenchConfigError(str(e)) from None
 
 
 def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
@@ -134,7 +150,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 def _check_values(config: BenchConfig) -> None:
     e, d = config.engine, config.data
     if e.backend not in BACKENDS:
-        raise BenchConfigError(f"'engine.backend' must be one of {', '.join(BACKENDS)}, got {e.backend!r}.")
+        lmdeploy = [v for row in peer_names(BENCH) if row.name == "backend" for v in row.values or ()]
+        raise BenchConfigError(f"'engine.backend' must be one of {', '.join(BACKENDS)} (or LMDeploy's "
+                               f"{' / '.join(lmdeploy)}: microscale's engine), got {e.backend!r}.")
     for key, value in (("engine.max_batch_size", e.max_batch_size), ("data.input_len", d.input_len),
                        ("data.output_len", d.output_len), ("data.num_prompts", d.num_prompts),
                        ("engine.max_num_batched_tokens", e.max_num_batched_tokens),
@@ -177,6 +195,12 @@ def add_override_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...
                 group.add_argument(flag, dest=dest, action="store_const", const=True, default=None, help=doc)
                 continue
             group.add_argument(flag, dest=dest, type=kind, default=None, help=f"{doc} (default: {f.default!r})")
+        if section == "engine":
+            known = {f.name for f in fields(cls)}
+            for row in peer_names(BENCH):
+                if row.name not in known:
+                    group.add_argument(f"--{row.name.replace('_', '-')}", dest=f"engine__{row.name}", type=row.kind,
+                                       default=None, help=f"{row.peer}'s name for engine.{row.ours}")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:

@@ -11,7 +11,7 @@ from typing import Any
 from microscale.config import EngineArgs
 from microscale.models.loader import load_generation_config, load_model_config, resolve_model_path
 from microscale.sampling_params import SamplingParams
-from microscale.tokenizer import Tokenizer
+from microscale.tokenizer import Tokenizer, load_chat_template
 
 # generation_config.json keys that become the default SamplingParams (as vLLM does).
 _GENERATION_DEFAULTS = {
@@ -31,6 +31,8 @@ class InputProcessor:
         self.model_dir = model_dir = resolve_model_path(args.model)
         self.model_config = cfg = load_model_config(model_dir)
         self.tokenizer = Tokenizer.from_pretrained(resolve_model_path(args.tokenizer) if args.tokenizer else model_dir)
+        if args.chat_template is not None:
+            self.tokenizer.chat_template = load_chat_template(args.chat_template)
         generation_config = load_generation_config(model_dir)
         self.eos_token_ids = self._eos_ids(generation_config)
         self.generation_defaults = {

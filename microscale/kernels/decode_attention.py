@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from microscale.kernels.int4 import check_int4_operands, unpack_int4
+from microscale.kernels.int4 import check_int4_operands, dequantize_kv, unpack_int4
 from microscale.kernels.selector import interpreting
 
 # Read once, like Triton itself: the interpreter's tl.dot multiplies raw 16-bit patterns of bfloat16 operands,
@@ -104,20 +104,8 @@ def _split_kernel(
                         mask=kv_ok, other=0.0)
         if QUANT:
             # Strided loads: a per-head or per-tensor scale arrives as a zero-stride view of every slot.
-            k_slot = block * sks_b + slot * sks_s + kvh * sks_h
-            v_slot = block * svs_b + slot * svs_s + kvh * svs_h
-            k_s = tl.load(ks_ptr + k_slot, mask=ok, other=0.0).to(tl.float32)
-            v_s = tl.load(vs_ptr + v_slot, mask=ok, other=0.0).to(tl.float32)
-            if INT4:
-                # Zero points share their scales' strides. code * scale is exact in float32 (see Int4KVCache in
-                # microscale/quant/kv_cache.py), so an FMA here rounds as torch's multiply-then-add.
-                k_z = tl.load(kz_ptr + k_slot, mask=ok, other=0.0).to(tl.float32)
-                v_z = tl.load(vz_ptr + v_slot, mask=ok, other=0.0).to(tl.float32)
-                k = k.to(tl.float32) * k_s[:, None] + k_z[:, None]
-                v = v.to(tl.float32) * v_s[:, None] + v_z[:, None]
-            else:
-                k = k.to(tl.float32) * k_s[:, None]
-                v = v.to(tl.float32) * v_s[:, None]
+            k = dequantize_kv(k, ks_ptr, kz_ptr, block * sks_b + slot * sks_s + kvh * sks_h, ok, INT4)
+            v = dequantize_kv(v, vs_ptr, vz_ptr, block * svs_b + slot * svs_s + kvh * svs_h, ok, INT4)
 
         if USE_DOT:
             if DOT_FP32:

@@ -18,6 +18,18 @@ def unpack_int4(packed):
     return tl.interleave(packed & 0xF, packed >> 4)
 
 
+@triton.jit
+def dequantize_kv(codes, scale_ptr, zero_ptr, slot, ok, INT4: tl.constexpr):
+    """A tile of stored keys or values [rows, dims] as float32: times each slot's scale and, for int4, plus its
+    zero point (zero points share their scales' strides). code * scale is exact in float32 (see Int4KVCache in
+    microscale/quant/kv_cache.py), so this rounds as the torch cache's multiply-then-add, FMA or not."""
+    scale = tl.load(scale_ptr + slot, mask=ok, other=0.0).to(tl.float32)
+    values = codes.to(tl.float32) * scale[:, None]
+    if INT4:
+        values += tl.load(zero_ptr + slot, mask=ok, other=0.0).to(tl.float32)[:, None]
+    return values
+
+
 def check_int4_operands(
     keys: torch.Tensor, head_dim: int, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
     k_zero: torch.Tensor | None, v_zero: torch.Tensor | None,

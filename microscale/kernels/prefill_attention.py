@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from microscale.kernels.int4 import check_int4_operands, unpack_int4
+from microscale.kernels.int4 import check_int4_operands, dequantize_kv, unpack_int4
 from microscale.kernels.selector import interpreting
 
 # Under the interpreter tl.dot on bfloat16 operands multiplies raw bit patterns: upcast to float32 there.
@@ -110,20 +110,10 @@ def _prefill_attention_kernel(
                 )
             if QUANTIZED:
                 # Dequantised to the model dtype, as the cache's own read does, so both paths round alike.
-                k_slot = block * stride_ksb + offset * stride_kss + kv_head * stride_ksh
-                v_slot = block * stride_vsb + offset * stride_vss + kv_head * stride_vsh
-                ks = tl.load(ks_ptr + k_slot, mask=k_ok, other=0.0).to(tl.float32)
-                vs = tl.load(vs_ptr + v_slot, mask=k_ok, other=0.0).to(tl.float32)
-                if INT4:
-                    # Zero points share their scales' strides; code * scale is exact in float32 (see Int4KVCache
-                    # in microscale/quant/kv_cache.py), so an FMA here rounds as torch's multiply-then-add.
-                    kz = tl.load(kz_ptr + k_slot, mask=k_ok, other=0.0).to(tl.float32)
-                    vz = tl.load(vz_ptr + v_slot, mask=k_ok, other=0.0).to(tl.float32)
-                    k = k.to(tl.float32) * ks[:, None] + kz[:, None]
-                    v = v.to(tl.float32) * vs[:, None] + vz[:, None]
-                else:
-                    k = k.to(tl.float32) * ks[:, None]
-                    v = v.to(tl.float32) * vs[:, None]
+                k = dequantize_kv(k, ks_ptr, kz_ptr, block * stride_ksb + offset * stride_kss + kv_head * stride_ksh,
+                                  k_ok, INT4)
+                v = dequantize_kv(v, vs_ptr, vz_ptr, block * stride_vsb + offset * stride_vss + kv_head * stride_vsh,
+                                  k_ok, INT4)
                 k = k.to(q_ptr.dtype.element_ty)
                 v = v.to(q_ptr.dtype.element_ty)
             if DOT_F32:
