@@ -3,6 +3,7 @@ dashboard (GPU rows only when reported), and a clean failure when the server can
 
 from __future__ import annotations
 
+import re
 import socket
 
 import pytest
@@ -90,3 +91,24 @@ def test_dashboard_shows_speculation_only_when_it_runs():
     console.print(render("http://x", older, older, newer, "last 60s"))
     # 300 of 400 drafts accepted over 100 verifications: 1 + 3 tokens each.
     assert "75.0% of drafts accepted, mean accepted length 4.00 tokens per verification" in console.export_text()
+
+
+def test_dashboard_colours_the_seed_figures_against_their_targets():
+    seed = "".join(f"microscale:{line}\n" for line in (
+        'device_utilization_perc{source="engine_loop"} 0.9', "batching_token_efficiency_perc 0.5",
+        "batching_seq_occupancy_perc 0.95", 'achieved_memory_bandwidth_bytes_per_second{step="decode"} 2e10',
+        'memory_bandwidth_peak_perc{step="decode"} 0.2', "device_peak_memory_bandwidth_bytes_per_second 1e11",
+        "energy_per_output_token_joules 0.25"))
+    itl = "".join(f'microscale:inter_token_latency_seconds_bucket{{le="{le}"}} {n}\n'
+                  for le, n in (("0.01", 90), ("0.018", 100), ("+Inf", 100)))
+    latest = parse(_metrics({"+Inf": 30}, 600, seed + itl), at=2.0)
+    console = Console(width=120, record=True, force_terminal=True, color_system="standard")
+    console.print(render("http://x", OLDER, OLDER, latest, "last 60s"))
+    text = console.export_text(styles=True, clear=False)
+    green, yellow, red = "\x1b[32m", "\x1b[33m", "\x1b[31m"
+    assert f"{green}90% (engine loop busy)" in text and f"{red}50.0%" in text and f"{green}95.0%" in text
+    assert f"20.0 GB/s = {red}20%" in text and "of the 100.0 GB/s peak" in text and "> 60% of peak" in text
+    assert "2 TB/s on an H800, of its 3.35 TB/s peak" in text
+    assert f"{green}5.6" in text and f"{yellow}17.2" in text and "< 15 ms" in text  # ITL p50 / p99
+    assert "0.250 J" in text
+    assert re.search(r"memory bandwidth \(mixed steps\) +—", console.export_text())

@@ -4,6 +4,9 @@ environment it ran in, a table on the terminal and a JSON file.
 JSON layout (one file per command): {"kind": "throughput" | "serve", "label", "settings", "environment",
 "runs": [result, ...]} where each result holds requests_per_s, input/output/total_tokens_per_s and
 ttft_ms / tpot_ms / itl_ms / e2e_ms as {"mean", "p50", "p90", "p99"} (null when the backend cannot see them).
+microscale's runs add "roofline" (RooflineTotals.summary: decode, mixed and all steps' GB/s, TFLOP/s, their
+shares of the peaks (0..1) and speed of light), "device_peaks" (the device and its measured peaks) and
+"prefix_cache_hit_rate".
 A sweep has one run per concurrency."""
 
 from __future__ import annotations
@@ -164,11 +167,29 @@ def print_table(record: dict[str, Any], title: str | None = None) -> None:
     console = Console(width=160)  # wide enough for every column, on a terminal or in a log
     console.print(table)
     for run in record["runs"]:
+        if run.get("roofline") is not None:
+            console.print(f"{run_label(run)}: {roofline_line(run)}")
         spec = run.get("speculative_decoding")
         if spec and spec["acceptance_rate"] is not None:
             console.print(f"{run_label(run)}: speculative decoding ({spec['method']}, k = "
                           f"{spec['num_speculative_tokens']}): {spec['acceptance_rate']:.1%} of drafts accepted, "
                           f"mean accepted length {spec['mean_accepted_length']}")
+
+
+def roofline_line(run: dict[str, Any]) -> str:
+    """The run's achieved bandwidth and compute by kind of step against the device's measured peaks, and its
+    prefix-cache hit rate: what two reports must agree on to be compared."""
+    parts = [f"{kind} steps {r['gb_per_s']:.3g} GB/s ({r['bandwidth_of_peak']:.1%} of peak), "
+             f"{r['tflop_per_s']:.3g} TFLOP/s ({r['compute_of_peak']:.1%})"
+             for kind, r in run["roofline"].items() if kind != "all"]
+    total = run["roofline"].get("all")
+    if total is not None:
+        parts.append(f"speed of light {total['speed_of_light']:.1%}")
+    hit_rate = run.get("prefix_cache_hit_rate")
+    parts.append(f"prefix cache hit rate {'-' if hit_rate is None else format(hit_rate, '.1%')}")
+    peaks = run["device_peaks"]
+    return (f"{'; '.join(parts)}. Device {peaks['device']}: measured peaks {peaks['bytes_per_s'] / 1e9:.3g} GB/s, "
+            f"{peaks['flops_per_s'] / 1e12:.3g} TFLOP/s")
 
 
 def run_label(run: dict[str, Any]) -> str:

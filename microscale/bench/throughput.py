@@ -27,6 +27,7 @@ from microscale.bench import BenchError
 from microscale.bench.config import BenchConfig
 from microscale.bench.datasets import BenchRequest
 from microscale.bench.report import RequestTiming, peak_memory_gib, summarize_run
+from microscale.engine.roofline import RooflineTotals
 
 WARMUP_TOKENS = 4
 
@@ -74,6 +75,8 @@ def _measure(llm: Any, config: BenchConfig, requests: list[BenchRequest]) -> dic
     engine = llm.engine
     warm = [{"prompt_token_ids": r.prompt_token_ids} for r in requests[:2]]
     llm.generate(warm, SamplingParams(temperature=0, max_tokens=WARMUP_TOKENS, ignore_eos=True), use_tqdm=False)
+    engine.roofline_totals = RooflineTotals()  # the timed steps' accounting only
+    warm_stats = engine.get_stats()
     timings = {str(i): RequestTiming(len(r.prompt_token_ids), 0) for i, r in enumerate(requests)}
     last_token_at: dict[str, float] = {}
     start = time.perf_counter()
@@ -106,8 +109,16 @@ def _measure(llm: Any, config: BenchConfig, requests: list[BenchRequest]) -> dic
                   "tokens": kv_tokens, "gib": round(stats["kv_cache_blocks_total"] * block_bytes / 2**30, 4),
                   "storage": engine.runner.kv_cache_description()},
         num_preemptions=stats["num_preemptions"],
+        roofline=engine.roofline_totals.summary(engine.peaks), device_peaks=engine.peaks.to_dict(),
+        prefix_cache_hit_rate=_hit_rate(warm_stats, stats),
         **_speculation(engine.args.speculative_config, stats),
     )
+
+
+def _hit_rate(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """Prompt tokens the timed requests found in the prefix cache, of those looked up."""
+    queries = after["prefix_cache_queries"] - before["prefix_cache_queries"]
+    return round((after["prefix_cache_hits"] - before["prefix_cache_hits"]) / queries, 4) if queries else None
 
 
 def _speculation(spec: Any, stats: dict[str, float]) -> dict[str, Any]:

@@ -21,8 +21,8 @@ from microscale.config import EngineArgs, ModelConfig
 from microscale.distributed.parallel_state import planned_layout
 from microscale.engine.cuda_graphs import bucket_sizes
 from microscale.engine.device_peaks import datasheet_for
+from microscale.engine.spec_decode.draft_config import draft_model_config
 from microscale.layers.attention import Attention
-from microscale.models.loader import load_model_config, resolve_model_path
 from microscale.models.registry import get_model_class
 from microscale.quant.kv_cache import make_kv_cache
 from microscale.quant.scheme import QuantScheme
@@ -287,13 +287,14 @@ def _kv_bytes_per_token(model: nn.Module, kv_cache_quant: str | None, dtype: tor
                for layer in model.modules() if isinstance(layer, Attention))
 
 
-def _draft_meta_model(args: EngineArgs, dtype: torch.dtype, max_model_len: int) -> nn.Module | None:
+def _draft_meta_model(args: EngineArgs, target: ModelConfig, dtype: torch.dtype, max_model_len: int
+                      ) -> nn.Module | None:
     """Speculative decoding's draft model (method "draft") on the meta device: unquantised, in the target's dtype,
     unsharded (its config.json is all that is read)."""
     spec = args.speculative_config
     if spec is None or spec.method != "draft":
         return None
-    cfg = load_model_config(resolve_model_path(spec.model))
+    _, cfg = draft_model_config(spec, target, max_model_len)
     return build_meta_model(cfg, dtype, QuantScheme.resolve(None, None), max_model_len, 1, False)
 
 
@@ -345,7 +346,7 @@ def plan_memory(args: EngineArgs, cfg: ModelConfig, max_model_len: int, dtype: t
     model = build_meta_model(cfg, dtype, quant, max_model_len, tp, args.enable_expert_parallel)
     weights = tensor_bytes(model)
     kv_per_token = _kv_bytes_per_token(model, kv_cache_quant, dtype)
-    draft = _draft_meta_model(args, dtype, max_model_len)
+    draft = _draft_meta_model(args, cfg, dtype, max_model_len)
     if draft is not None:  # its weights, and its cache beside the target's (as many blocks: engine/shard.py)
         weights["draft model"] = {}
         for parts in tensor_bytes(draft).values():

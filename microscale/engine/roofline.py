@@ -211,3 +211,20 @@ class RooflineTotals:
         self.flops[kind] += step.cost.flops
         self.seconds[kind] += step.seconds
         self.steps[kind] += 1
+
+    def summary(self, peaks: DevicePeaks) -> dict[str, dict[str, float]]:
+        """Per kind of step ("decode", "mixed") and over all of them: steps, seconds, achieved GB/s and TFLOP/s,
+        each as a share of the peak, and the larger share (the speed of light of the kind's steps taken together)."""
+        out = {}
+        for kind in ("decode", "mixed", "all"):
+            kinds = ("decode", "mixed") if kind == "all" else (kind,)
+            seconds = sum(self.seconds[k] for k in kinds)
+            if not seconds:
+                continue
+            moved, done = sum(self.bytes[k] for k in kinds) / seconds, sum(self.flops[k] for k in kinds) / seconds
+            bandwidth, compute = moved / peaks.bytes_per_s, done / peaks.flops_per_s
+            out[kind] = {"steps": sum(self.steps[k] for k in kinds), "seconds": round(seconds, 4),
+                         "gb_per_s": float(f"{moved / 1e9:.4g}"), "tflop_per_s": float(f"{done / 1e12:.4g}"),
+                         "bandwidth_of_peak": round(bandwidth, 4), "compute_of_peak": round(compute, 4),
+                         "speed_of_light": round(max(bandwidth, compute), 4)}
+        return out

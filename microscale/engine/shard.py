@@ -22,7 +22,8 @@ from microscale.engine.plan import (
     kv_cache_budget,
     plan_memory,
 )
-from microscale.models.loader import load_model, load_model_config, resolve_model_path
+from microscale.engine.spec_decode.draft_config import draft_model_config
+from microscale.models.loader import load_model
 from microscale.quant.kv_cache import KV_CACHES, kv_scales_from_amax
 from microscale.quant.scheme import QuantScheme
 
@@ -108,18 +109,7 @@ def _build_draft_runner(
     spec = args.speculative_config
     if spec is None or spec.method != "draft":
         return None
-    try:
-        model_dir = resolve_model_path(spec.model)
-        cfg = load_model_config(model_dir)
-    except ValueError as e:
-        raise ValueError(f"speculative_config.model (the draft model): {e}") from None
-    if cfg.vocab_size != target.vocab_size:
-        raise ValueError(f"speculative_config.model {spec.model} has a vocabulary of {cfg.vocab_size} tokens, the "
-                         f"target {target.vocab_size}: a draft model must share the target's tokenizer.")
-    # Drafts stop where the target's room does, so the draft sees no position past max_model_len.
-    if cfg.max_position_embeddings < max_model_len:
-        raise ValueError(f"speculative_config.model {spec.model} takes {cfg.max_position_embeddings} positions, "
-                         f"fewer than max_model_len {max_model_len}: lower max_model_len.")
+    model_dir, cfg = draft_model_config(spec, target, max_model_len)
     started = time.perf_counter()
     model, _ = load_model(model_dir, cfg, dtype, device, max_model_len, QuantScheme.resolve(None, None),
                           args.load_format, args.seed)

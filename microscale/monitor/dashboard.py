@@ -6,6 +6,7 @@ import sys
 import time
 from collections import deque
 
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
@@ -13,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from microscale.monitor.scrape import ServerUnreachable, Snapshot, delta, fetch, quantiles, rate
+from microscale.serve.seed_figures import BANDWIDTH_TARGET_NOTE, TARGETS, WINDOW_S
 
 P = "microscale:"
 QUANTILES = (0.5, 0.9, 0.99)
@@ -91,8 +93,50 @@ def render(server: str, window_start: Snapshot, previous: Snapshot, latest: Snap
         row("GPU memory", _bytes(gpu_memory))
     elapsed = latest.time - previous.time
     rates = f"rates over the last {elapsed:.1f}s" if elapsed > 0 else "rates from the next poll"
-    note = Text(f"{rates}; latencies and hit rate {window}", style="dim")
-    return Panel(Group(table, note), title=f"microscale @ {server}", border_style="green")
+    note = Text(f"{rates}; latencies and hit rate {window}; the seed's figures over the server's last "
+                f"{WINDOW_S:g}s of steps; bandwidth target: {BANDWIDTH_TARGET_NOTE}", style="dim")
+    return Panel(Group(table, seed_figures(latest, window_start), note), title=f"microscale @ {server}",
+                 border_style="green")
+
+
+def seed_figures(latest: Snapshot, window_start: Snapshot) -> Table:
+    """The seed's four figures (and energy per token where NVML reads it), each coloured against its target."""
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    for name in ("seed figure", "now", "target"):
+        table.add_column(name, style="bold cyan" if name == "seed figure" else None)
+    utilization = f"{P}device_utilization_perc"
+    nvml = latest.value(utilization, source="nvml")
+    used, source = (nvml, "NVML") if nvml is not None else (latest.value(utilization, source="engine_loop"),
+                                                             "engine loop busy")
+    row = table.add_row
+    row("device utilisation", _graded(used, "utilization", f"{{:.0%}} ({source})"), TARGETS["utilization"].text)
+    for label, metric in (("batching: tokens / budget", "batching_token_efficiency_perc"),
+                          ("batching: running / max seqs", "batching_seq_occupancy_perc")):
+        row(label, _graded(latest.value(f"{P}{metric}"), "batching", "{:.1%}"), TARGETS["batching"].text)
+    peak = latest.value(f"{P}device_peak_memory_bandwidth_bytes_per_second")
+    for step in ("decode", "mixed"):
+        achieved = latest.value(f"{P}achieved_memory_bandwidth_bytes_per_second", step=step)
+        share = latest.value(f"{P}memory_bandwidth_peak_perc", step=step)
+        text = Text("—") if achieved is None else Text(f"{achieved / 1e9:.1f} GB/s")
+        if share is not None and peak is not None:
+            text.append(" = ").append_text(_graded(share, "bandwidth", "{:.0%}"))
+            text.append(f" of the {peak / 1e9:.1f} GB/s peak")
+        row(f"memory bandwidth ({step} steps)", text, TARGETS["bandwidth"].text)
+    p50, p99 = quantiles(latest, window_start, f"{P}inter_token_latency_seconds", (0.5, 0.99))
+    latency = Text("— (no requests)") if p50 is None else Text.assemble(
+        _graded(p50, "latency", "{:.1f}", 1000), " / ", _graded(p99, "latency", "{:.1f}", 1000), " ms")
+    row("per-token latency p50 / p99", latency, TARGETS["latency"].text)
+    energy = latest.value(f"{P}energy_per_output_token_joules")
+    if energy is not None:
+        row("energy per output token", f"{energy:.3f} J", "")
+    return table
+
+
+def _graded(value: float | None, target: str, fmt: str, scale: float = 1) -> Text:
+    """The value, formatted (times `scale`), in its grade's colour against the target."""
+    if value is None:
+        return Text("—")
+    return Text(fmt.format(value * scale), style=TARGETS[target].grade(value))
 
 
 def _number(value: float | None, fmt: str) -> str:

@@ -24,12 +24,10 @@ class Snapshot:
     samples: dict[str, dict[Labels, float]] = field(default_factory=dict)  # sample name -> labels -> value
 
     def value(self, name: str, **labels: str) -> float | None:
-        """The sum over the series of `name` that carry `labels` (None: the server does not report it)."""
-        series = self.samples.get(name)
-        if series is None:
-            return None
+        """The sum over the series of `name` that carry `labels` (None: the server reports none)."""
         wanted = set(labels.items())
-        return sum(v for key, v in series.items() if wanted <= set(key))
+        matching = [v for key, v in self.samples.get(name, {}).items() if wanted <= set(key)]
+        return sum(matching) if matching else None
 
     def buckets(self, histogram: str) -> dict[float, float]:
         """Upper bound -> cumulative count of a histogram's buckets."""

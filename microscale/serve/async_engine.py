@@ -47,6 +47,7 @@ from microscale.serve.messages import (
     ToEngine,
 )
 from microscale.serve.metrics import ServerMetrics
+from microscale.serve.seed_figures import Nvml, gpu_indices
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,9 @@ class AsyncEngine:
         self.inputs = InputProcessor(args)  # fails here, before any process starts, on a bad model path
         # Requests allowed to wait for a slot (in the scheduler or on their way to it); None: no limit.
         self.max_waiting = max_waiting
-        self.metrics = ServerMetrics(self.inputs.max_model_len, self.served_model_name)
+        gpus = gpu_indices(args.device, args.tensor_parallel_size)
+        self.metrics = ServerMetrics(self.inputs.max_model_len, self.served_model_name, args.max_num_seqs,
+                                     args.max_num_batched_tokens, Nvml.open(gpus) if gpus else None)
         self.latest_stats: dict[str, float] = {}  # the engine's stats in its last report
         self.error: str | None = None  # why the engine process last died, for logs (clients are not told)
         self.process: multiprocessing.process.BaseProcess | None = None
@@ -181,7 +184,7 @@ class AsyncEngine:
             self.process.join()
             raise _remote_error(message.error_type, message.message)
         self._num_sent = 0
-        self.metrics.new_engine(message.cache_config)
+        self.metrics.new_engine(message.cache_config, message.peaks)
         self._record_stats(message.stats)
         self._to_engine, self._from_engine = to_engine, from_engine
 

@@ -20,6 +20,7 @@ import torch
 
 from microscale.config import EngineArgs
 from microscale.engine.engine import LLMEngine
+from microscale.engine.roofline import StepCost
 from microscale.engine.sequence import Request
 from microscale.serve import fault_injection
 from microscale.serve.messages import (
@@ -137,12 +138,14 @@ class EngineCore:
         requests = self.engine.step_requests()
         elapsed = time.monotonic() - started
         self._pending.extend(self._safe_delta(request) for request in requests)
-        self._report(elapsed, self.engine.last_step_tokens)
+        tokens = self.engine.last_step_tokens
+        roofline = self.engine.last_step_roofline
+        self._report(elapsed, tokens, roofline.cost if tokens and roofline is not None else None)
 
-    def _report(self, step_seconds: float | None, step_tokens: int = 0) -> None:
+    def _report(self, step_seconds: float | None, step_tokens: int = 0, step_cost: StepCost | None = None) -> None:
         deltas, self._pending = self._pending, []
         stats = {**self.engine.get_stats(), "requests_received": self._requests_received, **self._system_stats()}
-        self.outbox.send(StepReport(deltas, stats, step_seconds, step_tokens))
+        self.outbox.send(StepReport(deltas, stats, step_seconds, step_tokens, step_cost))
 
     def _safe_delta(self, request: Request) -> RequestDelta:
         """The request's delta; should reporting it fail (say, in its detokenizer), it is aborted with an error."""
@@ -228,7 +231,7 @@ def run_engine_core(args: EngineArgs, inbox: Connection, outbox: Connection, log
         return
     if fault_injection.enabled():
         fault_injection.install(engine)
-    outbox.send(Ready(engine.get_stats(), cache_config_info(engine)))
+    outbox.send(Ready(engine.get_stats(), cache_config_info(engine), engine.peaks))
     healthy = EngineCore(engine, inbox, outbox).run()
     engine.shutdown()  # tensor-parallel workers
     if not healthy:

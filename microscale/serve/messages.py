@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from microscale.engine.device_peaks import DevicePeaks
+from microscale.engine.roofline import StepCost
 from microscale.outputs import SampleLogprobs
 from microscale.sampling_params import SamplingParams
 
@@ -54,6 +56,7 @@ ToEngine = AddRequest | Abort | Call | Shutdown
 class Ready:
     stats: dict[str, float]  # LLMEngine.get_stats() once the model is loaded
     cache_config: dict[str, str]  # the KV cache's settings, by vLLM's cache_config_info label names
+    peaks: DevicePeaks | None = None  # the device's measured peaks (the bandwidth figures' denominator)
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class StepReport:
     stats: dict[str, float]
     step_seconds: float | None  # None: no step ran (an update after aborts while idle)
     step_tokens: int = 0  # tokens the step's forward computed (prefill chunks, decodes, drafts)
+    step_cost: StepCost | None = None  # its roofline bytes and FLOPs (None: no forward ran)
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,16 @@ the tests).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from microscale.engine.device_peaks import DevicePeaks
 from microscale.serve.engine_core import resident_memory_bytes
 from microscale.serve.messages import RequestDelta, StepReport
+from microscale.serve.seed_figures import Nvml, SeedFigures
 
 # vLLM's choice too: a `_created` sample per series doubles what a scrape carries, and dashboards never read it.
 disable_created_metrics()
@@ -58,7 +60,10 @@ def _token_buckets(max_len: int) -> list[int]:
 
 
 class ServerMetrics:
-    def __init__(self, max_model_len: int, model_name: str) -> None:
+    def __init__(self, max_model_len: int, model_name: str, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 2048, nvml: Nvml | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """The scheduler's limits are the batching figures' denominators; `nvml`: the GPUs' NVML, when read."""
         self.registry = registry = CollectorRegistry()
         self.model_name = model_name
         labels = ["model_name"]
@@ -105,6 +110,8 @@ class ServerMetrics:
                                      _STEP_TOKEN_BUCKETS)
         self.system = _SystemCollector(model_name)
         registry.register(self.system)
+        self.seed = SeedFigures(model_name, max_num_seqs, max_num_batched_tokens, nvml, clock)
+        registry.register(self.seed)
         self._last_totals: dict[str, float] | None = None
         self._progress: dict[str, tuple[float, int]] = {}  # request id -> (time of its last token, tokens so far)
 
@@ -122,15 +129,17 @@ class ServerMetrics:
         if report.step_seconds is not None:
             self.step_time.observe(report.step_seconds)
             self.step_tokens.observe(report.step_tokens)
+            self.seed.record(report.step_seconds, report.step_tokens, report.step_cost, report.stats)
         for delta in report.deltas:
             self._record_delta(delta, now)
         self.record_stats(report.stats)
 
-    def new_engine(self, cache_config: dict[str, str]) -> None:
+    def new_engine(self, cache_config: dict[str, str], peaks: DevicePeaks | None = None) -> None:
         """The stats that follow are a new engine process's, counted from zero: the counters' new baseline.
-        `cache_config`: its KV cache's settings, exported as cache_config_info's labels."""
+        `cache_config`: its KV cache's settings, exported as cache_config_info's labels; `peaks`: its device's."""
         self._last_totals = None
         self.system.cache_config = cache_config
+        self.seed.new_engine(peaks)
 
     def record_stats(self, stats: dict[str, float]) -> None:
         """Counters move by the engine totals' growth; gauges take the engine's current state."""

@@ -31,7 +31,7 @@ def test_summaries_interpolate_percentiles_in_ms():
     assert summarize([]) is None
 
 
-def test_throughput_microscale_writes_every_field(tmp_path):
+def test_throughput_microscale_writes_every_field(tmp_path, capsys):
     record = bench(tmp_path, "throughput", "--model-path", "models/tiny-llama-pycode", *SMALL, "--max-batch-size", "4")
     assert record["kind"] == "throughput" and record["label"] == "microscale"
     assert SETTINGS_KEYS <= set(record["settings"]["engine"])
@@ -49,6 +49,18 @@ def test_throughput_microscale_writes_every_field(tmp_path):
     assert run["e2e_ms"]["p99"] > run["ttft_ms"]["p50"]
     assert run["kv_cache"]["tokens"] == run["kv_cache"]["blocks"] * run["kv_cache"]["block_size"] > 0
     assert run["peak_memory"]["host_rss_gib"] > 0
+    # The roofline of the timed steps: 8 prompts' prefill steps and the decode steps after them.
+    roofline, peaks = run["roofline"], run["device_peaks"]
+    assert peaks["bytes_per_s"] > 0 and peaks["flops_per_s"] > 0 and peaks["device"]
+    assert roofline["all"]["steps"] == roofline["decode"]["steps"] + roofline["mixed"]["steps"]
+    for kind in ("decode", "mixed"):
+        r = roofline[kind]
+        assert r["gb_per_s"] > 0 and r["tflop_per_s"] > 0 and r["steps"] > 0
+        assert r["bandwidth_of_peak"] == pytest.approx(r["gb_per_s"] * 1e9 / peaks["bytes_per_s"], rel=1e-2)
+        assert r["speed_of_light"] == max(r["bandwidth_of_peak"], r["compute_of_peak"])
+    # Random prompts share no block, but the warm-up ran the first two: their first 16-token blocks are cached.
+    assert run["prefix_cache_hit_rate"] == round(2 * 16 / (8 * 24), 4)
+    assert "speed of light" in " ".join(capsys.readouterr().out.split())  # rich wraps the line
 
 
 def test_throughput_reports_speculative_decoding(tmp_path, capsys):

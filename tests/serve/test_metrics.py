@@ -25,7 +25,9 @@ COUNTERS = ["request_success", "prompt_tokens", "generation_tokens", "num_preemp
             "prefix_cache_hits", "spec_decode_num_drafts", "spec_decode_num_draft_tokens",
             "spec_decode_num_accepted_tokens"]
 GAUGES = ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "process_resident_memory_bytes",
-          "cache_config_info"]
+          "cache_config_info", "device_utilization_perc", "batching_token_efficiency_perc",
+          "batching_seq_occupancy_perc", "achieved_memory_bandwidth_bytes_per_second", "memory_bandwidth_peak_perc",
+          "device_peak_memory_bandwidth_bytes_per_second"]
 HISTOGRAMS = ["time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
               "request_queue_time_seconds", "request_prompt_tokens", "request_generation_tokens",
               "engine_step_seconds", "request_time_per_output_token_seconds", "request_prefill_time_seconds",
