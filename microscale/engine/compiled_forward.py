@@ -2,10 +2,11 @@
 residual adds, the SwiGLU) into a few C++ loops from the machine's compiler around the matmuls, where eager
 PyTorch pays Python and dispatch overhead for every small op (at batch 1 that overhead is most of a step).
 
-One graph serves every step: the token count is a dynamic dimension (decode batches and prefill chunks of any
-size reuse it), and attention, which reads the step's Python-side metadata, is one opaque op inside it
-(microscale::attention, layers/attention.py). Compiled artefacts persist on disk (Inductor's FX graph and
-AOTAutograd caches), so a second start of the same model skips the C++ compiler.
+Two graphs serve every step: one for a single token (batch-1 decode, where 16-bit matmuls become vectorised loops
+in the graph: UnquantizedLinearMethod.apply), one whose token count is a dynamic dimension (decode batches and
+prefill chunks of any larger size reuse it). Attention, which reads the step's Python-side metadata, is one
+opaque op inside them (microscale::attention, layers/attention.py). Compiled artefacts persist on disk
+(Inductor's FX graph and AOTAutograd caches), so a second start of the same model skips the C++ compiler.
 """
 
 from __future__ import annotations
@@ -60,9 +61,9 @@ class CompiledForward:
         return self.model(input_ids, positions, None)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        # Unbacked: no guard on the token count at all, so one token (decode at batch 1) does not get a graph
-        # of its own as a dynamic-but-backed size would (0/1 specialisation).
-        for tensor in (input_ids, positions):
-            torch._dynamo.decorators.mark_unbacked(tensor, 0)
+        # One token keeps its own static graph (Dynamo's 0/1 specialisation); more share the dynamic one.
+        if input_ids.shape[0] > 1:
+            for tensor in (input_ids, positions):
+                torch._dynamo.mark_dynamic(tensor, 0)
         with compiled_step(self.attention_layers, meta):
             return self._compiled(input_ids, positions)

@@ -222,9 +222,11 @@ class ModelRunner:
         started, cached_before = time.perf_counter(), compile_cache_hits()
         self.compiled_forward = CompiledForward(self.model, self.attention_layers)
         try:
-            # A 2-token prompt chunk in block 0, which holds nothing yet (before any request); the graph is the
-            # same for every step.
-            self.forward_logits(_profile_inputs(2, self.max_model_len, self.max_num_seqs, self.block_size))
+            # A 2-token and a 1-token prompt chunk in block 0, which holds nothing yet (before any request): the
+            # graphs of every larger step and of one token.
+            for num_tokens in (2, 1):
+                self.forward_logits(_profile_inputs(num_tokens, self.max_model_len, self.max_num_seqs,
+                                                    self.block_size))
         except Exception as e:  # whatever the compiler fails on, the engine still works, eagerly
             self.compiled_forward = None
             logger.warning("the forward runs eagerly: compiling it failed (%s: %s)", type(e).__name__, e)
