@@ -24,7 +24,8 @@ class LLM:
     Engine knobs are keyword arguments: dtype, max_num_seqs, max_num_batched_tokens, max_model_len,
     block_size, kv_cache_memory (GiB), cache_max_entry_count (GPU: share of free memory after weights and peak
     activations), gpu_memory_utilization (GPU: share of total memory, vLLM's meaning), enable_prefix_caching, seed,
-    load_format, device, kernel_backend ("auto", "torch", "triton"), enforce_eager (no CUDA graphs),
+    load_format, device, kernel_backend ("auto", "torch", "triton"), enforce_eager (no CUDA graphs,
+    no compiled CPU forward),
     tensor_parallel_size, deterministic (batch-invariant outputs; CPU), structured_outputs_max_compile_ms (a grammar
     that takes longer to compile is the request's ValueError).
     Quantization: `quant_config=QuantConfig(quant_algo=..., kv_cache_quant_algo=...)` (or the scheme names as
