@@ -76,6 +76,8 @@ def test_engine_flags(command, flags, setting, value, peer_log):
 ])
 def test_serve_flags(flags, setting, value, peer_log):
     assert getattr(parse("serve", "m", *flags), setting) == value
+    if any(row.name == flags[0][2:].replace("-", "_") for row in PEER_NAMES):  # a peer's spelling: logged
+        assert f"{flags[0]} {flags[1]} (" in peer_log.text
 
 
 @pytest.mark.parametrize("engine", ["turbomind", "pytorch"])

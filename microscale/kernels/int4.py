@@ -40,7 +40,7 @@ def check_int4_operands(
         if k_zero is not None or v_zero is not None:
             raise ValueError(f"Zero points come only with an int4 (uint8) cache, not {keys.dtype}.")
         return False
-    if k_scale is None or k_zero is None or v_zero is None:
+    if k_scale is None or v_scale is None or k_zero is None or v_zero is None:
         raise ValueError("An int4 cache is read with k_scale, v_scale, k_zero and v_zero.")
     if 2 * keys.shape[-1] != head_dim:
         raise ValueError(f"An int4 cache holds head_dim / 2 bytes a head: {keys.shape[-1]} for head_dim {head_dim}.")

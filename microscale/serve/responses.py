@@ -39,6 +39,7 @@ from microscale.serve.responses_protocol import (
 )
 from microscale.serve.streaming import start_requests
 from microscale.serve.tool_parsers import ToolParser, template_arguments
+from microscale.serve.validation import check_prompt_chars
 from microscale.tokenizer import Tokenizer
 
 
@@ -151,10 +152,7 @@ async def create_response(
     tools = RequestTools.build([t.as_chat_tool() for t in body.tools], body.tool_choice_name(),
                                body.parallel_tool_calls, tool_family)
     items = _conversation(body, store)
-    chars = _prompt_chars(body.instructions, items)
-    if chars > limits.max_prompt_chars:
-        raise APIError(400, f"The input has {chars} characters; this server takes at most "
-                       f"{limits.max_prompt_chars}.", "input")
+    check_prompt_chars(_prompt_chars(body.instructions, items), limits, "input", what="input")
     prompt = await _prompt(inputs.tokenizer, body, items, tools)
     try:
         params = await sampling_params(inputs, _sampling_request(body), body.max_output_tokens, None, None,

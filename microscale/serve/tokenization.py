@@ -12,6 +12,7 @@ from microscale.serve.limits import ServeLimits
 from microscale.serve.params import off_loop
 from microscale.serve.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from microscale.serve.tool_parsers import ToolParser
+from microscale.serve.validation import check_prompt_chars
 from microscale.tokenizer import Tokenizer, token_text
 
 # tokenizer_config.json keys that name files on the server, not tokenizer settings (vLLM leaves them out too).
@@ -23,11 +24,7 @@ _SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 async def tokenize(
     inputs: InputProcessor, body: TokenizeRequest, limits: ServeLimits, tool_family: type[ToolParser] | None,
 ) -> TokenizeResponse:
-    chars = body.prompt_chars()
-    if chars > limits.max_prompt_chars:
-        param = "prompt" if body.prompt is not None else "messages"
-        raise APIError(400, f"The prompt has {chars} characters; this server takes at most "
-                       f"{limits.max_prompt_chars}.", param)
+    check_prompt_chars(body.prompt_chars(), limits, "prompt" if body.prompt is not None else "messages")
     tokenizer = inputs.tokenizer
     if body.prompt is not None:
         text, add_special = body.prompt, body.add_special_tokens is not False

@@ -33,8 +33,11 @@ def check_request(body: Any, limits: ServeLimits) -> None:
                        "unsupported_parameter")
     if body.n > limits.max_n:
         raise APIError(400, f"n must be at most {limits.max_n}, got {body.n}.", "n")
-    chars = body.prompt_chars()
+    check_prompt_chars(body.prompt_chars(), limits, "messages" if "messages" in type(body).model_fields else "prompt")
+
+
+def check_prompt_chars(chars: int, limits: ServeLimits, param: str, what: str = "prompt") -> None:
+    """A 400 naming `param` when a request's text exceeds the server's max_prompt_chars (checked before tokenizing)."""
     if chars > limits.max_prompt_chars:
-        param = "messages" if "messages" in type(body).model_fields else "prompt"
-        raise APIError(400, f"The prompt has {chars} characters; this server takes at most "
+        raise APIError(400, f"The {what} has {chars} characters; this server takes at most "
                        f"{limits.max_prompt_chars}.", param)
