@@ -133,6 +133,7 @@ class LLMEngine:
     def step_requests(self) -> list[Request]:
         """One step; the requests that got a token in it (finished ones are no longer in self.requests)."""
         started = time.perf_counter()
+        self.last_step_roofline = None  # a step without a forward has no cost
         chunks = self.scheduler.schedule()
         self.last_step_tokens = sum(chunk.num_tokens for chunk in chunks)
         if not chunks:

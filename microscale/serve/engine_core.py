@@ -138,9 +138,8 @@ class EngineCore:
         requests = self.engine.step_requests()
         elapsed = time.monotonic() - started
         self._pending.extend(self._safe_delta(request) for request in requests)
-        tokens = self.engine.last_step_tokens
         roofline = self.engine.last_step_roofline
-        self._report(elapsed, tokens, roofline.cost if tokens and roofline is not None else None)
+        self._report(elapsed, self.engine.last_step_tokens, None if roofline is None else roofline.cost)
 
     def _report(self, step_seconds: float | None, step_tokens: int = 0, step_cost: StepCost | None = None) -> None:
         deltas, self._pending = self._pending, []
