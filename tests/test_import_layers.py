@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "microscale"
 # "microscale."; the longest matching prefix decides ("kernels.aot" is the compile sweep, a tool over the package
 # that launches every kernel through its real caller).
 LAYERS = [
-    ["logger", "jsonl", "outputs", "sampling_params", "tokenizer", "version"],
+    ["cache_dir", "logger", "jsonl", "outputs", "sampling_params", "tokenizer", "version"],
     ["kernels"],
     ["distributed"],
     ["quant"],

@@ -19,18 +19,17 @@ from torch import nn
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from microscale.attention.metadata import AttentionMetadata
+from microscale.cache_dir import microscale_cache_dir
 from microscale.layers.attention import Attention, compiled_step
 
 
 def inductor_cache_dir() -> Path:
     """Where compiled graphs persist between starts: $TORCHINDUCTOR_CACHE_DIR when set, else microscale's folder
-    in the user's cache ($XDG_CACHE_HOME, by default ~/.cache), not Inductor's default under /tmp, which a
-    reboot empties."""
+    in the user's cache, not Inductor's default under /tmp, which a reboot empties."""
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if chosen and chosen != default_cache_dir():  # importing torch._dynamo fills in Inductor's default
         return Path(chosen)
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "microscale" / "inductor"
+    return microscale_cache_dir() / "inductor"
 
 
 def compile_disabled_reason() -> str | None:

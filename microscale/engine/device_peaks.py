@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from microscale.cache_dir import microscale_cache_dir
+
 logger = logging.getLogger(__name__)
 
 _GIB = 1 << 30
@@ -77,8 +79,7 @@ def device_name(device: torch.device) -> str:
 
 
 def _cache_file() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "microscale" / "device_peaks.json"
+    return microscale_cache_dir() / "device_peaks.json"
 
 
 def _timed(fn: Callable[[], None], sync: Callable[[], None], repeats: int) -> float:

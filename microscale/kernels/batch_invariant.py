@@ -31,6 +31,12 @@ def batch_invariant_mode(enabled: bool = True) -> Iterator[None]:
         _enabled.reset(token)
 
 
+def batch_invariant_enabled() -> bool:
+    """Whether the running forward is in deterministic mode (kernels whose reduction order depends on the row
+    count must then step aside)."""
+    return _enabled.get()
+
+
 def pad_rows(x: torch.Tensor, multiple: int = ROW_TILE, dim: int = 0) -> torch.Tensor:
     """x with zero rows appended along `dim` up to a multiple of `multiple`."""
     missing = -x.shape[dim] % multiple

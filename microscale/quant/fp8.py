@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from microscale.distributed.parallel_state import all_reduce_max
-from microscale.kernels.batch_invariant import linear
+from microscale.kernels.batch_invariant import batch_invariant_enabled, linear
 from microscale.kernels.candidates import Candidate, always, pick_kernel
+from microscale.kernels.cpu_gemv import MAX_TOKENS, cpu_gemv_unavailable_reason, fp8_gemv
 from microscale.kernels.selector import fp8_capability_shortfall, resolve_kernel_backend, triton_unavailable_reason
 from microscale.quant.base import QuantMethod
 from microscale.quant.scratch import scratch_buffer
@@ -155,8 +156,27 @@ def fp8_matmul_reference(
     accumulated in float32: one product of raw E4M3 values reaches 448² = 200704, past float16's range."""
     compute = torch.float32 if out_dtype == torch.float16 else out_dtype
     y = linear(x_q.to(compute), dequantize_fp8_weight(w_q, compute))
+    return _scaled(y, x_scale, w_scale, bias, out_dtype)
+
+
+def _scaled(
+    y: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The products of raw FP8 values `y` [M, N] times the activation and weight scales, plus the bias."""
     y = (y.float() * (x_scale.reshape(-1, 1) if x_scale.numel() > 1 else x_scale) * w_scale).to(out_dtype)
     return y if bias is None else y + bias
+
+
+def cpu_fp8_matmul(
+    x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+    bias: torch.Tensor | None, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Up to MAX_TOKENS rows: the FP8 weight decoded in registers as it is read (kernels/cpu_gemv.py), with
+    float32 sums; more rows (prefill), or deterministic mode (whose 8-row matmuls must not depend on how many
+    rows a step has), take the reference."""
+    if x_q.shape[0] > MAX_TOKENS or batch_invariant_enabled():
+        return fp8_matmul_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    return _scaled(fp8_gemv(x_q.float().contiguous(), w_q), x_scale, w_scale, bias, out_dtype)
 
 
 def _triton_unavailable_reason(device: torch.device) -> str | None:
@@ -202,6 +222,11 @@ _TRITON = Candidate("triton FP8 GEMM", _triton_unavailable_reason, _triton_matmu
 _DECODED = Candidate("torch F.linear on the weight decoded once at load (kept in the model dtype next to the FP8 "
                      "weight: 2 or 4 more bytes per weight)", always, _matmul_decoded)
 _REFERENCE = Candidate("torch reference (dequantise, then matmul)", always, fp8_matmul_reference)
+
+
+def _cpu_candidate(problem: Fp8Problem) -> Candidate:
+    return Candidate(f"CPU FP8 products decoded in registers for up to {MAX_TOKENS} tokens (the reference above)",
+                     lambda device: cpu_gemv_unavailable_reason(device, problem.k), cpu_fp8_matmul)
 
 
 def _candidates(problem: Fp8Problem) -> list[Candidate]:
@@ -266,7 +291,7 @@ class _Fp8Method(QuantMethod):
         n, k = layer.weight.shape
         problem = Fp8Problem(x_per_token=self.per_token_activations, w_per_row=w_scale.numel() > 1, n=n, k=k,
                              out_dtype=layer.dtype, bias_dtype=None if layer.bias is None else layer.bias.dtype)
-        candidates = _candidates(problem) if family == "triton" else [_REFERENCE]
+        candidates = _candidates(problem) if family == "triton" else [_cpu_candidate(problem), _REFERENCE]
         picked = pick_kernel(f"FP8 linear ({problem})", candidates, device)
         if picked is _DECODED:  # decoded now, before the KV cache is sized from the memory left
             layer.fp8_matmul = functools.partial(_matmul_decoded, _decoded_weight(layer.weight, w_scale, layer.dtype))

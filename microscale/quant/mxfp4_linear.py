@@ -4,11 +4,14 @@ weight to the activation dtype for every matmul."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
-from microscale.kernels.batch_invariant import linear
+from microscale.kernels.batch_invariant import batch_invariant_enabled, linear
 from microscale.kernels.candidates import Candidate, always, pick_kernel
+from microscale.kernels.cpu_gemv import MAX_TOKENS, cpu_gemv_unavailable_reason, mxfp4_gemv
 from microscale.kernels.selector import triton_unavailable_reason
 from microscale.quant.base import QuantMethod
 from microscale.quant.mxfp4 import MXFP4_BLOCK, pack_mxfp4, unpack_mxfp4
@@ -66,7 +69,9 @@ class Mxfp4LinearMethod(QuantMethod):
         return list(_PACKED_NAMES)
 
     def select_kernel(self, layer, family, device) -> None:
-        candidates = [_TRITON, _REFERENCE] if family == "triton" else [_REFERENCE]
+        cpu = Candidate(f"CPU MXFP4 products decoded in registers for up to {MAX_TOKENS} tokens (torch above)",
+                        functools.partial(cpu_gemv_unavailable_reason, k=layer.input_size), _cpu_matmul)
+        candidates = [_TRITON, _REFERENCE] if family == "triton" else [cpu, _REFERENCE]
         layer.mxfp4_matmul = pick_kernel("MXFP4 linear", candidates, device).fn
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -79,6 +84,18 @@ def _reference_matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     weight = unpack_mxfp4(blocks, layer.weight_scales, x.dtype,
                           out=scratch_buffer("mxfp4-linear", shape, x.dtype, blocks.device))
     return linear(x, weight, layer.bias)  # the bias is created in the model dtype
+
+
+def _cpu_matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Up to MAX_TOKENS rows, the weight decoded in registers as it is read (kernels/cpu_gemv.py), float32 sums;
+    more rows (prefill), or deterministic mode (its row-count-independent 8-row matmuls), take the reference."""
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] > MAX_TOKENS or batch_invariant_enabled():
+        return _reference_matmul(layer, x)
+    y = mxfp4_gemv(flat.float().contiguous(), layer.weight_blocks, layer.weight_scales)
+    if layer.bias is not None:
+        y += layer.bias
+    return y.to(x.dtype).view(*x.shape[:-1], -1)
 
 
 def _triton_matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

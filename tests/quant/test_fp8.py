@@ -231,7 +231,7 @@ def test_picked_kernel_matches_the_reference(monkeypatch, m, layer, capability, 
     linear = LAYERS[layer](dtype)
     x = (torch.randn(m, 64, generator=torch.Generator().manual_seed(m)) * 3).to(dtype)
     expected = linear(x)
-    assert _picked(linear) == "fp8_matmul_reference"  # a layer on its own picks at its first call: on a CPU
+    assert _picked(linear) == "cpu_fp8_matmul"  # a layer on its own picks at its first call: on a CPU
     _select_on_gpu(linear, capability)
     calls = []
     scaled_mm = torch._scaled_mm

@@ -1,0 +1,163 @@
+/* Matrix-vector products with FP8 (E4M3) and MXFP4 weights for x86-64 CPUs (AVX2, FMA, F16C), decoded in
+ * registers: at decode batch sizes the product is bound by reading the weight, and these read it at its stored
+ * width (1 or ~0.53 bytes per value) where dequantising first writes and re-reads a 16-bit copy.
+ *
+ * y[m, n] = sum_k x[m, k] * w[n, k] for m < M, in float32 (x float32 [M, K], y float32 [M, N], row-major).
+ * Each row m is accumulated the same way whatever M is (its own accumulators, the same k order), so a token's
+ * result does not depend on how many share the call. Rows of w are split between `threads` OpenMP threads
+ * (libgomp: the runtime torch's own CPU build loads, found by its soname).
+ *
+ * Built at first use by microscale/kernels/cpu_gemv.py with the machine's C compiler. */
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+#define TARGET __attribute__((target("avx2,fma,f16c")))
+#define MAX_ROWS 4 /* x rows per pass over the weight; callers loop over groups of MAX_ROWS */
+
+int microscale_cpu_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+TARGET static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* ---- FP8 E4M3 ----
+ * A byte's sign goes to bit 15 and its exponent and mantissa to bits 13..7 of a float16, whose exponent bias
+ * (15) is 8 more than E4M3's (7): the float16 is the E4M3 value times 2^-8, subnormals included (F16C
+ * converts float16 subnormals exactly), so the sums are scaled by 2^8 at the end. Sign-extending the byte to 16
+ * bits and shifting left by 7 puts the sign in bits 15 and 14; the mask clears bit 14. (0x7F/0xFF, E4M3's NaN,
+ * would read as 1.875 * 2^8: FP8 weights are quantised with saturation and hold no NaN.) */
+
+TARGET static inline void fp8_decode16(const uint8_t *w, __m256 *lo, __m256 *hi) {
+    __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w));
+    h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16((short)0xBF80));
+    *lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+    *hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+}
+
+/* Inlined with a constant `rows`, so the accumulators stay in registers. */
+TARGET static inline __attribute__((always_inline)) void fp8_row(const float *x, const uint8_t *w, float *y,
+                                                                  int64_t K, int64_t N, int rows) {
+    __m256 acc[MAX_ROWS];
+    for (int m = 0; m < rows; m++) acc[m] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        __m256 lo, hi;
+        fp8_decode16(w + k, &lo, &hi);
+        for (int m = 0; m < rows; m++) {
+            acc[m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + m * K + k), acc[m]);
+            acc[m] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + m * K + k + 8), acc[m]);
+        }
+    }
+    for (int m = 0; m < rows; m++) y[m * N] = sum8(acc[m]) * 256.0f;
+}
+
+TARGET static void fp8_rows(const float *x, const uint8_t *w, float *y, int64_t rows, int64_t K, int64_t N,
+                            int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *wn = w + n * K;
+        switch (rows) {
+            case 1: fp8_row(x, wn, y + n, K, N, 1); break;
+            case 2: fp8_row(x, wn, y + n, K, N, 2); break;
+            case 3: fp8_row(x, wn, y + n, K, N, 3); break;
+            default: fp8_row(x, wn, y + n, K, N, 4); break;
+        }
+    }
+}
+
+/* ---- MXFP4 ----
+ * Per output row, K / 32 blocks of 16 bytes (two E2M1 codes per byte, the even element in the low nibble) and
+ * one E8M0 scale byte each. A code becomes twice its value as an int8 through one byte shuffle (E2M1 values
+ * times 2 are the integers 0, 1, 2, 3, 4, 6, 8, 12), and the block's scale 2^(s - 127) / 2 multiplies the block's
+ * partial sums. x arrives with each block's even elements first, then its odd ones (mxfp4_split_even_odd), so
+ * low nibbles meet the first 16 and high nibbles the last 16 without shuffling the codes. */
+
+static float e8m0_half[256]; /* 2^(s - 127) / 2; NaN for s = 0xFF (the spec's NaN scale) */
+
+static void init_e8m0_half(void) {
+    for (int s = 0; s < 255; s++) e8m0_half[s] = ldexpf(1.0f, s - 128);
+    e8m0_half[255] = NAN;
+}
+
+TARGET static inline void mxfp4_decode32(const uint8_t *w, __m256 v[4]) {
+    const __m128i twice = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+    const __m128i nibble = _mm_set1_epi8(0x0F);
+    __m128i b = _mm_loadu_si128((const __m128i *)w);
+    __m128i lo = _mm_shuffle_epi8(twice, _mm_and_si128(b, nibble));
+    __m128i hi = _mm_shuffle_epi8(twice, _mm_and_si128(_mm_srli_epi16(b, 4), nibble));
+    v[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+    v[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo)));
+    v[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+    v[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi)));
+}
+
+TARGET static inline __attribute__((always_inline)) void mxfp4_row(const float *x, const uint8_t *blocks,
+                                                                    const uint8_t *scales, float *y, int64_t K,
+                                                                    int64_t N, int rows) {
+    __m256 acc[MAX_ROWS];
+    for (int m = 0; m < rows; m++) acc[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < K / 32; g++) {
+        __m256 v[4];
+        mxfp4_decode32(blocks + g * 16, v);
+        const __m256 scale = _mm256_set1_ps(e8m0_half[scales[g]]);
+        for (int m = 0; m < rows; m++) {
+            const float *xg = x + m * K + g * 32;
+            __m256 part = _mm256_mul_ps(v[0], _mm256_loadu_ps(xg));
+            part = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xg + 8), part);
+            part = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(xg + 16), part);
+            part = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xg + 24), part);
+            acc[m] = _mm256_fmadd_ps(part, scale, acc[m]);
+        }
+    }
+    for (int m = 0; m < rows; m++) y[m * N] = sum8(acc[m]);
+}
+
+TARGET static void mxfp4_rows(const float *x, const uint8_t *blocks, const uint8_t *scales, float *y,
+                              int64_t rows, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *bn = blocks + n * (K / 2), *sn = scales + n * (K / 32);
+        switch (rows) {
+            case 1: mxfp4_row(x, bn, sn, y + n, K, N, 1); break;
+            case 2: mxfp4_row(x, bn, sn, y + n, K, N, 2); break;
+            case 3: mxfp4_row(x, bn, sn, y + n, K, N, 3); break;
+            default: mxfp4_row(x, bn, sn, y + n, K, N, 4); break;
+        }
+    }
+}
+
+/* ---- entry points (K a multiple of 32, checked by the caller) ---- */
+
+#define ROWS_PER_TASK 16 /* output rows per OpenMP task: a few KiB of weight each, many tasks per thread */
+
+void microscale_fp8_gemv(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
+                         int threads) {
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+        const int64_t rows = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
+        const int64_t tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t t = 0; t < tasks; t++) {
+            const int64_t n1 = (t + 1) * ROWS_PER_TASK < N ? (t + 1) * ROWS_PER_TASK : N;
+            fp8_rows(x + m0 * K, w, y + m0 * N, rows, K, N, t * ROWS_PER_TASK, n1);
+        }
+    }
+}
+
+void microscale_mxfp4_gemv(const float *x, const uint8_t *blocks, const uint8_t *scales, float *y, int64_t M,
+                           int64_t N, int64_t K, int threads) {
+    if (e8m0_half[128] == 0.0f) init_e8m0_half(); /* idempotent: a race writes the same values */
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+        const int64_t rows = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
+        const int64_t tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t t = 0; t < tasks; t++) {
+            const int64_t n1 = (t + 1) * ROWS_PER_TASK < N ? (t + 1) * ROWS_PER_TASK : N;
+            mxfp4_rows(x + m0 * K, blocks, scales, y + m0 * N, rows, K, N, t * ROWS_PER_TASK, n1);
+        }
+    }
+}

@@ -1,0 +1,143 @@
+"""The low-bit CPU products (kernels/cpu/lowbit_gemv.c, built with the machine's compiler) against float64 sums
+of the exact weight values: every FP8 byte (subnormals, signed zeros), MXFP4 codes under extreme and NaN scales,
+row counts across the kernel's groups of four; a row's bits do not depend on the row count or the threads; the
+FP8 and MXFP4 Linear methods use them on a CPU for decode-sized inputs only; and a machine that cannot build
+them says why."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from microscale.kernels import cpu_gemv
+from microscale.kernels.batch_invariant import batch_invariant_mode
+from microscale.kernels.cpu_gemv import cpu_gemv_unavailable_reason, fp8_gemv, mxfp4_gemv
+from microscale.layers.linear import Linear
+from microscale.quant import fp8
+from microscale.quant.mxfp4 import pack_mxfp4, unpack_mxfp4
+from microscale.quant.mxfp4_linear import Mxfp4LinearMethod
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.skipif(cpu_gemv_unavailable_reason(CPU, 32) is not None,
+                                reason=f"{cpu_gemv_unavailable_reason(CPU, 32)}")
+
+
+def _every_fp8_byte(n: int, k: int) -> torch.Tensor:
+    """[n, k] float8_e4m3fn holding each byte but E4M3's two NaNs, in a shuffled order."""
+    codes = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+    picks = torch.randint(len(codes), (n, k), generator=torch.Generator().manual_seed(0))
+    picks.view(-1)[: len(codes)] = torch.arange(len(codes))
+    return codes[picks].view(torch.float8_e4m3fn)
+
+
+def _assert_close(y: torch.Tensor, expected: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    # float32 sums of K exact products: off by a few float32 roundings of the sum of |products|
+    bound = (x.double().abs() @ w.double().abs().T) * 64 * 2**-24
+    assert ((y.double() - expected).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 6, 8])
+def test_fp8_products_equal_exact_sums(m: int) -> None:
+    w = _every_fp8_byte(40, 256)
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m))
+    expected = x.double() @ w.double().T
+    _assert_close(fp8_gemv(x, w), expected, x, w)
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_mxfp4_products_equal_exact_sums(m: int) -> None:
+    blocks, scales = pack_mxfp4(torch.randn(24, 128, generator=torch.Generator().manual_seed(1)) * 5)
+    blocks[0] = torch.arange(256, dtype=torch.uint8)[:64].view(4, 16)  # every code in both nibbles
+    scales[1, :] = torch.tensor([0, 1, 127, 160], dtype=torch.uint8)  # 2^-127 (a float32 subnormal) .. 2^33
+    scales[2, 3] = 0xFF  # the spec's NaN scale: a NaN row
+    w = unpack_mxfp4(blocks, scales, torch.float32)
+    x = torch.randn(m, 128, generator=torch.Generator().manual_seed(m))
+    y = mxfp4_gemv(x, blocks, scales)
+    expected = x.double() @ w.double().T
+    assert torch.isnan(y[:, 2]).all() and not torch.isnan(y[:, [0, 1, *range(3, 24)]]).any()
+    finite = [0, 1, *range(3, 24)]
+    _assert_close(y[:, finite], expected[:, finite], x, w[finite])
+
+
+def test_a_rows_result_does_not_depend_on_the_row_count_or_threads() -> None:
+    w = _every_fp8_byte(48, 128)
+    blocks, scales = pack_mxfp4(torch.randn(48, 128, generator=torch.Generator().manual_seed(2)))
+    x = torch.randn(7, 128, generator=torch.Generator().manual_seed(3))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = [fp8_gemv(x[i : i + 1], w) for i in range(7)], [mxfp4_gemv(x[i : i + 1], blocks, scales)
+                                                                 for i in range(7)]
+    finally:
+        torch.set_num_threads(threads)
+    torch.set_num_threads(2)
+    try:
+        together = fp8_gemv(x, w), mxfp4_gemv(x, blocks, scales)
+    finally:
+        torch.set_num_threads(threads)
+    for rows, batch in zip(alone, together):
+        assert torch.equal(torch.cat(rows), batch)
+
+
+def test_bad_operands_are_refused() -> None:
+    w = _every_fp8_byte(8, 64)
+    with pytest.raises(ValueError, match="float32"):
+        fp8_gemv(torch.randn(1, 64, dtype=torch.bfloat16), w)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        fp8_gemv(torch.randn(1, 48), _every_fp8_byte(8, 48))
+    blocks, scales = pack_mxfp4(torch.randn(8, 64))
+    with pytest.raises(ValueError, match="do not match"):
+        mxfp4_gemv(torch.randn(1, 32), blocks, scales)
+
+
+def test_unavailable_reasons(monkeypatch, tmp_path) -> None:
+    assert cpu_gemv_unavailable_reason(torch.device("cuda"), 64) == "a CPU kernel, not for cuda"
+    assert cpu_gemv_unavailable_reason(CPU, 40) == "needs K a multiple of 32 (K=40)"
+    monkeypatch.setattr(cpu_gemv._load, "__wrapped__", cpu_gemv._load.__wrapped__)  # restored with the cache
+    cpu_gemv._load.cache_clear()
+    try:
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        assert cpu_gemv_unavailable_reason(CPU, 64) == "no C compiler (cc, or $CC) to build it with"
+        cpu_gemv._load.cache_clear()
+        broken = tmp_path / "cc"
+        broken.write_text("#!/bin/sh\necho 'cc 1.0'\necho 'error: cannot compile' >&2\n[ \"$1\" = --version ]\n")
+        broken.chmod(0o755)
+        monkeypatch.setenv("CC", str(broken))
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        assert cpu_gemv_unavailable_reason(CPU, 64).endswith("failed: error: cannot compile")
+        assert not list((tmp_path / "cache").rglob("*.partial"))  # nothing half-built left behind
+    finally:
+        monkeypatch.undo()
+        cpu_gemv._load.cache_clear()
+    assert cpu_gemv_unavailable_reason(CPU, 64) is None
+
+
+def test_the_fp8_linear_uses_it_for_decode_sized_inputs_only(monkeypatch) -> None:
+    w_q = _every_fp8_byte(80, 64)
+    x_q = (torch.randn(12, 64, generator=torch.Generator().manual_seed(4)) * 50).to(torch.float8_e4m3fn)
+    x_scale, w_scale = torch.rand(12, 1) + 0.5, torch.rand(80) + 0.5
+    bias = torch.randn(80).bfloat16()
+    calls = []
+    monkeypatch.setattr(fp8, "fp8_gemv", lambda x, w: calls.append(len(x)) or fp8_gemv(x, w))
+    for m in (1, 8, 12):
+        out = fp8.cpu_fp8_matmul(x_q[:m], x_scale[:m], w_q, w_scale, bias, torch.bfloat16)
+        reference = fp8.fp8_matmul_reference(x_q[:m], x_scale[:m], w_q, w_scale, bias, torch.bfloat16)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, reference, rtol=2**-7, atol=2**-7 * reference.abs().max().item())
+    assert calls == [1, 8]  # 12 rows: the reference
+    with batch_invariant_mode():
+        fp8.cpu_fp8_matmul(x_q[:1], x_scale[:1], w_q, w_scale, None, torch.float32)
+    assert calls == [1, 8]
+
+
+def test_the_mxfp4_linear_picks_it_on_a_cpu() -> None:
+    layer = Linear(64, [40], bias=True, quant_method=Mxfp4LinearMethod())
+    layer.load_weight("weight", torch.randn(40, 64, generator=torch.Generator().manual_seed(6)), None)
+    layer.load_weight("bias", torch.randn(40, generator=torch.Generator().manual_seed(7)), None)
+    layer.quant_method.select_kernel(layer, "torch", CPU)  # what the runner does at load
+    assert layer.mxfp4_matmul.__name__ == "_cpu_matmul"
+    weight = unpack_mxfp4(layer.weight_blocks, layer.weight_scales, torch.float32)
+    for m in (3, 9):  # nine rows: the reference
+        x = torch.randn(m, 64, generator=torch.Generator().manual_seed(m))
+        torch.testing.assert_close(layer(x), F.linear(x, weight, layer.bias), rtol=1e-5, atol=1e-5)
