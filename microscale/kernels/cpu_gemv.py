@@ -94,10 +94,11 @@ def cpu_gemv_unavailable_reason(device: torch.device, k: int) -> str | None:
     return _load()[1]
 
 
-def _rows_and_threads(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _output(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The float32 [M, n] result for a checked x."""
     if x.dtype != torch.float32 or not x.is_contiguous() or x.dim() != 2:
         raise ValueError(f"x must be a contiguous float32 [M, K] tensor, got {x.dtype} {tuple(x.shape)}.")
-    return x, torch.empty(x.shape[0], n, dtype=torch.float32), torch.get_num_threads()
+    return torch.empty(x.shape[0], n, dtype=torch.float32)
 
 
 def fp8_gemv(x: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
@@ -107,8 +108,9 @@ def fp8_gemv(x: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     if w_q.dtype != torch.float8_e4m3fn or not w_q.is_contiguous() or x.shape[-1] != k or k % K_MULTIPLE:
         raise ValueError(f"w_q must be a contiguous float8_e4m3fn [N, K] with K={x.shape[-1]} a multiple of "
                          f"{K_MULTIPLE}, got {w_q.dtype} {tuple(w_q.shape)}.")
-    x, y, threads = _rows_and_threads(x, n)
-    _library().microscale_fp8_gemv(x.data_ptr(), w_q.data_ptr(), y.data_ptr(), x.shape[0], n, k, threads)
+    y = _output(x, n)
+    _library().microscale_fp8_gemv(x.data_ptr(), w_q.data_ptr(), y.data_ptr(), x.shape[0], n, k,
+                                   torch.get_num_threads())
     return y
 
 
@@ -121,11 +123,11 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> t
             or not (blocks.is_contiguous() and scales.is_contiguous()) or x.shape[-1] != k):
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} / scales {tuple(scales.shape)} (contiguous uint8) do "
                          f"not match x {tuple(x.shape)}.")
-    x, y, threads = _rows_and_threads(x, n)
+    y = _output(x, n)
     # Each block's even elements first, then its odd ones: the order the kernel reads low and high nibbles in.
     split = x.view(x.shape[0], groups, K_MULTIPLE // 2, 2).transpose(-1, -2).contiguous()
     _library().microscale_mxfp4_gemv(split.data_ptr(), blocks.data_ptr(), scales.data_ptr(), y.data_ptr(),
-                                     x.shape[0], n, k, threads)
+                                     x.shape[0], n, k, torch.get_num_threads())
     return y
 
 
