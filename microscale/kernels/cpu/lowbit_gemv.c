@@ -11,6 +11,7 @@
 
 #include <immintrin.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #define TARGET __attribute__((target("avx2,fma,f16c")))
@@ -175,29 +176,31 @@ TARGET static void mxfp4_rows(const float *x, const uint8_t *blocks, const uint8
 
 #define ROWS_PER_TASK 16 /* output rows per OpenMP task: a few KiB of weight each, many tasks per thread */
 
-void microscale_fp8_gemv(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
-                         int threads) {
+/* x rows in groups of MAX_ROWS, each group one pass over the weight, its rows split between the threads;
+ * `scales` NULL: FP8 weights, else MXFP4 blocks. */
+static void gemv(const float *x, const uint8_t *w, const uint8_t *scales, float *y, int64_t M, int64_t N,
+                 int64_t K, int threads) {
+    const int64_t tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
         const int64_t rows = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
-        const int64_t tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t t = 0; t < tasks; t++) {
-            const int64_t n1 = (t + 1) * ROWS_PER_TASK < N ? (t + 1) * ROWS_PER_TASK : N;
-            fp8_rows(x + m0 * K, w, y + m0 * N, rows, K, N, t * ROWS_PER_TASK, n1);
+            const int64_t n0 = t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
+            if (scales == NULL)
+                fp8_rows(x + m0 * K, w, y + m0 * N, rows, K, N, n0, n1);
+            else
+                mxfp4_rows(x + m0 * K, w, scales, y + m0 * N, rows, K, N, n0, n1);
         }
     }
+}
+
+void microscale_fp8_gemv(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
+                         int threads) {
+    gemv(x, w, NULL, y, M, N, K, threads);
 }
 
 void microscale_mxfp4_gemv(const float *x, const uint8_t *blocks, const uint8_t *scales, float *y, int64_t M,
                            int64_t N, int64_t K, int threads) {
     if (e8m0_half[128] == 0.0f) init_e8m0_half(); /* idempotent: a race writes the same values */
-    for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
-        const int64_t rows = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
-        const int64_t tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t t = 0; t < tasks; t++) {
-            const int64_t n1 = (t + 1) * ROWS_PER_TASK < N ? (t + 1) * ROWS_PER_TASK : N;
-            mxfp4_rows(x + m0 * K, blocks, scales, y + m0 * N, rows, K, N, t * ROWS_PER_TASK, n1);
-        }
-    }
+    gemv(x, blocks, scales, y, M, N, K, threads);
 }
