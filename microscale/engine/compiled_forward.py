@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 from torch import nn
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
@@ -52,6 +53,10 @@ class CompiledForward:
         self.model = model
         self.attention_layers = attention_layers
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir())  # read by Inductor when it compiles
+        # C++ compiles in this process: Inductor's parallel-compile pool (a sidecar process forking workers) can
+        # wait forever in containers and CI (a test run here hung on it until CI's limit); on a small CPU it
+        # saves a few seconds of a first start only, and cached starts compile nothing.
+        inductor_config.compile_threads = 1
         # fullgraph: a graph break would leave eager islands and guard checks in every step; better to fail at
         # start-up (the runner then stays eager and logs why).
         self._compiled = torch.compile(self._forward, fullgraph=True, dynamic=False)

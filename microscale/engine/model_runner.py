@@ -207,8 +207,8 @@ class ModelRunner:
                             if isinstance(getattr(m, "quant_method", None), QuantMethod)
                             and not isinstance(m.quant_method, UnquantizedLinearMethod)})
         if quantized:
-            return (f"quantized weights ({', '.join(quantized)}) are dequantised on CPU through reused buffers and "
-                    f"chunked loops, which do not trace")
+            return (f"quantized weights ({', '.join(quantized)}) run a C kernel (decode) or dequantise through "
+                    f"reused buffers (prefill) on CPU, neither of which traces")
         return compile_disabled_reason()
 
     def enable_compiled_forward(self) -> float | None:

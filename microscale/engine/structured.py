@@ -30,15 +30,27 @@ _LEXER_FUEL_PER_MS = 50_000
 
 
 class GrammarCompiler:
-    """Turns StructuredOutputsParams into matchers over one tokenizer's vocabulary (built once: ~1 s)."""
+    """Turns StructuredOutputsParams into matchers over one tokenizer's vocabulary (built at the first structured
+    request: ~1 s that engines serving none never pay)."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: list[int],
                  max_compile_ms: float) -> None:
         self.vocab_size = vocab_size
         self.max_compile_ms = max_compile_ms
-        self._tokenizer = llguidance.LLTokenizer(tokenizer.to_json(), n_vocab=vocab_size, eos_token=eos_token_ids)
+        self._source = tokenizer
+        self._eos_token_ids = eos_token_ids
         # Start matchers by grammar text; cache_info() says how many requests skipped compilation.
         self.compiled = functools.lru_cache(maxsize=GRAMMAR_CACHE_SIZE)(self._compile)
+
+    @functools.cached_property
+    def _tokenizer(self) -> llguidance.LLTokenizer:
+        # A model run with another model's tokenizer (dummy weights of a real shape, for benchmarks) may have
+        # EOS ids the tokenizer does not have: the grammar can end only on those it has.
+        eos = [t for t in self._eos_token_ids if t < self._source.vocab_size]
+        if not eos:
+            raise ValueError(f"Structured outputs need an end-of-sequence token in the tokenizer's vocabulary; the "
+                             f"model's EOS ids {self._eos_token_ids} are past its {self._source.vocab_size} tokens.")
+        return llguidance.LLTokenizer(self._source.to_json(), n_vocab=self.vocab_size, eos_token=eos)
 
     def matchers(self, params: StructuredOutputsParams, count: int = 1) -> list[llguidance.LLMatcher]:
         """`count` fresh matchers at the start of the language (one per sample of a request); an invalid grammar,
@@ -47,8 +59,8 @@ class GrammarCompiler:
         return [start.deep_copy() for _ in range(count)]  # the cached start matcher itself never moves
 
     def _compile(self, grammar: str) -> llguidance.LLMatcher:
-        limit = self.max_compile_ms
-        matcher = _within(limit, lambda: llguidance.LLMatcher(self._tokenizer, grammar, log_level=0,
+        limit, tokenizer = self.max_compile_ms, self._tokenizer  # built outside the grammar's time limit
+        matcher = _within(limit, lambda: llguidance.LLMatcher(tokenizer, grammar, log_level=0,
                                                                 limits=_parser_limits(limit)))
         if matcher.is_error():
             raise _grammar_error(matcher.get_error(), limit)

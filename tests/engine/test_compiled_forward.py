@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_reference import ms_greedy, small_llm
+from torch._inductor.async_compile import AsyncCompile
 
 from microscale import LLM
 
@@ -32,6 +33,7 @@ def compiled(compiling, model) -> LLM:
 
 def test_greedy_outputs_equal_the_eager_forward(compiled, model, assert_idle) -> None:
     assert compiled.engine.runner.compiled_forward is not None and compiled.engine.compile_seconds > 0
+    assert AsyncCompile.process_pool.cache_info().currsize == 0  # compiled in-process: no worker pool to hang on
     eager = small_llm(model, enforce_eager=True)
     assert eager.engine.runner.compiled_forward is None
     # Three prompts at once (prefill chunks, then decode batches of 3, 2 and 1 as they finish), then one alone.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import jsonschema
 import pytest
@@ -134,3 +135,16 @@ def test_invalid_grammar_is_the_request_s_error(llm, constraint, match):
 def test_params_take_exactly_one_language(kwargs):
     with pytest.raises(SamplingParamError, match="structured_outputs"):
         StructuredOutputsParams(**kwargs)
+
+
+def test_a_model_whose_eos_ids_the_tokenizer_lacks(tiny_model, tmp_path):
+    """Dummy weights of a real shape run with a small tokenizer (benchmarks): the engine starts and serves plain
+    requests; a structured one is refused with the reason (its grammar could never end)."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model("llama", vocab_size=5000), model)
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": 4500}))
+    llm = LLM(str(model), dtype="float32", max_model_len=64)
+    assert len(llm.generate([PROMPT], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids) == 2
+    constrained = SamplingParams(max_tokens=2, structured_outputs=StructuredOutputsParams(json_object=True))
+    with pytest.raises(ValueError, match=r"EOS ids \[4500\] are past its 4096 tokens"):
+        llm.generate([PROMPT], constrained, use_tqdm=False)

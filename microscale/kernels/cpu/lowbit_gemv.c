@@ -11,10 +11,12 @@
 
 #include <immintrin.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #define TARGET __attribute__((target("avx2,fma,f16c")))
 #define MAX_ROWS 4 /* x rows per pass over the weight; callers loop over groups of MAX_ROWS */
+#define MAX_OUTS 4 /* weight rows read side by side (ROWS_PER_TASK is a multiple) */
 
 int microscale_cpu_supported(void) {
     __builtin_cpu_init();
@@ -42,31 +44,48 @@ TARGET static inline void fp8_decode16(const uint8_t *w, __m256 *lo, __m256 *hi)
     *hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
 }
 
-/* Inlined with a constant `rows`, so the accumulators stay in registers. */
-TARGET static inline __attribute__((always_inline)) void fp8_row(const float *x, const uint8_t *w, float *y,
-                                                                  int64_t K, int64_t N, int rows) {
-    __m256 acc[MAX_ROWS];
-    for (int m = 0; m < rows; m++) acc[m] = _mm256_setzero_ps();
+/* Inlined with constant `rows` (of x) and `outs` (weight rows read side by side): the accumulators stay in
+ * registers, and several weight rows in flight keep the memory busy where one row per 4 KiB page (K = 4096)
+ * would restart the hardware prefetcher at every row. The prefetch reaches the rows `outs` further on. */
+TARGET static inline __attribute__((always_inline)) void fp8_block(const float *x, const uint8_t *w, float *y,
+                                                                    int64_t K, int64_t N, int rows, int outs) {
+    __m256 acc[MAX_ROWS * MAX_OUTS];
+    for (int i = 0; i < rows * outs; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) {
-        __m256 lo, hi;
-        fp8_decode16(w + k, &lo, &hi);
-        for (int m = 0; m < rows; m++) {
-            acc[m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + m * K + k), acc[m]);
-            acc[m] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + m * K + k + 8), acc[m]);
+        for (int o = 0; o < outs; o++) {
+            const uint8_t *wo = w + o * K;
+            _mm_prefetch((const char *)(wo + outs * K + k), _MM_HINT_T0);
+            __m256 lo, hi;
+            fp8_decode16(wo + k, &lo, &hi);
+            for (int m = 0; m < rows; m++) {
+                acc[m * outs + o] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + m * K + k), acc[m * outs + o]);
+                acc[m * outs + o] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + m * K + k + 8), acc[m * outs + o]);
+            }
         }
     }
-    for (int m = 0; m < rows; m++) y[m * N] = sum8(acc[m]) * 256.0f;
+    for (int m = 0; m < rows; m++)
+        for (int o = 0; o < outs; o++) y[m * N + o] = sum8(acc[m * outs + o]) * 256.0f;
 }
 
 TARGET static void fp8_rows(const float *x, const uint8_t *w, float *y, int64_t rows, int64_t K, int64_t N,
                             int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; n++) {
+    int64_t n = n0;
+    for (; n + MAX_OUTS <= n1; n += MAX_OUTS) {
         const uint8_t *wn = w + n * K;
         switch (rows) {
-            case 1: fp8_row(x, wn, y + n, K, N, 1); break;
-            case 2: fp8_row(x, wn, y + n, K, N, 2); break;
-            case 3: fp8_row(x, wn, y + n, K, N, 3); break;
-            default: fp8_row(x, wn, y + n, K, N, 4); break;
+            case 1: fp8_block(x, wn, y + n, K, N, 1, MAX_OUTS); break;
+            case 2: fp8_block(x, wn, y + n, K, N, 2, MAX_OUTS); break;
+            case 3: fp8_block(x, wn, y + n, K, N, 3, 2); fp8_block(x, wn + 2 * K, y + n + 2, K, N, 3, 2); break;
+            default: fp8_block(x, wn, y + n, K, N, 4, 2); fp8_block(x, wn + 2 * K, y + n + 2, K, N, 4, 2); break;
+        }
+    }
+    for (; n < n1; n++) {
+        const uint8_t *wn = w + n * K;
+        switch (rows) {
+            case 1: fp8_block(x, wn, y + n, K, N, 1, 1); break;
+            case 2: fp8_block(x, wn, y + n, K, N, 2, 1); break;
+            case 3: fp8_block(x, wn, y + n, K, N, 3, 1); break;
+            default: fp8_block(x, wn, y + n, K, N, 4, 1); break;
         }
     }
 }
@@ -97,36 +116,58 @@ TARGET static inline void mxfp4_decode32(const uint8_t *w, __m256 v[4]) {
     v[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi)));
 }
 
-TARGET static inline __attribute__((always_inline)) void mxfp4_row(const float *x, const uint8_t *blocks,
-                                                                    const uint8_t *scales, float *y, int64_t K,
-                                                                    int64_t N, int rows) {
-    __m256 acc[MAX_ROWS];
-    for (int m = 0; m < rows; m++) acc[m] = _mm256_setzero_ps();
+/* As fp8_block: `rows` of x against `outs` weight rows side by side. */
+TARGET static inline __attribute__((always_inline)) void mxfp4_block(const float *x, const uint8_t *blocks,
+                                                                      const uint8_t *scales, float *y, int64_t K,
+                                                                      int64_t N, int rows, int outs) {
+    __m256 acc[MAX_ROWS * MAX_OUTS];
+    for (int i = 0; i < rows * outs; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t g = 0; g < K / 32; g++) {
-        __m256 v[4];
-        mxfp4_decode32(blocks + g * 16, v);
-        const __m256 scale = _mm256_set1_ps(e8m0_half[scales[g]]);
-        for (int m = 0; m < rows; m++) {
-            const float *xg = x + m * K + g * 32;
-            __m256 part = _mm256_mul_ps(v[0], _mm256_loadu_ps(xg));
-            part = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xg + 8), part);
-            part = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(xg + 16), part);
-            part = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xg + 24), part);
-            acc[m] = _mm256_fmadd_ps(part, scale, acc[m]);
+        for (int o = 0; o < outs; o++) {
+            const uint8_t *bo = blocks + o * (K / 2);
+            _mm_prefetch((const char *)(bo + outs * (K / 2) + g * 16), _MM_HINT_T0);
+            __m256 v[4];
+            mxfp4_decode32(bo + g * 16, v);
+            const __m256 scale = _mm256_set1_ps(e8m0_half[scales[o * (K / 32) + g]]);
+            for (int m = 0; m < rows; m++) {
+                const float *xg = x + m * K + g * 32;
+                __m256 part = _mm256_mul_ps(v[0], _mm256_loadu_ps(xg));
+                part = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xg + 8), part);
+                part = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(xg + 16), part);
+                part = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xg + 24), part);
+                acc[m * outs + o] = _mm256_fmadd_ps(part, scale, acc[m * outs + o]);
+            }
         }
     }
-    for (int m = 0; m < rows; m++) y[m * N] = sum8(acc[m]);
+    for (int m = 0; m < rows; m++)
+        for (int o = 0; o < outs; o++) y[m * N + o] = sum8(acc[m * outs + o]);
 }
 
 TARGET static void mxfp4_rows(const float *x, const uint8_t *blocks, const uint8_t *scales, float *y,
                               int64_t rows, int64_t K, int64_t N, int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; n++) {
+    int64_t n = n0;
+    for (; n + MAX_OUTS <= n1; n += MAX_OUTS) {
         const uint8_t *bn = blocks + n * (K / 2), *sn = scales + n * (K / 32);
         switch (rows) {
-            case 1: mxfp4_row(x, bn, sn, y + n, K, N, 1); break;
-            case 2: mxfp4_row(x, bn, sn, y + n, K, N, 2); break;
-            case 3: mxfp4_row(x, bn, sn, y + n, K, N, 3); break;
-            default: mxfp4_row(x, bn, sn, y + n, K, N, 4); break;
+            case 1: mxfp4_block(x, bn, sn, y + n, K, N, 1, MAX_OUTS); break;
+            case 2: mxfp4_block(x, bn, sn, y + n, K, N, 2, MAX_OUTS); break;
+            case 3:
+                mxfp4_block(x, bn, sn, y + n, K, N, 3, 2);
+                mxfp4_block(x, bn + K, sn + K / 16, y + n + 2, K, N, 3, 2);
+                break;
+            default:
+                mxfp4_block(x, bn, sn, y + n, K, N, 4, 2);
+                mxfp4_block(x, bn + K, sn + K / 16, y + n + 2, K, N, 4, 2);
+                break;
+        }
+    }
+    for (; n < n1; n++) {
+        const uint8_t *bn = blocks + n * (K / 2), *sn = scales + n * (K / 32);
+        switch (rows) {
+            case 1: mxfp4_block(x, bn, sn, y + n, K, N, 1, 1); break;
+            case 2: mxfp4_block(x, bn, sn, y + n, K, N, 2, 1); break;
+            case 3: mxfp4_block(x, bn, sn, y + n, K, N, 3, 1); break;
+            default: mxfp4_block(x, bn, sn, y + n, K, N, 4, 1); break;
         }
     }
 }
@@ -135,29 +176,31 @@ TARGET static void mxfp4_rows(const float *x, const uint8_t *blocks, const uint8
 
 #define ROWS_PER_TASK 16 /* output rows per OpenMP task: a few KiB of weight each, many tasks per thread */
 
-void microscale_fp8_gemv(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
-                         int threads) {
+/* x rows in groups of MAX_ROWS, each group one pass over the weight, its rows split between the threads;
+ * `scales` NULL: FP8 weights, else MXFP4 blocks. */
+static void gemv(const float *x, const uint8_t *w, const uint8_t *scales, float *y, int64_t M, int64_t N,
+                 int64_t K, int threads) {
+    const int64_t tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
         const int64_t rows = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
-        const int64_t tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t t = 0; t < tasks; t++) {
-            const int64_t n1 = (t + 1) * ROWS_PER_TASK < N ? (t + 1) * ROWS_PER_TASK : N;
-            fp8_rows(x + m0 * K, w, y + m0 * N, rows, K, N, t * ROWS_PER_TASK, n1);
+            const int64_t n0 = t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
+            if (scales == NULL)
+                fp8_rows(x + m0 * K, w, y + m0 * N, rows, K, N, n0, n1);
+            else
+                mxfp4_rows(x + m0 * K, w, scales, y + m0 * N, rows, K, N, n0, n1);
         }
     }
+}
+
+void microscale_fp8_gemv(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
+                         int threads) {
+    gemv(x, w, NULL, y, M, N, K, threads);
 }
 
 void microscale_mxfp4_gemv(const float *x, const uint8_t *blocks, const uint8_t *scales, float *y, int64_t M,
                            int64_t N, int64_t K, int threads) {
     if (e8m0_half[128] == 0.0f) init_e8m0_half(); /* idempotent: a race writes the same values */
-    for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
-        const int64_t rows = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
-        const int64_t tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t t = 0; t < tasks; t++) {
-            const int64_t n1 = (t + 1) * ROWS_PER_TASK < N ? (t + 1) * ROWS_PER_TASK : N;
-            mxfp4_rows(x + m0 * K, blocks, scales, y + m0 * N, rows, K, N, t * ROWS_PER_TASK, n1);
-        }
-    }
+    gemv(x, blocks, scales, y, M, N, K, threads);
 }
