@@ -24,7 +24,7 @@ class _BufferRows:
     decode: DecodeBatch  # the step's decodes, in the flat batch's order
     rows: torch.Tensor  # [n] the row of each
     order: torch.Tensor | None  # [n] the decode in each row 0..n-1; None: decode i is in row i
-    in_row_order: DecodeBatch  # their positions in row order, over the buffer's capacity (masks shared by layers)
+    in_row_order: DecodeBatch  # their positions in row order, over the longest context (masks shared by layers)
 
 
 class TorchAttentionBackend:
@@ -78,7 +78,7 @@ class TorchAttentionBackend:
             order = torch.tensor(sorted(range(decode.size), key=rows.__getitem__), device=device)
             positions = positions[order]
         self._rows = _BufferRows(decode, torch.tensor(rows, device=device), order,
-                                 DecodeBatch(decode.size, positions, self.decode_buffer.capacity))
+                                 DecodeBatch(decode.size, positions, decode.length))
 
     def forward(
         self,
@@ -115,16 +115,18 @@ class TorchAttentionBackend:
         values[placed.rows, :, placed.decode.positions] = v
         if placed.order is not None:
             q = q[placed.order]
-        # Whole rows 0..n-1, a contiguous slice that matmul reads in place (a cut at the longest context would
-        # be copied).
+        # Rows 0..n-1 cut at this step's longest context (the buffer's rows are as long as the longest context
+        # it has held): both paths read the strided view in place, 2x faster at 300 of 768 positions.
+        length = placed.in_row_order.length
+        keys, values = keys[:n, :, :length], values[:n, :, :length]
         mask = placed.in_row_order.mask(window)
         if sinks is None and q.dtype != torch.float32:
             # In 16-bit types torch's fused CPU kernel is 1.2-3x faster than the two matmuls at 1-32 rows (torch
             # 2.13; in float32 they are on par).
-            out = F.scaled_dot_product_attention(q[:, :, None], keys[:n], values[:n], attn_mask=mask, scale=scale,
+            out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, scale=scale,
                                                  enable_gqa=q.shape[1] != keys.shape[1])[:, :, 0]
         else:
-            out = _grouped_attention(q[:, :, None], keys[:n], values[:n], mask, scale, sinks)[:, :, 0]
+            out = _grouped_attention(q[:, :, None], keys, values, mask, scale, sinks)[:, :, 0]
         return out if placed.order is None else out[placed.rows]
 
     @staticmethod
