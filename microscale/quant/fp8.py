@@ -10,7 +10,9 @@ saturating instead of producing NaN. Each layer picks its matmul once, at load, 
 and the GPU. On GPUs with FP8 units (sm89+): `torch._scaled_mm` per tensor, or row-wise with bfloat16 outputs;
 the Triton FP8 GEMM for every other case. On older GPUs the weight is decoded once, at load, and multiplied in
 16 bits. The reference (the "torch" kernel family) converts the FP8 operands exactly, multiplies them and
-then scales, which is what the others compute (products of FP8 values summed in float32, times the scales).
+then scales, which is what the others compute (products of FP8 values summed in float32, times the scales). On a
+CPU that family first tries a C kernel that decodes the weight in registers as it reads it, for decode-sized
+inputs (kernels/cpu_gemv.py): at those sizes the matmul is bound by reading the weight.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The "mxfp4" Linear method: weight-only W4A16. Weights are stored as MXFP4 (about 4.25 bits each). The Triton
-GEMM dequantises them in registers (microscale/kernels/mxfp4_gemm.py); the torch reference unpacks the whole
-weight to the activation dtype for every matmul."""
+GEMM dequantises them in registers (microscale/kernels/mxfp4_gemm.py); on a CPU a C kernel does the same for up
+to 8 tokens (microscale/kernels/cpu_gemv.py); the torch reference unpacks the whole weight to the activation
+dtype for every matmul."""
 
 from __future__ import annotations
 
