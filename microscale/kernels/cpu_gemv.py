@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from microscale.cache_dir import microscale_cache_dir
+from microscale.kernels.batch_invariant import batch_invariant_enabled
 
 SOURCE = Path(__file__).with_name("cpu") / "lowbit_gemv.c"
 FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11"]
@@ -92,6 +93,13 @@ def cpu_gemv_unavailable_reason(device: torch.device, k: int) -> str | None:
     if k % K_MULTIPLE:
         return f"needs K a multiple of {K_MULTIPLE} (K={k})"
     return _load()[1]
+
+
+def cpu_gemv_applies(tokens: int) -> bool:
+    """Whether the CPU kernel takes a matmul of `tokens` rows: up to MAX_TOKENS (more, in prefill, re-read the
+    weight often enough that dequantise-then-matmul wins), and not in deterministic mode (whose 8-row matmuls
+    must not depend on how many rows a step has)."""
+    return tokens <= MAX_TOKENS and not batch_invariant_enabled()
 
 
 def _output(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from microscale.distributed.parallel_state import expert_parallel, tp_rank, tp_size
-from microscale.kernels.batch_invariant import linear
 from microscale.kernels.candidates import Candidate, always, pick_for_family
 from microscale.kernels.selector import triton_unavailable_reason
 from microscale.quant.base import ExpertsQuantMethod, UnquantizedExpertsMethod
@@ -103,11 +102,11 @@ def _reference(moe: FusedMoE, x: torch.Tensor, weights: torch.Tensor, expert_ids
             continue
         rows = slice(start, start + count)
         idx = tokens[rows]
-        w13, w2 = moe.quant_method.expert_weights(moe, expert, x.dtype)
+        w13, w2 = moe.quant_method.expert_linears(moe, expert, x.dtype, count)
         b13 = None if moe.w13_bias is None else moe.w13_bias[expert]
         b2 = None if moe.w2_bias is None else moe.w2_bias[expert]
-        hidden = moe.activation(linear(x[idx], w13, b13))
-        out.index_add_(0, idx, linear(hidden, w2, b2) * order_weights[rows])
+        hidden = moe.activation(w13(x[idx], b13))
+        out.index_add_(0, idx, w2(hidden, b2) * order_weights[rows])
         start += count
     return out
 

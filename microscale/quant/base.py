@@ -117,6 +117,13 @@ class ExpertsQuantMethod(ABC):
     def expert_weights(self, layer: nn.Module, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(w13, w2) of one expert in `dtype`, ready for F.linear."""
 
+    def expert_linears(self, layer: nn.Module, expert: int, dtype: torch.dtype, tokens: int) -> tuple[
+            Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], ...]:
+        """(w13, w2) of one expert as functions (x, bias) -> x @ w.T + bias, for `tokens` rows of x in `dtype`:
+        F.linear on expert_weights here; a format may multiply without decoding its weights."""
+        w13, w2 = self.expert_weights(layer, expert, dtype)
+        return (lambda x, bias: linear(x, w13, bias)), (lambda x, bias: linear(x, w2, bias))
+
     @abstractmethod
     def fused_operands(self, layer: nn.Module) -> dict[str, torch.Tensor | None]:
         """All experts as the fused MoE kernel takes them: w13, w2, and w13_scales / w2_scales when packed."""

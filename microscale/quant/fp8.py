@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from microscale.distributed.parallel_state import all_reduce_max
-from microscale.kernels.batch_invariant import batch_invariant_enabled, linear
+from microscale.kernels.batch_invariant import linear
 from microscale.kernels.candidates import Candidate, always, pick_kernel
-from microscale.kernels.cpu_gemv import MAX_TOKENS, cpu_gemv_unavailable_reason, fp8_gemv
+from microscale.kernels.cpu_gemv import MAX_TOKENS, cpu_gemv_applies, cpu_gemv_unavailable_reason, fp8_gemv
 from microscale.kernels.selector import fp8_capability_shortfall, resolve_kernel_backend, triton_unavailable_reason
 from microscale.quant.base import QuantMethod
 from microscale.quant.scratch import scratch_buffer
@@ -173,10 +173,9 @@ def cpu_fp8_matmul(
     x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     bias: torch.Tensor | None, out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Up to MAX_TOKENS rows: the FP8 weight decoded in registers as it is read (kernels/cpu_gemv.py), with
-    float32 sums; more rows (prefill), or deterministic mode (whose 8-row matmuls must not depend on how many
-    rows a step has), take the reference."""
-    if x_q.shape[0] > MAX_TOKENS or batch_invariant_enabled():
+    """Where cpu_gemv_applies: the FP8 weight decoded in registers as it is read (kernels/cpu_gemv.py), with
+    float32 sums; else (prefill, deterministic mode) the reference."""
+    if not cpu_gemv_applies(x_q.shape[0]):
         return fp8_matmul_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype)
     return _scaled(fp8_gemv(x_q.float().contiguous(), w_q), x_scale, w_scale, bias, out_dtype)
 

@@ -1,14 +1,19 @@
 """MoE experts stored in MXFP4 (the gpt-oss checkpoint layout): each expert's w13 / w2 as uint8 blocks
 [experts, out, in / 32, 16] (two FP4 values per byte) and E8M0 scales [experts, out, in / 32]; about 4.25
-bits per weight. An expert is dequantised only when a token is routed to it (torch reference)."""
+bits per weight. An expert is dequantised only when a token is routed to it (torch reference); on a CPU, a few
+tokens (decode) multiply its packed weights directly (microscale/kernels/cpu_gemv.py)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from microscale.kernels.cpu_gemv import cpu_gemv_applies, cpu_gemv_unavailable_reason
 from microscale.quant.base import ExpertsQuantMethod, copy_checked, create_expert_biases
 from microscale.quant.mxfp4 import MXFP4_BLOCK, pack_mxfp4, unpack_mxfp4
+from microscale.quant.mxfp4_linear import cpu_mxfp4_linear
 from microscale.quant.scratch import scratch_buffer
 
 
@@ -52,3 +57,15 @@ class Mxfp4ExpertsMethod(ExpertsQuantMethod):
                                          ("w2", layer.w2_blocks, layer.w2_scales))
         )
 
+    def expert_linears(self, layer, expert, dtype, tokens):
+        # On a CPU, a few tokens (decode) multiply the packed weights directly (no 16-bit copy of the expert).
+        k = min(layer.w13_blocks.shape[2], layer.w2_blocks.shape[2]) * MXFP4_BLOCK
+        if not cpu_gemv_applies(tokens) or cpu_gemv_unavailable_reason(layer.w13_blocks.device, k) is not None:
+            return super().expert_linears(layer, expert, dtype, tokens)
+        return (_packed_linear(layer.w13_blocks[expert], layer.w13_scales[expert]),
+                _packed_linear(layer.w2_blocks[expert], layer.w2_scales[expert]))
+
+
+def _packed_linear(blocks: torch.Tensor, scales: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor | None],
+                                                                           torch.Tensor]:
+    return lambda x, bias: cpu_mxfp4_linear(x, blocks, scales, bias)

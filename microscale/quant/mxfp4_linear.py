@@ -10,9 +10,9 @@ import functools
 import torch
 from torch import nn
 
-from microscale.kernels.batch_invariant import batch_invariant_enabled, linear
+from microscale.kernels.batch_invariant import linear
 from microscale.kernels.candidates import Candidate, always, pick_kernel
-from microscale.kernels.cpu_gemv import MAX_TOKENS, cpu_gemv_unavailable_reason, mxfp4_gemv
+from microscale.kernels.cpu_gemv import MAX_TOKENS, cpu_gemv_applies, cpu_gemv_unavailable_reason, mxfp4_gemv
 from microscale.kernels.selector import triton_unavailable_reason
 from microscale.quant.base import QuantMethod
 from microscale.quant.mxfp4 import MXFP4_BLOCK, pack_mxfp4, unpack_mxfp4
@@ -87,16 +87,22 @@ def _reference_matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return linear(x, weight, layer.bias)  # the bias is created in the model dtype
 
 
+def cpu_mxfp4_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] times the MXFP4 weight, decoded in registers as it is read (kernels/cpu_gemv.py), float32 sums,
+    plus the bias, in x's dtype."""
+    y = mxfp4_gemv(x.float().contiguous(), blocks, scales)
+    if bias is not None:
+        y += bias
+    return y.to(x.dtype)
+
+
 def _cpu_matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Up to MAX_TOKENS rows, the weight decoded in registers as it is read (kernels/cpu_gemv.py), float32 sums;
-    more rows (prefill), or deterministic mode (its row-count-independent 8-row matmuls), take the reference."""
     flat = x.reshape(-1, x.shape[-1])
-    if flat.shape[0] > MAX_TOKENS or batch_invariant_enabled():
+    if not cpu_gemv_applies(flat.shape[0]):
         return _reference_matmul(layer, x)
-    y = mxfp4_gemv(flat.float().contiguous(), layer.weight_blocks, layer.weight_scales)
-    if layer.bias is not None:
-        y += layer.bias
-    return y.to(x.dtype).view(*x.shape[:-1], -1)
+    y = cpu_mxfp4_linear(flat, layer.weight_blocks, layer.weight_scales, layer.bias)
+    return y.view(*x.shape[:-1], -1)
 
 
 def _triton_matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

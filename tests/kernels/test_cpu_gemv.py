@@ -13,9 +13,13 @@ import torch.nn.functional as F
 from microscale.kernels import cpu_gemv
 from microscale.kernels.batch_invariant import batch_invariant_mode
 from microscale.kernels.cpu_gemv import cpu_gemv_unavailable_reason, fp8_gemv, mxfp4_gemv
+from microscale.layers.activation import SiluAndMul
 from microscale.layers.linear import Linear
+from microscale.layers.moe import FusedMoE
 from microscale.quant import fp8
+from microscale.quant.base import ExpertsQuantMethod
 from microscale.quant.mxfp4 import pack_mxfp4, unpack_mxfp4
+from microscale.quant.mxfp4_experts import Mxfp4ExpertsMethod
 from microscale.quant.mxfp4_linear import Mxfp4LinearMethod
 
 CPU = torch.device("cpu")
@@ -141,3 +145,20 @@ def test_the_mxfp4_linear_picks_it_on_a_cpu() -> None:
     for m in (3, 9):  # nine rows: the reference
         x = torch.randn(m, 64, generator=torch.Generator().manual_seed(m))
         torch.testing.assert_close(layer(x), F.linear(x, weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_mxfp4_experts_multiply_their_packed_weights_for_few_tokens() -> None:
+    layer = FusedMoE(4, 2, 64, 32, True, torch.float32, SiluAndMul(), Mxfp4ExpertsMethod())
+    gen = torch.Generator().manual_seed(8)
+    for name, shape in (("w13", (4, 64, 64)), ("w2", (4, 64, 32))):
+        layer.quant_method.load_weight(layer, name, torch.randn(shape, generator=gen))
+    layer.w13_bias.data.normal_(generator=gen)
+    x, bias = torch.randn(3, 64, generator=gen), layer.w13_bias[1]
+    packed = layer.quant_method.expert_linears(layer, 1, torch.float32, tokens=3)
+    decoded = ExpertsQuantMethod.expert_linears(layer.quant_method, layer, 1, torch.float32, tokens=3)
+    assert "cpu_mxfp4_linear" in packed[0].__code__.co_names  # the packed weights, not a decoded copy
+    torch.testing.assert_close(packed[0](x, bias), decoded[0](x, bias), rtol=1e-5, atol=1e-5)
+    hidden = torch.randn(3, 32, generator=gen)
+    torch.testing.assert_close(packed[1](hidden, None), decoded[1](hidden, None), rtol=1e-5, atol=1e-5)
+    many = layer.quant_method.expert_linears(layer, 1, torch.float32, tokens=9)
+    assert "cpu_mxfp4_linear" not in many[0].__code__.co_names
