@@ -5,7 +5,7 @@ made FP8 and MXFP4 slower than bfloat16 on a CPU although they hold a half and a
 
 The C source is compiled at first use with the machine's C compiler (`$CC`, else `cc`; the same one
 torch.compile's CPU backend needs) and cached per source, compiler and flags under microscale's cache folder; a
-machine without a compiler, x86-64 AVX2/FMA/F16C or float8 support keeps the dequantising path (the kernel
+machine without a C compiler or an x86-64 CPU with AVX2, FMA and F16C keeps the dequantising path (the kernel
 selector logs why)."""
 
 from __future__ import annotations
@@ -31,16 +31,16 @@ K_MULTIPLE = 32  # the kernels step through K in blocks of 32 (an MXFP4 block; t
 MAX_TOKENS = 8  # more rows than this re-read the weight often enough that dequantise-then-matmul wins
 
 
-class _Library:
-    def __init__(self, path: Path) -> None:
-        lib = ctypes.CDLL(str(path))  # CDLL releases the GIL for the call
-        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.microscale_cpu_supported.restype = ctypes.c_int
-        lib.microscale_fp8_gemv.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
-        lib.microscale_fp8_gemv.restype = None
-        lib.microscale_mxfp4_gemv.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
-        lib.microscale_mxfp4_gemv.restype = None
-        self.lib = lib
+def _bind(path: Path) -> ctypes.CDLL:
+    """The built library with its entry points typed (CDLL releases the GIL for each call)."""
+    lib = ctypes.CDLL(str(path))
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.microscale_cpu_supported.restype = ctypes.c_int
+    lib.microscale_fp8_gemv.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.microscale_fp8_gemv.restype = None
+    lib.microscale_mxfp4_gemv.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.microscale_mxfp4_gemv.restype = None
+    return lib
 
 
 def _compiler() -> str | None:
@@ -68,7 +68,7 @@ def _build(compiler: str) -> Path:
 
 
 @functools.cache
-def _load() -> tuple[_Library | None, str | None]:
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
     """(the library, None), or (None, why it cannot run here)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None, f"written for x86-64 (AVX2), not {platform.machine()}"
@@ -76,12 +76,12 @@ def _load() -> tuple[_Library | None, str | None]:
     if compiler is None:
         return None, "no C compiler (cc, or $CC) to build it with"
     try:
-        library = _Library(_build(compiler))
+        library = _bind(_build(compiler))
     except subprocess.CalledProcessError as e:
         return None, f"{compiler} failed: {e.stderr.strip()[-500:]}"
     except OSError as e:
         return None, f"could not build or load it: {e}"
-    if not library.lib.microscale_cpu_supported():
+    if not library.microscale_cpu_supported():
         return None, "this CPU lacks AVX2, FMA or F16C"
     return library, None
 
@@ -143,4 +143,4 @@ def _library() -> ctypes.CDLL:
     library, reason = _load()
     if library is None:
         raise RuntimeError(f"The low-bit CPU kernels cannot run here: {reason}.")
-    return library.lib
+    return library

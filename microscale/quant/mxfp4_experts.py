@@ -59,8 +59,8 @@ class Mxfp4ExpertsMethod(ExpertsQuantMethod):
 
     def expert_linears(self, layer, expert, dtype, tokens):
         # On a CPU, a few tokens (decode) multiply the packed weights directly (no 16-bit copy of the expert).
-        k = min(layer.w13_blocks.shape[2], layer.w2_blocks.shape[2]) * MXFP4_BLOCK
-        if not cpu_gemv_applies(tokens) or cpu_gemv_unavailable_reason(layer.w13_blocks.device, k) is not None:
+        hidden = layer.w13_blocks.shape[2] * MXFP4_BLOCK  # both input widths are whole MXFP4 blocks
+        if not cpu_gemv_applies(tokens) or cpu_gemv_unavailable_reason(layer.w13_blocks.device, hidden) is not None:
             return super().expert_linears(layer, expert, dtype, tokens)
         return (_packed_linear(layer.w13_blocks[expert], layer.w13_scales[expert]),
                 _packed_linear(layer.w2_blocks[expert], layer.w2_scales[expert]))

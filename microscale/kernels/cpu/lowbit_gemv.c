@@ -54,6 +54,7 @@ TARGET static inline __attribute__((always_inline)) void fp8_block(const float *
     for (int64_t k = 0; k < K; k += 16) {
         for (int o = 0; o < outs; o++) {
             const uint8_t *wo = w + o * K;
+            /* A hint, never a fault: past the weight's end (the last block) it is simply dropped. */
             _mm_prefetch((const char *)(wo + outs * K + k), _MM_HINT_T0);
             __m256 lo, hi;
             fp8_decode16(wo + k, &lo, &hi);
