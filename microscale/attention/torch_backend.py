@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from microscale.attention.decode_buffer import DecodeBuffer
 from microscale.attention.metadata import AttentionMetadata, DecodeBatch, PrefillChunk
 from microscale.distributed.parallel_state import tp_size
-from microscale.quant.kv_cache import KVCache
+from microscale.kernels.cpu_attention import CpuAttention, cpu_attention_unavailable_reason
+from microscale.quant.kv_cache import KVCache, UnquantizedKVCache
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +30,16 @@ class _BufferRows:
 
 class TorchAttentionBackend:
     name = "torch"
-    # On a CPU, decodes read a contiguous copy of each context (attention/decode_buffer.py) when it fits; its
-    # rows are assigned on the host every step.
+    # On a CPU, a cache of the model dtype is written and its decodes attended by the C kernel on the paged blocks
+    # in place (kernels/cpu_attention.py); decodes over a quantised cache read a contiguous copy of each context
+    # (attention/decode_buffer.py) when it fits, whose rows are assigned on the host every step.
     graph_safe = False
 
-    def __init__(self) -> None:
+    def __init__(self, cpu_kernel: bool = True) -> None:
+        """cpu_kernel=False: torch ops only, on every device (the kernel's reference)."""
+        self.use_cpu_kernel = cpu_kernel
+        self.cpu_attention: CpuAttention | None = None
+        self._cpu_step: AttentionMetadata | None = None  # the step cpu_attention was last given
         self.decode_buffer: DecodeBuffer | None = None
         self._kv_caches: list[KVCache] = []
         self._block_size = 0
@@ -52,13 +58,27 @@ class TorchAttentionBackend:
         # decodes read the paged blocks. It holds the model dtype, so beside a quantised cache it may take more
         # bytes than the cache itself. Off under tensor parallelism: every rank decodes from paged blocks there.
         first = kv_caches[0]
+        if not self.use_cpu_kernel:
+            kernel_reason = "turned off (cpu_kernel=False)"
+        elif not isinstance(first, UnquantizedKVCache):
+            kernel_reason = "the KV cache is quantised"
+        else:
+            kernel_reason = cpu_attention_unavailable_reason(first.device, first.dtype, first.head_dim)
+        self.cpu_attention = self._cpu_step = None
+        if kernel_reason is None:
+            self.cpu_attention = CpuAttention([(kv.kernel_operands().keys, kv.kernel_operands().values)
+                                               for kv in kv_caches])
         fits = max_num_seqs * max_model_len <= num_blocks * block_size
         self.decode_buffer = None
-        if fits and first.device.type == "cpu" and tp_size() == 1:
+        if self.cpu_attention is None and fits and first.device.type == "cpu" and tp_size() == 1:
             self.decode_buffer = DecodeBuffer(len(kv_caches), max_num_seqs, first.kv_heads, first.head_dim,
                                               max_model_len, first.dtype, first.device)
-        source = "the persistent decode buffer" if self.decode_buffer else "paged blocks"
-        logger.info("decode attention reads %s", source)
+        if self.cpu_attention is not None:
+            logger.info("attention: the CPU kernel writes the cache and attends decodes over its blocks in place")
+        else:
+            source = "the persistent decode buffer" if self.decode_buffer else "paged blocks"
+            logger.info("decode attention reads %s%s", source,
+                        f" (CPU kernel: {kernel_reason})" if first.device.type == "cpu" else "")
 
     def kv_cache_changed(self) -> None:
         if self.decode_buffer is not None:
@@ -69,6 +89,8 @@ class TorchAttentionBackend:
         sequence swapped back in skipped a step, so its row was dropped and is refilled from its blocks."""
         self._rows = None
         decode = meta.decode
+        if self.cpu_attention is not None:
+            self._set_cpu_step(meta)
         if self.decode_buffer is None or decode is None:
             return
         rows = self.decode_buffer.assign(decode.sequences, self._kv_caches, self._block_size)
@@ -79,6 +101,13 @@ class TorchAttentionBackend:
             positions = positions[order]
         self._rows = _BufferRows(decode, torch.tensor(rows, device=device), order,
                                  DecodeBatch(decode.size, positions, decode.length))
+
+    def _set_cpu_step(self, meta: AttentionMetadata) -> None:
+        decode = meta.decode
+        self.cpu_attention.set_step(meta.slot_blocks, meta.slot_offsets,
+                                    None if decode is None else decode.paged_block_tables(),
+                                    None if decode is None else decode.positions)
+        self._cpu_step = meta
 
     def forward(
         self,
@@ -92,16 +121,23 @@ class TorchAttentionBackend:
         layer_index: int,
         sinks: torch.Tensor | None = None,  # [num_heads] float32: a learned extra logit per head (gpt-oss)
     ) -> torch.Tensor:
-        # From here on the new keys/values are read as the cache holds them (dequantised, if it quantises), so
-        # reading them directly or from the cache gives the same result.
-        k, v = kv_cache.write(k, v, meta.slot_blocks, meta.slot_offsets)
         out = torch.empty_like(q)
-        if meta.decode is not None:
-            n = meta.decode.size
-            if self._rows is not None and self._rows.decode is meta.decode:
-                out[:n] = self._decode_from_buffer(q[:n], k[:n], v[:n], layer_index, scale, window, sinks)
-            else:
-                out[:n] = self._decode(q[:n], k[:n], v[:n], kv_cache, meta.decode, scale, window, sinks)
+        if self.cpu_attention is not None:
+            # Writes the step's keys/values (stored as they are: the cache holds the model dtype) and attends the
+            # decodes; prefill chunks below read the written cache.
+            if self._cpu_step is not meta:
+                self._set_cpu_step(meta)
+            self.cpu_attention(layer_index, q, k, v, out, scale, window, sinks)
+        else:
+            # From here on the new keys/values are read as the cache holds them (dequantised, if it quantises), so
+            # reading them directly or from the cache gives the same result.
+            k, v = kv_cache.write(k, v, meta.slot_blocks, meta.slot_offsets)
+            if meta.decode is not None:
+                n = meta.decode.size
+                if self._rows is not None and self._rows.decode is meta.decode:
+                    out[:n] = self._decode_from_buffer(q[:n], k[:n], v[:n], layer_index, scale, window, sinks)
+                else:
+                    out[:n] = self._decode(q[:n], k[:n], v[:n], kv_cache, meta.decode, scale, window, sinks)
         for chunk in meta.prefills:
             rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
             out[rows] = self._prefill(q[rows], k[rows], v[rows], kv_cache, chunk, scale, window, sinks)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from microscale.distributed.parallel_state import all_gather_last_dim, all_reduce, tp_rank, tp_size
-from microscale.kernels.batch_invariant import linear
+from microscale.kernels.cpu_linear import dense_linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -53,4 +53,4 @@ class ParallelLMHead(VocabParallelEmbedding):
     A model with tied embeddings points `weight` at the embedding's (the same vocabulary slice)."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return all_gather_last_dim(linear(hidden, self.weight))[..., : self.vocab_size]
+        return all_gather_last_dim(dense_linear(hidden, self.weight))[..., : self.vocab_size]

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from microscale.kernels.batch_invariant import linear
+from microscale.kernels.cpu_linear import dense_linear
 
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, int | None], None]
 
@@ -79,13 +79,7 @@ class UnquantizedLinearMethod(QuantMethod):
             layer.register_parameter("bias", None)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.dtype != torch.float32 and x.dim() == 2 and x.shape[0] == 1:
-            # One token of a compiled forward (batch-1 decode on CPU) in a 16-bit dtype: written as a product and
-            # a sum, Inductor makes it one vectorised loop in the graph (float32 accumulation), where a oneDNN
-            # bf16 matmul of one row costs ~20 us of set-up (2-4x a float32 one at small shapes).
-            y = (x.float()[:, None, :] * layer.weight.float()[None]).sum(-1)
-            return (y if layer.bias is None else y + layer.bias.float()).to(x.dtype)
-        return linear(x, layer.weight, layer.bias)
+        return dense_linear(x, layer.weight, layer.bias)
 
 
 # ---- MoE experts ------------------------------------------------------------------------------------------
@@ -122,7 +116,7 @@ class ExpertsQuantMethod(ABC):
         """(w13, w2) of one expert as functions (x, bias) -> x @ w.T + bias, for `tokens` rows of x in `dtype`:
         F.linear on expert_weights here; a format may multiply without decoding its weights."""
         w13, w2 = self.expert_weights(layer, expert, dtype)
-        return (lambda x, bias: linear(x, w13, bias)), (lambda x, bias: linear(x, w2, bias))
+        return (lambda x, bias: dense_linear(x, w13, bias)), (lambda x, bias: dense_linear(x, w2, bias))
 
     @abstractmethod
     def fused_operands(self, layer: nn.Module) -> dict[str, torch.Tensor | None]:

@@ -101,7 +101,7 @@ def test_decode_buffer_matches_paged_reads_when_decodes_come_out_of_row_order(wi
     every_slot = torch.arange(num_blocks).repeat_interleave(BLOCK), torch.arange(BLOCK).repeat(num_blocks)
     cache.write(torch.randn(num_blocks * BLOCK, kv_heads, dim), torch.randn(num_blocks * BLOCK, kv_heads, dim),
                 *every_slot)
-    buffered, paged = TorchAttentionBackend(), TorchAttentionBackend()
+    buffered, paged = TorchAttentionBackend(cpu_kernel=False), TorchAttentionBackend()
     buffered.bind_kv_caches([cache], num_blocks, BLOCK, max_num_seqs=3, max_model_len=16)
     assert buffered.decode_buffer is not None
     tables = {0: [3, 7], 1: [1, 2, 9], 2: [4]}

@@ -1,5 +1,6 @@
 """The torch reference attention backend against a naive per-sequence implementation over contiguous K/V:
-decodes (from the persistent decode buffer) and prefill chunks with cached prefixes (from the paged cache),
+decodes (by the CPU kernel over the paged cache, from the persistent decode buffer, or from gathered paged
+blocks) and prefill chunks with cached prefixes (from the paged cache),
 GQA, sliding windows, attention sinks, float32 and bfloat16, KV caches in the model dtype, int8 and int4 (dynamic
 and static scales) and fp8 (the naive reference attends over what the cache holds); and the decode buffer's row
 bookkeeping."""
@@ -70,9 +71,9 @@ def write(cache: KVCache, table: list[int], k: torch.Tensor, v: torch.Tensor, po
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
 @pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("source", ["buffer", "paged"])
 @pytest.mark.parametrize("with_sinks", [False, True])
-@pytest.mark.parametrize("kv_quant", KV_QUANTS)
+@pytest.mark.parametrize("source,kv_quant",
+                         [("kernel", None)] + [(s, q) for s in ("buffer", "paged") for q in KV_QUANTS])
 def test_matches_naive_attention(dtype, tol, heads, kv_heads, window, source, with_sinks, kv_quant):
     rng = random.Random(0)
     torch.manual_seed(0)
@@ -94,13 +95,17 @@ def test_matches_naive_attention(dtype, tol, heads, kv_heads, window, source, wi
 
     decode = DecodeBatch(4, torch.tensor([30, 27, 3, 0]), 31,
                          sequences=DecodeSequences([0, 1, 2, 3], [30, 27, 3, 0], tables[:4]))
-    backend = TorchAttentionBackend()
+    backend = TorchAttentionBackend(cpu_kernel=source == "kernel")
+    if source == "kernel":
+        # The C kernel writes the step's keys and values and attends the decodes over the paged blocks in place.
+        backend.bind_kv_caches([kv_cache], num_blocks, BLOCK, max_num_seqs=4, max_model_len=40)
+        assert backend.cpu_attention is not None and backend.decode_buffer is None
     if source == "buffer":
         # The persistent decode buffer holds the decodes' cached contexts contiguously, one row each, as read
         # from the paged cache (rows 0..3, filled when the step is prepared).
         backend.bind_kv_caches([kv_cache], num_blocks, BLOCK, max_num_seqs=4, max_model_len=40)
         keys_buf, values_buf = backend.decode_buffer.k, backend.decode_buffer.v
-    # else: decodes read the paged cache through the block tables padded from `sequences`
+    # "paged": unbound, decodes read the paged cache through the block tables padded from `sequences`
     prefills, start = [], 4
     for i in (4, 5):
         cached, new = layout[i]

@@ -78,7 +78,7 @@ def model_dir(tiny_model):
 def reference(model_dir):
     """Every request alone (one at a time, prefix caching off): the outputs all other runs must reproduce."""
     llm = make_llm(model_dir, enable_prefix_caching=False)
-    assert llm.engine.runner.attention_backend.decode_buffer is not None
+    assert llm.engine.runner.attention_backend.cpu_attention is not None
     main = [run(llm, [p], [sp])[0] for p, sp in zip(PROMPTS + SAMPLED_PROMPTS, GREEDY + SAMPLED)]
     prefix = [run(llm, [p], [PREFIX_PARAMS])[0] for p in PREFIX_PROMPTS]
     assert llm.engine.get_stats()["prefix_cache_hits"] == 0
@@ -108,8 +108,6 @@ def test_preemption(model_dir, reference, prefix_caching):
     gib = num_blocks * kv_block_bytes(model_dir) / (1 << 30)
     llm = make_llm(model_dir, kv_cache_memory=gib, max_num_seqs=8, enable_prefix_caching=prefix_caching)
     assert llm.engine.block_manager.num_blocks == num_blocks
-    # Too small for the persistent decode buffer: decodes read the paged blocks, the reference the buffer.
-    assert llm.engine.runner.attention_backend.decode_buffer is None
     main, prefix = run_all(llm)
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.get_stats()["num_preemptions"] == llm.engine.scheduler.num_preemptions

@@ -1,8 +1,8 @@
-"""The low-bit CPU products (kernels/cpu/lowbit_gemv.c, built with the machine's compiler) against float64 sums
-of the exact weight values: every FP8 byte (subnormals, signed zeros), MXFP4 codes under extreme and NaN scales,
-row counts across the kernel's groups of four; a row's bits do not depend on the row count or the threads; the
-FP8 and MXFP4 Linear methods use them on a CPU for decode-sized inputs only; and a machine that cannot build
-them says why."""
+"""The CPU products (kernels/cpu/gemv.c, built with the machine's compiler) against float64 sums of the exact
+weight values: every FP8 byte (subnormals, signed zeros), MXFP4 codes under extreme and NaN scales, float32,
+bfloat16 and float16 weights with a bias rounded once, row counts across the kernel's groups of four; a row's
+bits do not depend on the row count or the threads; the FP8 and MXFP4 Linear methods and dense_linear use them
+on a CPU for decode-sized inputs only; and a machine that cannot build them says why."""
 
 from __future__ import annotations
 
@@ -10,9 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from microscale.kernels import cpu_gemv
+from microscale.kernels import cpu_gemv, cpu_linear
 from microscale.kernels.batch_invariant import batch_invariant_mode
-from microscale.kernels.cpu_gemv import cpu_gemv_unavailable_reason, fp8_gemv, mxfp4_gemv
+from microscale.kernels.cpu_gemv import (
+    cpu_gemv_unavailable_reason,
+    dense_gemv,
+    dense_gemv_unavailable_reason,
+    fp8_gemv,
+    mxfp4_gemv,
+)
+from microscale.kernels.cpu_linear import dense_linear
 from microscale.layers.activation import SiluAndMul
 from microscale.layers.linear import Linear
 from microscale.layers.moe import FusedMoE
@@ -64,24 +71,42 @@ def test_mxfp4_products_equal_exact_sums(m: int) -> None:
     _assert_close(y[:, finite], expected[:, finite], x, w[finite])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+def test_dense_products_equal_exact_sums_rounded_once(dtype: torch.dtype, m: int) -> None:
+    gen = torch.Generator().manual_seed(m)
+    w = torch.randn(43, 96, generator=gen).to(dtype)  # 43 rows: blocks of 4 (or 2), then one by one
+    x, bias = torch.randn(m, 96, generator=gen).to(dtype), torch.randn(43, generator=gen).to(dtype)
+    y = dense_gemv(x, w, bias)
+    exact = x.double() @ w.double().T
+    assert y.dtype == dtype and y.shape == (m, 43)
+    # 16-bit outputs: the float32 sum plus the bias, rounded to the dtype once (off by at most half a unit of
+    # the dtype beyond the float32 sum's own error)
+    unit = 2.0 ** -(8 if dtype == torch.bfloat16 else 11 if dtype == torch.float16 else 24)
+    total = exact + bias.double()
+    bound = (x.double().abs() @ w.double().abs().T) * 64 * 2**-24 + total.abs() * unit
+    assert ((y.double() - total).abs() <= bound).all()
+
+
 def test_a_rows_result_does_not_depend_on_the_row_count_or_threads() -> None:
     w = _every_fp8_byte(48, 128)
     blocks, scales = pack_mxfp4(torch.randn(48, 128, generator=torch.Generator().manual_seed(2)))
+    dense = torch.randn(48, 128, generator=torch.Generator().manual_seed(4)).bfloat16()
     x = torch.randn(7, 128, generator=torch.Generator().manual_seed(3))
+
+    def products(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return fp8_gemv(rows, w), mxfp4_gemv(rows, blocks, scales), dense_gemv(rows.bfloat16(), dense)
+
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        alone = [fp8_gemv(x[i : i + 1], w) for i in range(7)], [mxfp4_gemv(x[i : i + 1], blocks, scales)
-                                                                 for i in range(7)]
+        alone = [products(x[i : i + 1]) for i in range(7)]
+        torch.set_num_threads(2)
+        together = products(x)
     finally:
         torch.set_num_threads(threads)
-    torch.set_num_threads(2)
-    try:
-        together = fp8_gemv(x, w), mxfp4_gemv(x, blocks, scales)
-    finally:
-        torch.set_num_threads(threads)
-    for rows, batch in zip(alone, together):
-        assert torch.equal(torch.cat(rows), batch)
+    for kind, batch in enumerate(together):
+        assert torch.equal(torch.cat([rows[kind] for rows in alone]), batch)
 
 
 def test_bad_operands_are_refused() -> None:
@@ -93,11 +118,21 @@ def test_bad_operands_are_refused() -> None:
     blocks, scales = pack_mxfp4(torch.randn(8, 64))
     with pytest.raises(ValueError, match="do not match"):
         mxfp4_gemv(torch.randn(1, 32), blocks, scales)
+    dense = torch.randn(8, 64)
+    row = torch.randn(1, 64)
+    for x, w, bias in ((row.bfloat16(), dense, None), (torch.randn(1, 40), torch.randn(8, 40), None),
+                       (row, dense.t().contiguous().t(), None), (row, dense, torch.randn(7)), (row[0], dense, None)):
+        with pytest.raises(ValueError, match="dense_gemv takes"):
+            dense_gemv(x, w, bias)
 
 
 def test_unavailable_reasons(monkeypatch, tmp_path) -> None:
     assert cpu_gemv_unavailable_reason(torch.device("cuda"), 64) == "a CPU kernel, not for cuda"
     assert cpu_gemv_unavailable_reason(CPU, 40) == "needs K a multiple of 32 (K=40)"
+    assert dense_gemv_unavailable_reason(torch.device("cuda"), torch.float32, 64) == "a CPU kernel, not for cuda"
+    assert dense_gemv_unavailable_reason(CPU, torch.float64, 64) == (
+        "takes float32, bfloat16 or float16 weights, not torch.float64")
+    assert dense_gemv_unavailable_reason(CPU, torch.bfloat16, 40) == "needs K a multiple of 16 (K=40)"
     cpu_gemv._load.cache_clear()
     try:
         monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
@@ -132,6 +167,33 @@ def test_the_fp8_linear_uses_it_for_decode_sized_inputs_only(monkeypatch) -> Non
     with batch_invariant_mode():
         fp8.cpu_fp8_matmul(x_q[:1], x_scale[:1], w_q, w_scale, None, torch.float32)
     assert calls == [1, 8]
+
+
+def test_dense_linear_uses_it_for_decode_sized_cpu_inputs_only(monkeypatch) -> None:
+    gen = torch.Generator().manual_seed(9)
+    w, bias = torch.randn(24, 32, generator=gen).bfloat16(), torch.randn(24, generator=gen).bfloat16()
+    calls = []
+    monkeypatch.setattr(cpu_linear, "dense_gemv", lambda x, w, b: calls.append(len(x)) or dense_gemv(x, w, b))
+    for shape in ((1, 32), (2, 4, 32), (12, 32)):  # 8 rows in a 3-D input; 12 rows: BLAS
+        x = torch.randn(*shape, generator=gen).bfloat16()
+        out = dense_linear(x, w, bias)
+        assert out.shape == (*shape[:-1], 24)
+        torch.testing.assert_close(out, F.linear(x, w, bias), rtol=2**-7, atol=2**-6)
+    assert calls == [1, 8]
+    with batch_invariant_mode():  # deterministic mode: a row's bits must not depend on the step's row count
+        dense_linear(torch.randn(1, 32).bfloat16(), w)
+    dense_linear(torch.randn(1, 40), torch.randn(24, 40))  # K not a multiple of 16
+    assert calls == [1, 8]
+    assert dense_linear(torch.randn(1, 32, device="meta"), w.to("meta")).shape == (1, 24)  # not a CPU
+    # Inside a compiled graph it is one opaque op that picks its path when it runs (the row count is dynamic).
+    # (As the compiled forward compiles it: static weights, a dynamic row count.)
+    compiled = torch.compile(lambda x: dense_linear(x, w, bias), fullgraph=True, dynamic=False, backend="eager")
+    with torch._dynamo.config.patch(disable=False):  # tests/conftest.py turns compiling off
+        for rows in (3, 11):
+            x = torch.randn(rows, 32, generator=gen).bfloat16()
+            torch._dynamo.mark_dynamic(x, 0)
+            torch.testing.assert_close(compiled(x), F.linear(x, w, bias), rtol=2**-7, atol=2**-6)
+    assert calls == [1, 8, 3]
 
 
 def test_the_mxfp4_linear_picks_it_on_a_cpu() -> None:

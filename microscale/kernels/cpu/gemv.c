@@ -1,8 +1,10 @@
-/* Matrix-vector products with FP8 (E4M3) and MXFP4 weights for x86-64 CPUs (AVX2, FMA, F16C), decoded in
- * registers: at decode batch sizes the product is bound by reading the weight, and these read it at its stored
- * width (1 or ~0.53 bytes per value) where dequantising first writes and re-reads a 16-bit copy.
+/* Matrix-vector products for x86-64 CPUs (AVX2, FMA, F16C) at decode batch sizes, where a product is bound by
+ * reading its weight: weights of the model dtype (float32, bfloat16, float16) read at full memory speed (BLAS
+ * reaches a third to a half of it for one row), and FP8 (E4M3) and MXFP4 weights decoded in registers, read at
+ * their stored width (1 or ~0.53 bytes per value) where dequantising first writes and re-reads a 16-bit copy.
  *
- * y[m, n] = sum_k x[m, k] * w[n, k] for m < M, in float32 (x float32 [M, K], y float32 [M, N], row-major).
+ * y[m, n] = sum_k x[m, k] * w[n, k] for m < M, in float32 (row-major; x float32 [M, K] and y float32 [M, N] for
+ * the low-bit weights, x and y of the weight's dtype for the others).
  * Each row m is accumulated the same way whatever M is (its own accumulators, the same k order), so a token's
  * result does not depend on how many share the call. Rows of w are split between `threads` OpenMP threads
  * (libgomp: the runtime torch's own CPU build loads, found by its soname).
@@ -13,6 +15,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define TARGET __attribute__((target("avx2,fma,f16c")))
 #define MAX_ROWS 4 /* x rows per pass over the weight; callers loop over groups of MAX_ROWS */
@@ -173,35 +176,147 @@ TARGET static void mxfp4_rows(const float *x, const uint8_t *blocks, const uint8
     }
 }
 
-/* ---- entry points (K a multiple of 32, checked by the caller) ---- */
+/* ---- weights of the model dtype ----
+ * x is converted to float32 once per call; each weight row is read as stored (bfloat16: the high half of a
+ * float32; float16: F16C), and the float32 sum (plus bias) is rounded to the dtype once. */
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+TARGET static inline __m256 load8(const void *p, int dtype) {
+    if (dtype == F32) return _mm256_loadu_ps((const float *)p);
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    if (dtype == F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+TARGET static inline float load1(const void *p, int64_t i, int dtype) {
+    if (dtype == F32) return ((const float *)p)[i];
+    uint16_t h = ((const uint16_t *)p)[i];
+    if (dtype == F16) return _cvtsh_ss(h);
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
+
+TARGET static inline void store1(void *p, int64_t i, float v, int dtype) {
+    if (dtype == F32) {
+        ((float *)p)[i] = v;
+    } else if (dtype == F16) {
+        ((uint16_t *)p)[i] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
+    } else { /* bfloat16, rounded to nearest even as torch rounds; NaN stays a quiet NaN */
+        uint32_t u;
+        __builtin_memcpy(&u, &v, 4);
+        ((uint16_t *)p)[i] = (v != v) ? (uint16_t)((u >> 16) | 0x40) : (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+    }
+}
+
+/* As fp8_block, for weights of `dtype` (its bytes per value: `size`); sums into float32 out[m * N + o]. */
+TARGET static inline __attribute__((always_inline)) void dense_block(const float *x, const char *w, float *y,
+                                                                      int64_t K, int64_t N, int rows, int outs,
+                                                                      int dtype, int64_t size) {
+    __m256 acc[MAX_ROWS * MAX_OUTS];
+    for (int i = 0; i < rows * outs; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        for (int o = 0; o < outs; o++) {
+            const char *wo = w + (o * K + k) * size;
+            _mm_prefetch(wo + outs * K * size, _MM_HINT_T0);
+            const __m256 lo = load8(wo, dtype), hi = load8(wo + 8 * size, dtype);
+            for (int m = 0; m < rows; m++) {
+                acc[m * outs + o] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + m * K + k), acc[m * outs + o]);
+                acc[m * outs + o] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + m * K + k + 8), acc[m * outs + o]);
+            }
+        }
+    }
+    for (int m = 0; m < rows; m++)
+        for (int o = 0; o < outs; o++) y[m * N + o] = sum8(acc[m * outs + o]);
+}
+
+#define DENSE_ROWS(NAME, DTYPE, SIZE)                                                                              \
+    TARGET static void NAME(const float *x, const char *w, float *y, int64_t rows, int64_t K, int64_t N,          \
+                            int64_t n0, int64_t n1) {                                                             \
+        int64_t n = n0;                                                                                           \
+        for (; n + MAX_OUTS <= n1; n += MAX_OUTS) {                                                              \
+            const char *wn = w + n * K * SIZE;                                                                    \
+            switch (rows) {                                                                                       \
+                case 1: dense_block(x, wn, y + n, K, N, 1, MAX_OUTS, DTYPE, SIZE); break;                         \
+                case 2: dense_block(x, wn, y + n, K, N, 2, MAX_OUTS, DTYPE, SIZE); break;                         \
+                case 3:                                                                                           \
+                    dense_block(x, wn, y + n, K, N, 3, 2, DTYPE, SIZE);                                           \
+                    dense_block(x, wn + 2 * K * SIZE, y + n + 2, K, N, 3, 2, DTYPE, SIZE);                        \
+                    break;                                                                                        \
+                default:                                                                                          \
+                    dense_block(x, wn, y + n, K, N, 4, 2, DTYPE, SIZE);                                           \
+                    dense_block(x, wn + 2 * K * SIZE, y + n + 2, K, N, 4, 2, DTYPE, SIZE);                        \
+                    break;                                                                                        \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (; n < n1; n++) {                                                                                     \
+            const char *wn = w + n * K * SIZE;                                                                    \
+            switch (rows) {                                                                                       \
+                case 1: dense_block(x, wn, y + n, K, N, 1, 1, DTYPE, SIZE); break;                                \
+                case 2: dense_block(x, wn, y + n, K, N, 2, 1, DTYPE, SIZE); break;                                \
+                case 3: dense_block(x, wn, y + n, K, N, 3, 1, DTYPE, SIZE); break;                                \
+                default: dense_block(x, wn, y + n, K, N, 4, 1, DTYPE, SIZE); break;                               \
+            }                                                                                                     \
+        }                                                                                                         \
+    }
+DENSE_ROWS(f32_rows, F32, 4)
+DENSE_ROWS(bf16_rows, BF16, 2)
+DENSE_ROWS(f16_rows, F16, 2)
+
+/* ---- entry points (K a multiple of 32 for the low-bit weights, of 16 for the others: checked by the caller) */
+
+enum { FP8 = 16, MXFP4 = 17 }; /* the weight kinds besides the dtypes above */
 
 #define ROWS_PER_TASK 16 /* output rows per OpenMP task: a few KiB of weight each, many tasks per thread */
+#define PARALLEL_BYTES (64 << 10) /* less weight than this is read before the threads would wake */
 
-/* x rows in groups of MAX_ROWS, each group one pass over the weight, its rows split between the threads;
- * `scales` NULL: FP8 weights, else MXFP4 blocks. */
-static void gemv(const float *x, const uint8_t *w, const uint8_t *scales, float *y, int64_t M, int64_t N,
+/* x rows in groups of MAX_ROWS, each group one pass over the weight, its rows split between the threads. */
+static void gemv(int kind, const float *x, const void *w, const uint8_t *scales, float *y, int64_t M, int64_t N,
                  int64_t K, int threads) {
     const int64_t tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    const int64_t bytes = kind == F32 ? N * K * 4 : kind == FP8 ? N * K : kind == MXFP4 ? N * K / 2 : N * K * 2;
     for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
         const int64_t rows = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
-#pragma omp parallel for schedule(static) num_threads(threads)
+        const float *xm = x + m0 * K;
+        float *ym = y + m0 * N;
+#pragma omp parallel for schedule(static) num_threads(threads) if (bytes >= PARALLEL_BYTES)
         for (int64_t t = 0; t < tasks; t++) {
             const int64_t n0 = t * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
-            if (scales == NULL)
-                fp8_rows(x + m0 * K, w, y + m0 * N, rows, K, N, n0, n1);
-            else
-                mxfp4_rows(x + m0 * K, w, scales, y + m0 * N, rows, K, N, n0, n1);
+            switch (kind) {
+                case FP8: fp8_rows(xm, w, ym, rows, K, N, n0, n1); break;
+                case MXFP4: mxfp4_rows(xm, w, scales, ym, rows, K, N, n0, n1); break;
+                case F32: f32_rows(xm, w, ym, rows, K, N, n0, n1); break;
+                case BF16: bf16_rows(xm, w, ym, rows, K, N, n0, n1); break;
+                default: f16_rows(xm, w, ym, rows, K, N, n0, n1); break;
+            }
         }
     }
 }
 
 void microscale_fp8_gemv(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K,
                          int threads) {
-    gemv(x, w, NULL, y, M, N, K, threads);
+    gemv(FP8, x, w, NULL, y, M, N, K, threads);
 }
 
 void microscale_mxfp4_gemv(const float *x, const uint8_t *blocks, const uint8_t *scales, float *y, int64_t M,
                            int64_t N, int64_t K, int threads) {
     if (e8m0_half[128] == 0.0f) init_e8m0_half(); /* idempotent: a race writes the same values */
-    gemv(x, blocks, scales, y, M, N, K, threads);
+    gemv(MXFP4, x, blocks, scales, y, M, N, K, threads);
+}
+
+/* x [M, K], w [N, K], bias [N] or NULL, y [M, N], all of `dtype`; returns 0, or -1 when out of memory. */
+TARGET int microscale_dense_gemv(const void *x, const void *w, const void *bias, void *y, int64_t M, int64_t N,
+                                 int64_t K, int dtype, int threads) {
+    float *buffer = malloc(sizeof(float) * (M * K + M * N));
+    if (buffer == NULL) return -1;
+    float *xf = buffer, *yf = buffer + M * K;
+    for (int64_t i = 0; i < M * K; i++) xf[i] = load1(x, i, dtype);
+    gemv(dtype, xf, w, NULL, yf, M, N, K, threads);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n++)
+            store1(y, m * N + n, yf[m * N + n] + (bias ? load1(bias, n, dtype) : 0.0f), dtype);
+    free(buffer);
+    return 0;
 }
