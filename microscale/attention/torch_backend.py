@@ -89,8 +89,6 @@ class TorchAttentionBackend:
         sequence swapped back in skipped a step, so its row was dropped and is refilled from its blocks."""
         self._rows = None
         decode = meta.decode
-        if self.cpu_attention is not None:
-            self._set_cpu_step(meta)
         if self.decode_buffer is None or decode is None:
             return
         rows = self.decode_buffer.assign(decode.sequences, self._kv_caches, self._block_size)
@@ -101,13 +99,6 @@ class TorchAttentionBackend:
             positions = positions[order]
         self._rows = _BufferRows(decode, torch.tensor(rows, device=device), order,
                                  DecodeBatch(decode.size, positions, decode.length))
-
-    def _set_cpu_step(self, meta: AttentionMetadata) -> None:
-        decode = meta.decode
-        self.cpu_attention.set_step(meta.slot_blocks, meta.slot_offsets,
-                                    None if decode is None else decode.paged_block_tables(),
-                                    None if decode is None else decode.positions)
-        self._cpu_step = meta
 
     def forward(
         self,
@@ -124,9 +115,14 @@ class TorchAttentionBackend:
         out = torch.empty_like(q)
         if self.cpu_attention is not None:
             # Writes the step's keys/values (stored as they are: the cache holds the model dtype) and attends the
-            # decodes; prefill chunks below read the written cache.
+            # decodes; prefill chunks below read the written cache. The step's index tensors are bound once, at
+            # its first layer.
             if self._cpu_step is not meta:
-                self._set_cpu_step(meta)
+                decode = meta.decode
+                self.cpu_attention.set_step(meta.slot_blocks, meta.slot_offsets,
+                                            None if decode is None else decode.paged_block_tables(),
+                                            None if decode is None else decode.positions)
+                self._cpu_step = meta
             self.cpu_attention(layer_index, q, k, v, out, scale, window, sinks)
         else:
             # From here on the new keys/values are read as the cache holds them (dequantised, if it quantises), so

@@ -2,10 +2,11 @@
 residual adds, the SwiGLU) into a few C++ loops from the machine's compiler around the matmuls, where eager
 PyTorch pays Python and dispatch overhead for every small op (at batch 1 that overhead is most of a step).
 
-Two graphs serve every step: one for a single token (batch-1 decode, where 16-bit matmuls become vectorised loops
-in the graph: UnquantizedLinearMethod.apply), one whose token count is a dynamic dimension (decode batches and
-prefill chunks of any larger size reuse it). Attention, which reads the step's Python-side metadata, is one
-opaque op inside them (microscale::attention, layers/attention.py). Compiled artefacts persist on disk
+Two graphs serve every step: one for a single token (batch-1 decode), one whose token count is a dynamic
+dimension (decode batches and prefill chunks of any larger size reuse it). Two opaque ops sit inside them:
+attention, which reads the step's Python-side metadata (microscale::attention, layers/attention.py), and the
+linear layers' matmul, which picks the C product for up to 8 rows or BLAS when it runs
+(microscale::dense_linear, kernels/cpu_linear.py). Compiled artefacts persist on disk
 (Inductor's FX graph and AOTAutograd caches), so a second start of the same model skips the C++ compiler.
 """
 

@@ -81,7 +81,7 @@ class CpuAttention:
         reason = cpu_attention_unavailable_reason(keys.device, self.dtype, self.head_dim)
         if reason is not None:
             raise ValueError(f"The CPU attention kernel cannot serve these caches: {reason}.")
-        self._caches = caches  # kept alive: the kernel gets their addresses
+        self._caches = caches  # kept alive while bound: the kernel writes to their addresses
         self._pointers = [(k.data_ptr(), v.data_ptr()) for k, v in caches]
         self._step: tuple | None = None
         self._decodes = 0

@@ -26,10 +26,12 @@ def _compiler() -> str | None:
 
 
 def _build(compiler: str, source: Path) -> Path:
-    """The shared library for this source, compiler and flags: from the cache, or compiled into it (written
-    under a temporary name and renamed, so processes building at once never load a half-written file)."""
+    """The shared library for this source (and the headers beside it), compiler and flags: from the cache, or
+    compiled into it (written under a temporary name and renamed, so processes building at once never load a
+    half-written file)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), compiler, version, *FLAGS]).encode()).hexdigest()[:16]
+    texts = [source.read_text(), *(header.read_text() for header in sorted(SOURCES.glob("*.h")))]
+    key = hashlib.sha256("\0".join([*texts, compiler, version, *FLAGS]).encode()).hexdigest()[:16]
     target = microscale_cache_dir() / "cpu-kernels" / f"{source.stem}-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -16,30 +16,14 @@
  * the thread count, so a sequence's result does not depend on the batch it decodes in. Built at first use by
  * microscale/kernels/cpu_attention.py. */
 
-#include <immintrin.h>
 #include <omp.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define TARGET __attribute__((target("avx2,fma,f16c")))
-#define INLINE __attribute__((always_inline)) inline
+#include "simd.h"
+
 #define PART 4     /* query heads attended together (registers: PART x 2 accumulators per pass) */
 #define MAX_DIM 256
-
-enum { F32 = 0, BF16 = 1, F16 = 2 };
-
-int microscale_cpu_supported(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
-
-TARGET static INLINE __m256 load8(const char *p, int dtype) {
-    if (dtype == F32) return _mm256_loadu_ps((const float *)p);
-    __m128i h = _mm_loadu_si128((const __m128i *)p);
-    if (dtype == F16) return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); /* bfloat16: the high half */
-}
 
 TARGET static INLINE void store8(char *p, __m256 v, int dtype) {
     if (dtype == F32) {
@@ -52,13 +36,6 @@ TARGET static INLINE void store8(char *p, __m256 v, int dtype) {
         u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
         _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
     }
-}
-
-TARGET static INLINE float sum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 TARGET static INLINE float max8(__m256 v) {
@@ -106,14 +83,29 @@ static INLINE int64_t run(const Rows *r, int64_t j, int64_t length, const char *
     return left < length - j ? left : length - j;
 }
 
+/* Asks for rows [row, row + count * stride) to be brought into the caches: `bytes` of each row. */
+static INLINE void prefetch_rows(const char *row, int64_t count, int64_t stride, int64_t bytes) {
+    for (int64_t i = 0; i < count; i++, row += stride)
+        for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+}
+
 /* Scores of `heads` (a constant <= PART) query heads against keys 0..length-1 of `keys`; q already scaled, as
- * float32 [heads][dim]. Two accumulators per head halve the FMA dependency chains. */
-TARGET static INLINE void scores_part(const float *q, const Rows *keys, int64_t length, int64_t dim, int heads,
-                                      float *scores, int dtype, int64_t elsize) {
+ * float32 [heads][dim]. Two accumulators per head halve the FMA dependency chains. Cache blocks come in table
+ * order, scattered in memory, where the hardware prefetcher cannot follow: each run asks for the next run's key
+ * rows and for its own value rows (read after the softmax), so the loads find them on the way. */
+TARGET static INLINE void scores_part(const float *q, const Rows *keys, const Rows *values, int64_t length,
+                                      int64_t dim, int heads, float *scores, int dtype, int64_t elsize) {
+    const int64_t stride = keys->slot_bytes, row_bytes = dim * elsize;
     for (int64_t j = 0; j < length;) {
-        const char *key;
+        const char *key, *next, *value;
         const int64_t count = run(keys, j, length, &key);
-        for (int64_t i = 0; i < count; i++, j++, key += keys->slot_bytes) {
+        run(values, j, length, &value);
+        if (j + count < length) {
+            const int64_t following = run(keys, j + count, length, &next);
+            prefetch_rows(next, following, stride, row_bytes);
+        }
+        prefetch_rows(value, count, stride, row_bytes);
+        for (int64_t i = 0; i < count; i++, j++, key += stride) {
             __m256 even[PART], odd[PART];
             for (int g = 0; g < heads; g++) even[g] = odd[g] = _mm256_setzero_ps();
             for (int64_t d = 0; d < dim; d += 16) {
@@ -200,8 +192,9 @@ TARGET static INLINE void attend_part(const char *q, const Rows *keys, const Row
         for (int64_t d = 0; d < dim; d += 8)
             _mm256_storeu_ps(qs + g * dim + d, _mm256_mul_ps(load8(q + (g * dim + d) * elsize, dtype),
                                                              _mm256_set1_ps(scale)));
-    scores_part(qs, keys, length, dim, heads, scores, dtype, elsize);
-    for (int g = 0; g < heads; g++) total[g] = softmax_numerators(scores + g * length, length, sinks ? sinks + g : NULL);
+    scores_part(qs, keys, values, length, dim, heads, scores, dtype, elsize);
+    for (int g = 0; g < heads; g++)
+        total[g] = softmax_numerators(scores + g * length, length, sinks ? sinks + g : NULL);
     values_part(scores, total, values, length, dim, heads, acc, out, dtype, elsize);
 }
 

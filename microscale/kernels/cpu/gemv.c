@@ -11,27 +11,14 @@
  *
  * Built at first use by microscale/kernels/cpu_gemv.py with the machine's C compiler. */
 
-#include <immintrin.h>
 #include <math.h>
 #include <stddef.h>
-#include <stdint.h>
 #include <stdlib.h>
 
-#define TARGET __attribute__((target("avx2,fma,f16c")))
+#include "simd.h"
+
 #define MAX_ROWS 4 /* x rows per pass over the weight; callers loop over groups of MAX_ROWS */
 #define MAX_OUTS 4 /* weight rows read side by side (ROWS_PER_TASK is a multiple) */
-
-int microscale_cpu_supported(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
-
-TARGET static inline float sum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* ---- FP8 E4M3 ----
  * A byte's sign goes to bit 15 and its exponent and mantissa to bits 13..7 of a float16, whose exponent bias
@@ -179,15 +166,6 @@ TARGET static void mxfp4_rows(const float *x, const uint8_t *blocks, const uint8
 /* ---- weights of the model dtype ----
  * x is converted to float32 once per call; each weight row is read as stored (bfloat16: the high half of a
  * float32; float16: F16C), and the float32 sum (plus bias) is rounded to the dtype once. */
-
-enum { F32 = 0, BF16 = 1, F16 = 2 };
-
-TARGET static inline __m256 load8(const void *p, int dtype) {
-    if (dtype == F32) return _mm256_loadu_ps((const float *)p);
-    __m128i h = _mm_loadu_si128((const __m128i *)p);
-    if (dtype == F16) return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
 
 TARGET static inline float load1(const void *p, int64_t i, int dtype) {
     if (dtype == F32) return ((const float *)p)[i];
