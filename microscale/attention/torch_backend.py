@@ -53,10 +53,7 @@ class TorchAttentionBackend:
         self, kv_caches: list[KVCache], num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int
     ) -> None:
         self._kv_caches, self._block_size = list(kv_caches), block_size
-        # The decode buffer pads every row to the longest context: use it only where it can never outgrow the
-        # paged cache's tokens, and only on CPU (a GPU's memory is already given to the paged cache); otherwise
-        # decodes read the paged blocks. It holds the model dtype, so beside a quantised cache it may take more
-        # bytes than the cache itself. Off under tensor parallelism: every rank decodes from paged blocks there.
+        # The C kernel reads a cache of the model dtype where it lies.
         first = kv_caches[0]
         if not self.use_cpu_kernel:
             kernel_reason = "turned off (cpu_kernel=False)"
@@ -66,8 +63,12 @@ class TorchAttentionBackend:
             kernel_reason = cpu_attention_unavailable_reason(first.device, first.dtype, first.head_dim)
         self.cpu_attention = self._cpu_step = None
         if kernel_reason is None:
-            self.cpu_attention = CpuAttention([(kv.kernel_operands().keys, kv.kernel_operands().values)
-                                               for kv in kv_caches])
+            operands = [kv.kernel_operands() for kv in kv_caches]
+            self.cpu_attention = CpuAttention([(layer.keys, layer.values) for layer in operands])
+        # Otherwise the decode buffer, which pads every row to the longest context: only where it can never
+        # outgrow the paged cache's tokens, and only on CPU (a GPU's memory is already given to the paged cache);
+        # else decodes read the paged blocks. It holds the model dtype, so beside a quantised cache it may take
+        # more bytes than the cache itself. Off under tensor parallelism: every rank decodes from paged blocks.
         fits = max_num_seqs * max_model_len <= num_blocks * block_size
         self.decode_buffer = None
         if self.cpu_attention is None and fits and first.device.type == "cpu" and tp_size() == 1:

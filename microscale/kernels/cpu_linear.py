@@ -29,7 +29,7 @@ def _gemv_available(device: torch.device, dtype: torch.dtype, k: int) -> bool:
 
 def _dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
-    if not cpu_gemv_applies(rows) or x.dtype != weight.dtype:
+    if not (x.dtype == weight.dtype and weight.is_contiguous() and cpu_gemv_applies(rows)):
         return linear(x, weight, bias)
     return dense_gemv(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
 

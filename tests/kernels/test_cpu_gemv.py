@@ -183,6 +183,7 @@ def test_dense_linear_uses_it_for_decode_sized_cpu_inputs_only(monkeypatch) -> N
     with batch_invariant_mode():  # deterministic mode: a row's bits must not depend on the step's row count
         dense_linear(torch.randn(1, 32).bfloat16(), w)
     dense_linear(torch.randn(1, 40), torch.randn(24, 40))  # K not a multiple of 16
+    dense_linear(torch.randn(1, 32).bfloat16(), w.t().contiguous().t())  # a strided weight
     assert calls == [1, 8]
     assert dense_linear(torch.randn(1, 32, device="meta"), w.to("meta")).shape == (1, 24)  # not a CPU
     # Inside a compiled graph it is one opaque op that picks its path when it runs (the row count is dynamic).
