@@ -17,9 +17,8 @@ import functools
 
 import torch
 
-from microscale.kernels.cpu_build import load_cpu_library
+from microscale.kernels.cpu_build import DTYPE_CODES, load_cpu_library, loaded_library
 
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 HEAD_DIM_MULTIPLE = 16
 MAX_HEAD_DIM = 256
 
@@ -43,7 +42,7 @@ def cpu_attention_unavailable_reason(device: torch.device, dtype: torch.dtype, h
     """Why the CPU attention kernel cannot serve caches of this device, dtype and head size, or None."""
     if device.type != "cpu":
         return f"a CPU kernel, not for {device.type}"
-    if dtype not in _DTYPES:
+    if dtype not in DTYPE_CODES:
         return f"reads caches of float32, bfloat16 or float16, not {dtype}"
     if head_dim % HEAD_DIM_MULTIPLE or head_dim > MAX_HEAD_DIM:
         return f"needs a head size that is a multiple of {HEAD_DIM_MULTIPLE} up to {MAX_HEAD_DIM} (it is {head_dim})"
@@ -129,7 +128,7 @@ class CpuAttention:
         status = _library().microscale_cpu_attention_step(
             k.data_ptr(), k_stride, v.data_ptr(), v_stride, slot_blocks, slot_offsets, tokens, q.data_ptr(), q_stride,
             k_cache, v_cache, tables, table_stride, positions, out.data_ptr(), out_stride, n, heads, kv_heads, dim,
-            self.block_size, scale, window or 0, None if sinks is None else sinks.data_ptr(), _DTYPES[dtype],
+            self.block_size, scale, window or 0, None if sinks is None else sinks.data_ptr(), DTYPE_CODES[dtype],
             torch.get_num_threads(),
         )
         if status:
@@ -137,7 +136,4 @@ class CpuAttention:
 
 
 def _library() -> ctypes.CDLL:
-    library, reason = _load()
-    if library is None:
-        raise RuntimeError(f"The CPU attention kernel cannot run here: {reason}.")
-    return library
+    return loaded_library(_load(), "The CPU attention kernel")

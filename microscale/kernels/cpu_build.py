@@ -15,10 +15,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from microscale.cache_dir import microscale_cache_dir
 
 SOURCES = Path(__file__).with_name("cpu")
 FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11"]
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the F32 / BF16 / F16 of cpu/simd.h
 
 
 def _compiler() -> str | None:
@@ -67,3 +70,11 @@ def load_cpu_library(source_name: str, bind: Callable[[ctypes.CDLL], None]) -> t
         return None, "this CPU lacks AVX2, FMA or F16C"
     bind(library)
     return library, None
+
+
+def loaded_library(loaded: tuple[ctypes.CDLL | None, str | None], what: str) -> ctypes.CDLL:
+    """The library of a load_cpu_library result; RuntimeError naming `what` and the reason when there is none."""
+    library, reason = loaded
+    if library is None:
+        raise RuntimeError(f"{what} cannot run here: {reason}.")
+    return library

@@ -15,11 +15,10 @@ import functools
 import torch
 
 from microscale.kernels.batch_invariant import batch_invariant_enabled
-from microscale.kernels.cpu_build import load_cpu_library
+from microscale.kernels.cpu_build import DTYPE_CODES, load_cpu_library, loaded_library
 
 K_MULTIPLE = 32  # the low-bit kernels step through K in blocks of 32 (an MXFP4 block; two FP8 vectors)
 DENSE_K_MULTIPLE = 16  # the others in steps of two vectors
-DENSE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernel's dtype codes
 MAX_TOKENS = 8  # more rows than this re-read the weight often enough that dequantise-then-matmul wins
 
 
@@ -53,7 +52,7 @@ def dense_gemv_unavailable_reason(device: torch.device, dtype: torch.dtype, k: i
     """Why the CPU product cannot run a `dtype` weight with `k` inputs on `device`, or None."""
     if device.type != "cpu":
         return f"a CPU kernel, not for {device.type}"
-    if dtype not in DENSE_DTYPES:
+    if dtype not in DTYPE_CODES:
         return f"takes float32, bfloat16 or float16 weights, not {dtype}"
     if k % DENSE_K_MULTIPLE:
         return f"needs K a multiple of {DENSE_K_MULTIPLE} (K={k})"
@@ -108,7 +107,7 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """F.linear(x, weight, bias) for x [M, K], weight [N, K] and bias [N] of one dtype (float32, bfloat16 or
     float16): each output a float32 sum, plus the bias, rounded once to the dtype."""
     n, k = weight.shape
-    if (x.dim() != 2 or x.shape[1] != k or x.dtype != weight.dtype or weight.dtype not in DENSE_DTYPES
+    if (x.dim() != 2 or x.shape[1] != k or x.dtype != weight.dtype or weight.dtype not in DTYPE_CODES
             or not weight.is_contiguous() or k % DENSE_K_MULTIPLE
             or (bias is not None and (bias.shape != (n,) or bias.dtype != weight.dtype))):
         raise ValueError(f"dense_gemv takes x [M, K], a contiguous weight [N, K] with K a multiple of "
@@ -119,14 +118,11 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     y = torch.empty(x.shape[0], n, dtype=x.dtype)
     status = _library().microscale_dense_gemv(x.data_ptr(), weight.data_ptr(),
                                               None if bias is None else bias.data_ptr(), y.data_ptr(), x.shape[0],
-                                              n, k, DENSE_DTYPES[x.dtype], torch.get_num_threads())
+                                              n, k, DTYPE_CODES[x.dtype], torch.get_num_threads())
     if status:
         raise MemoryError(f"dense_gemv could not allocate its {x.shape[0]} x ({k} + {n}) float32 scratch.")
     return y
 
 
 def _library() -> ctypes.CDLL:
-    library, reason = _load()
-    if library is None:
-        raise RuntimeError(f"The low-bit CPU kernels cannot run here: {reason}.")
-    return library
+    return loaded_library(_load(), "The CPU products (kernels/cpu/gemv.c)")

@@ -114,7 +114,7 @@ class ExpertsQuantMethod(ABC):
     def expert_linears(self, layer: nn.Module, expert: int, dtype: torch.dtype, tokens: int) -> tuple[
             Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], ...]:
         """(w13, w2) of one expert as functions (x, bias) -> x @ w.T + bias, for `tokens` rows of x in `dtype`:
-        F.linear on expert_weights here; a format may multiply without decoding its weights."""
+        dense_linear on expert_weights here; a format may multiply without decoding its weights."""
         w13, w2 = self.expert_weights(layer, expert, dtype)
         return (lambda x, bias: dense_linear(x, w13, bias)), (lambda x, bias: dense_linear(x, w2, bias))
 
