@@ -28,9 +28,10 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.microscale_cpu_attention_step.argtypes = [
         ptr, i64, ptr, i64, ptr, ptr, i64,  # new keys and values, their slots
         ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64,  # q, caches, block tables, positions, out
-        i64, i64, i64, i64, i64, ctypes.c_float, i64, ptr, ctypes.c_int, ctypes.c_int,
+        i64, i64, i64, i64, i64, ctypes.c_float, i64, ptr, ctypes.c_int, ctypes.c_int, ctypes.c_int,
     ]
     lib.microscale_cpu_attention_step.restype = ctypes.c_int
+    lib.microscale_amx_supported.restype = ctypes.c_int
 
 
 @functools.cache
@@ -66,9 +67,10 @@ def _index(x: torch.Tensor, name: str) -> torch.Tensor:
 
 class CpuAttention:
     """The attention steps of one model's layers, each over its (keys, values) cache pair [blocks, block_size,
-    kv_heads, head_dim] (contiguous, one dtype for all)."""
+    kv_heads, head_dim] (contiguous, one dtype for all). bfloat16 caches with a head size that is a multiple of
+    32 get their scores from AMX tile products on a CPU that has them (`amx=False`: the vector path always)."""
 
-    def __init__(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def __init__(self, caches: list[tuple[torch.Tensor, torch.Tensor]], amx: bool = True) -> None:
         keys = caches[0][0]
         self.dtype = keys.dtype
         _, self.block_size, self.kv_heads, self.head_dim = keys.shape
@@ -80,6 +82,7 @@ class CpuAttention:
         reason = cpu_attention_unavailable_reason(keys.device, self.dtype, self.head_dim)
         if reason is not None:
             raise ValueError(f"The CPU attention kernel cannot serve these caches: {reason}.")
+        self.amx = amx and self.dtype == torch.bfloat16 and bool(_library().microscale_amx_supported())
         self._caches = caches  # kept alive while bound: the kernel writes to their addresses
         self._pointers = [(k.data_ptr(), v.data_ptr()) for k, v in caches]
         self._step: tuple | None = None
@@ -129,7 +132,7 @@ class CpuAttention:
             k.data_ptr(), k_stride, v.data_ptr(), v_stride, slot_blocks, slot_offsets, tokens, q.data_ptr(), q_stride,
             k_cache, v_cache, tables, table_stride, positions, out.data_ptr(), out_stride, n, heads, kv_heads, dim,
             self.block_size, scale, window or 0, None if sinks is None else sinks.data_ptr(), DTYPE_CODES[dtype],
-            torch.get_num_threads(),
+            int(self.amx), torch.get_num_threads(),
         )
         if status:
             raise MemoryError("The CPU attention kernel could not allocate its scores' scratch.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from microscale.kernels import cpu_amx
 from microscale.kernels.cpu_attention import CpuAttention, cpu_attention_unavailable_reason
 
 CPU = torch.device("cpu")
@@ -56,8 +57,9 @@ def make_step(dtype, heads, kv_heads, dim, positions, extra_tokens=0, seed=0):
     return q, k_new, v_new, k_cache, v_cache, tables, positions, slot_blocks, slot_offsets
 
 
-def run(q, k_new, v_new, k_cache, v_cache, tables, positions, slot_blocks, slot_offsets, scale, window, sinks):
-    attention = CpuAttention([(k_cache, v_cache)])
+def run(q, k_new, v_new, k_cache, v_cache, tables, positions, slot_blocks, slot_offsets, scale, window, sinks,
+        amx=True):
+    attention = CpuAttention([(k_cache, v_cache)], amx=amx)
     attention.set_step(slot_blocks, slot_offsets, tables, positions)
     out = torch.zeros_like(q)
     attention(0, q, k_new, v_new, out, scale, window, sinks)
@@ -94,6 +96,25 @@ def test_long_contexts_split_between_threads_give_the_same_bits_as_one_thread() 
     q, _, _, k_cache, v_cache, tables, pos, _, _ = step
     expected = reference(q, k_cache, v_cache, tables, pos, 128**-0.5, None, None)
     assert (two.double() - expected).abs().max().item() < 2**-7
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(20, 1, 32), (6, 2, 128)])
+def test_bfloat16_scores_from_amx_tiles_match_float64_and_the_vector_path(heads, kv_heads, dim) -> None:
+    """A group of 20 heads takes two parts (16 + 4); windows start runs mid-block (their keys past the last full
+    tile of 16 take the AVX512-BF16 dot products), sinks ride along."""
+    step = make_step(torch.bfloat16, heads, kv_heads, dim, [0, 17, 47, 300], seed=3)
+    q, _, _, k_cache, v_cache, tables, pos, _, _ = step
+    sinks = torch.randn(heads)
+    amx = CpuAttention([(k_cache, v_cache)]).amx
+    assert amx == (cpu_amx.amx_unavailable_reason(CPU, torch.bfloat16, 16, 32) is None)
+    assert not CpuAttention([(k_cache.float(), v_cache.float())]).amx  # float32 caches: the vector path
+    for window in (None, 21):
+        on_tiles = run(*step, dim**-0.5, window, sinks)
+        vector = run(*step, dim**-0.5, window, sinks, amx=False)
+        expected = reference(q, k_cache, v_cache, tables, pos, dim**-0.5, window, sinks)  # the new tokens written
+        for out in (on_tiles, vector):
+            assert (out.double() - expected).abs().max().item() < 2**-7
+        assert (on_tiles.double() - vector.double()).abs().max().item() <= 2**-7
 
 
 def test_a_sequence_gives_the_same_bits_alone_and_in_a_batch() -> None:

@@ -16,47 +16,10 @@
 
 #define _GNU_SOURCE /* syscall() */
 #include <stdlib.h>
-#include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
-#include "simd.h"
+#include "amx.h"
 
-#define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
-
-#define TILE 16                 /* rows of a tile; also the float32 columns of a result tile */
-#define TILE_K 32               /* bfloat16 values of k per tile row (64 bytes) */
 #define PARALLEL_BYTES (64 << 10) /* less weight than this is read before the threads would wake */
-
-#define ARCH_REQ_XCOMP_PERM 0x1023 /* Linux: a process asks once to use the AMX tile registers */
-#define XFEATURE_XTILEDATA 18
-
-/* The CPU has AMX-BF16 and AVX512-BF16 and Linux lets this process use the tile registers. */
-int microscale_amx_supported(void) {
-    __builtin_cpu_init();
-    if (!(__builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("amx-tile") &&
-          __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw")))
-        return 0;
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-}
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
-/* Eight tiles of 16 rows by 64 bytes: results 0-3, weight blocks 4-5, x blocks 6-7. */
-AMX static void configure_tiles(void) {
-    tile_config config;
-    memset(&config, 0, sizeof config);
-    config.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        config.rows[t] = TILE;
-        config.colsb[t] = 64;
-    }
-    _tile_loadconfig(&config);
-}
 
 /* x [M, K] as B tiles: for each block of 16 x rows (zero past M) and each 32 columns of k, 16 tile rows (pairs of
  * k) of 16 32-bit pairs (one per x row): xp[((mb * chunks + c) * 16 + r) * 16 + m] = the pair x[16 mb + m, 32 c +
@@ -171,7 +134,7 @@ AMX int microscale_amx_bf16_matmul(const uint16_t *x, const uint16_t *w, const u
             for (int64_t mb = 0; mb < mblocks; mb += 2)
                 block(w, xp, bias, y, scratch, M, N, K, n0, nblocks, mb, mblocks - mb >= 2 ? 2 : 1);
         }
-        _tile_release();
+        release_tiles();
     }
     free(xp);
     return 0;

@@ -16,10 +16,12 @@
  * the thread count, so a sequence's result does not depend on the batch it decodes in. Built at first use by
  * microscale/kernels/cpu_attention.py. */
 
+#define _GNU_SOURCE /* syscall(), in amx.h */
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "amx.h"
 #include "simd.h"
 
 #define PART 4     /* query heads attended together (registers: PART x 2 accumulators per pass) */
@@ -225,6 +227,93 @@ TARGET static INLINE void task(const char *q, int64_t q_stride, const char *k_ca
     }
 }
 
+/* ---- bfloat16 caches on AMX: the scores of a whole GQA group (up to 16 heads) per tile product ----
+ * 16 key rows of a cache block by 32 of their dimensions load straight from the cache as a tile (rows
+ * slot_bytes apart) and multiply the group's queries, packed once per task as B tiles: one tile of 16 keys x 16
+ * heads of float32 scores per 32 dimensions' product, where the vector path spends a horizontal sum per key and
+ * head. The products of bfloat16 values are exact and summed in float32, then scaled. Keys past a run's last
+ * full tile (the sequence's newest block) take AVX512-BF16 dot products; values stay on the vector path. */
+
+/* The group's queries q [group, dim] (bfloat16) as B tiles: qp[(c * 16 + r) * 16 + g] = the pair q[g, 32 c + 2 r
+ * ..], zero for g >= group. */
+static void pack_queries(const uint32_t *q, uint32_t *qp, int64_t group, int64_t dim) {
+    for (int64_t c = 0; c < dim / TILE_K; c++)
+        for (int r = 0; r < TILE; r++)
+            for (int g = 0; g < TILE; g++) qp[(c * TILE + r) * TILE + g] = g < group ? q[g * dim / 2 + c * TILE + r] : 0;
+}
+
+AMX static void scores_amx(const uint16_t *q, const uint32_t *qp, const Rows *keys, const Rows *values,
+                           int64_t length, int64_t dim, int64_t group, float scale, float *scores) {
+    const int64_t stride = keys->slot_bytes, row_bytes = dim * 2;
+    float tile[TILE * TILE] __attribute__((aligned(64)));
+    for (int64_t j = 0; j < length;) {
+        const char *key, *next, *value;
+        const int64_t count = run(keys, j, length, &key);
+        run(values, j, length, &value);
+        if (j + count < length) {
+            const int64_t following = run(keys, j + count, length, &next);
+            prefetch_rows(next, following, stride, row_bytes);
+        }
+        prefetch_rows(value, count, stride, row_bytes);
+        int64_t i = 0;
+        for (; i + TILE <= count; i += TILE) {
+            _tile_zero(0);
+            for (int64_t c = 0; c < dim / TILE_K; c++) {
+                _tile_loadd(1, key + i * stride + c * 64, stride);
+                _tile_loadd(2, qp + c * TILE * TILE, 64);
+                _tile_dpbf16ps(0, 1, 2);
+            }
+            _tile_stored(0, tile, 64);
+            for (int64_t g = 0; g < group; g++)
+                for (int t = 0; t < TILE; t++) scores[g * length + j + i + t] = tile[t * TILE + g] * scale;
+        }
+        for (; i < count; i++) {
+            const char *row = key + i * stride;
+            for (int64_t g = 0; g < group; g++) {
+                __m512 sum = _mm512_setzero_ps();
+                for (int64_t d = 0; d < dim; d += TILE_K)
+                    sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(row + d * 2),
+                                           (__m512bh)_mm512_loadu_si512(q + g * dim + d));
+                scores[g * length + j + i] = _mm512_reduce_add_ps(sum) * scale;
+            }
+        }
+        j += count;
+    }
+}
+
+/* The task's GQA group (bfloat16) in parts of up to 16 heads: scores on AMX, then softmax and values as on the
+ * vector path (in parts of PART heads). */
+AMX static void task_bf16_amx(const char *q, int64_t q_stride, const char *k_cache, const char *v_cache,
+                              const int64_t *tables, int64_t table_stride, const int64_t *positions, char *out,
+                              int64_t out_stride, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
+                              float scale, int64_t window, const float *sinks, int64_t t, float *scores) {
+    const int64_t s = t / kv_heads, h = t % kv_heads, group = heads / kv_heads;
+    const int64_t last = positions[s], first = window > 0 && last + 1 > window ? last + 1 - window : 0;
+    const int64_t length = last - first + 1, slot_bytes = kv_heads * dim * 2;
+    const Rows keys = {k_cache + h * dim * 2, tables + s * table_stride, block_size, slot_bytes, first};
+    const Rows values = {v_cache + h * dim * 2, tables + s * table_stride, block_size, slot_bytes, first};
+    uint32_t qp[MAX_DIM / TILE_K * TILE * TILE] __attribute__((aligned(64)));
+    float acc[PART * MAX_DIM], total[TILE];
+    for (int64_t g0 = 0; g0 < group; g0 += TILE) {
+        const int64_t size = group - g0 < TILE ? group - g0 : TILE, head = h * group + g0;
+        const uint16_t *qh = (const uint16_t *)(q + (s * q_stride + head * dim) * 2);
+        pack_queries((const uint32_t *)qh, qp, size, dim);
+        scores_amx(qh, qp, &keys, &values, length, dim, size, scale, scores);
+        for (int64_t g = 0; g < size; g++)
+            total[g] = softmax_numerators(scores + g * length, length, sinks ? sinks + head + g : NULL);
+        for (int64_t g = 0; g < size; g += PART) {
+            const float *p = scores + g * length;
+            char *o = out + (s * out_stride + (head + g) * dim) * 2;
+            switch (size - g < PART ? size - g : PART) {
+                case 1: values_part(p, total + g, &values, length, dim, 1, acc, o, BF16, 2); break;
+                case 2: values_part(p, total + g, &values, length, dim, 2, acc, o, BF16, 2); break;
+                case 3: values_part(p, total + g, &values, length, dim, 3, acc, o, BF16, 2); break;
+                default: values_part(p, total + g, &values, length, dim, 4, acc, o, BF16, 2); break;
+            }
+        }
+    }
+}
+
 /* One per dtype, each with its loads and stores inlined to one form. */
 #define TASK_FOR(NAME, DTYPE, ELSIZE)                                                                            \
     TARGET static void NAME(const char *q, int64_t q_stride, const char *k_cache, const char *v_cache,        \
@@ -247,14 +336,16 @@ int microscale_cpu_attention_step(const char *k_new, int64_t k_stride, const cha
                                    const int64_t *tables, int64_t table_stride, const int64_t *positions,
                                    char *out, int64_t out_stride, int64_t n, int64_t heads, int64_t kv_heads,
                                    int64_t dim, int64_t block_size, float scale, int64_t window,
-                                   const float *sinks, int dtype, int threads) {
+                                   const float *sinks, int dtype, int amx, int threads) {
     const int64_t elsize = dtype == F32 ? 4 : 2, slot_bytes = kv_heads * dim * elsize;
     for (int64_t i = 0; i < tokens; i++) {
         const int64_t slot = slot_blocks[i] * block_size + slot_offsets[i];
         memcpy(k_cache + slot * slot_bytes, k_new + i * k_stride * elsize, slot_bytes);
         memcpy(v_cache + slot * slot_bytes, v_new + i * v_stride * elsize, slot_bytes);
     }
-    const int64_t tasks = n * kv_heads, part = heads / kv_heads < PART ? heads / kv_heads : PART;
+    const int use_amx = amx && dtype == BF16 && dim % TILE_K == 0;
+    const int64_t tasks = n * kv_heads, per_part = use_amx ? TILE : PART;
+    const int64_t part = heads / kv_heads < per_part ? heads / kv_heads : per_part;
     int64_t longest = 0;
     for (int64_t s = 0; s < n; s++) longest = positions[s] + 1 > longest ? positions[s] + 1 : longest;
     /* Both threads from a few hundred keys on: below that the work is done before a second thread would start. */
@@ -264,11 +355,13 @@ int microscale_cpu_attention_step(const char *k_new, int64_t k_stride, const cha
 #pragma omp parallel num_threads(threads) if (parallel)
     {
         float *scores = scratch + omp_get_thread_num() * part * longest;
+        if (use_amx) configure_tiles();
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < tasks; t++)
-            (dtype == F32 ? task_f32 : dtype == BF16 ? task_bf16 : task_f16)(
+            (use_amx ? task_bf16_amx : dtype == F32 ? task_f32 : dtype == BF16 ? task_bf16 : task_f16)(
                 q, q_stride, k_cache, v_cache, tables, table_stride, positions, out, out_stride, heads, kv_heads,
                 dim, block_size, scale, window, sinks, t, scores);
+        if (use_amx) release_tiles();
     }
     free(scratch);
     return 0;
