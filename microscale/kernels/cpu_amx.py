@@ -1,11 +1,13 @@
-"""bfloat16 products on Intel AMX tiles (kernels/cpu/amx_matmul.c) for the row counts of decode steps.
+"""bfloat16 products on Intel AMX tiles (kernels/cpu/amx_matmul.c), for every row count.
 
-oneDNN (what F.linear runs on these CPUs) repacks a weight it is handed in torch's [N, K] layout on every call;
-at up to a hundred rows that costs more than the product. The kernel reads the weight as it lies (it is the
-tiles' A operand) and packs only x: bfloat16 [3072, 576] at 8-32 rows 2-3x oneDNN's speed, [1536, 256] 2-4x,
-the [49152, 576] vocabulary 1.7x (benchmarks/results/cpu-speed.md). Each output is a float32 sum in one fixed k
-order whatever the batch, so its bits do not depend on the rows beside it: deterministic mode takes it at any
-row count.
+oneDNN (what F.linear runs on these CPUs) repacks a weight it is handed in torch's [N, K] layout on every call,
+which at decode sizes costs more than the product, and compiles a kernel for each new row count, ~1 ms a shape
+(a serving engine's prefill chunks bring new row counts all the time: [1536, 256] at 300-400 rows took 1.4 ms a
+call where a row count seen before took 0.25). The kernel reads the weight as it lies (it is the tiles' A
+operand), packs only x, and compiles nothing: bfloat16 [3072, 576] at 8-32 rows 2-3x oneDNN's speed, [1536, 256]
+2-4x, the [49152, 576] vocabulary 1.7x, and level with a warmed oneDNN from ~200 rows on
+(benchmarks/results/cpu-speed.md). Each output is a float32 sum in one fixed k order whatever the batch, so its
+bits do not depend on the rows beside it (deterministic mode needs nothing more).
 
 Built at first use (kernels/cpu_build.py); a CPU without AMX-BF16 (before Sapphire Rapids), a Linux that refuses
 the tile registers, or a machine without a C compiler keeps oneDNN."""
@@ -17,12 +19,10 @@ import functools
 
 import torch
 
-from microscale.kernels.batch_invariant import batch_invariant_enabled
 from microscale.kernels.cpu_build import load_cpu_library, loaded_library
 
 N_MULTIPLE = 16  # weight rows per tile
 K_MULTIPLE = 32  # bfloat16 values of k per tile row
-MAX_ROWS = 96  # beyond, oneDNN's blocked kernel (whose repacking then pays) is as fast or faster
 
 
 def _bind(lib: ctypes.CDLL) -> None:
@@ -51,12 +51,6 @@ def amx_unavailable_reason(device: torch.device, dtype: torch.dtype, n: int, k: 
     if n % N_MULTIPLE or k % K_MULTIPLE:
         return f"needs N a multiple of {N_MULTIPLE} and K of {K_MULTIPLE} (N={n}, K={k})"
     return _load()[1]
-
-
-def amx_applies(rows: int) -> bool:
-    """Whether the AMX kernel takes a matmul of `rows` rows: up to MAX_ROWS, or any number in deterministic mode
-    (its rows are batch-invariant by construction, unlike oneDNN's)."""
-    return rows <= MAX_ROWS or batch_invariant_enabled()
 
 
 def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """F.linear for weights of the model dtype, where decode-sized inputs on a CPU go through a C product and
 everything else through linear() (BLAS; batch-invariant in deterministic mode):
-- bfloat16 weights on a CPU with AMX: the tile kernel (kernels/cpu_amx.py: 2-4x oneDNN up to ~100 rows; any row
-  count in deterministic mode, its rows being batch-invariant);
+- bfloat16 weights on a CPU with AMX: the tile kernel, at any row count (kernels/cpu_amx.py: 2-4x oneDNN at
+  decode sizes, level with it in prefill, and no per-row-count kernel compilation; batch-invariant rows);
 - otherwise up to eight rows: the vector kernel (kernels/cpu_gemv.py: 2-3x oneDNN/MKL for one to eight rows).
 
 In a compiled forward the product is one opaque op, microscale::dense_linear, that picks its path per call: the
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from microscale.kernels.batch_invariant import linear
-from microscale.kernels.cpu_amx import amx_applies, amx_linear, amx_unavailable_reason
+from microscale.kernels.cpu_amx import amx_linear, amx_unavailable_reason
 from microscale.kernels.cpu_gemv import cpu_gemv_applies, dense_gemv, dense_gemv_unavailable_reason
 
 
@@ -42,7 +42,7 @@ def _dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     n, k = weight.shape
     if x.dtype == weight.dtype and weight.is_contiguous():
         flat = x.reshape(rows, k)
-        if amx_applies(rows) and _amx_available(weight.device, weight.dtype, n, k):
+        if _amx_available(weight.device, weight.dtype, n, k):
             return amx_linear(flat, weight, bias).view(*x.shape[:-1], n)
         if cpu_gemv_applies(rows) and _gemv_available(weight.device, weight.dtype, k):
             return dense_gemv(flat, weight, bias).view(*x.shape[:-1], n)

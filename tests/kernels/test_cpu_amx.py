@@ -1,7 +1,8 @@
 """The AMX bfloat16 product (kernels/cpu/amx_matmul.c) against float64 sums: row counts across its 16-row tiles
 and pairs of them, weight rows across its pairs of 16-row blocks, with and without a bias, NaN and infinity
 carried through; a row's bits do not depend on the row count or the threads; dense_linear takes it for bfloat16
-up to MAX_ROWS rows (any count in deterministic mode), in eager and compiled code; and a CPU without AMX says why."""
+weights at every row count, deterministic mode included, in eager and compiled code; and a CPU without AMX says
+why."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from microscale.kernels import cpu_amx, cpu_linear
 from microscale.kernels.batch_invariant import batch_invariant_mode
-from microscale.kernels.cpu_amx import MAX_ROWS, amx_linear, amx_unavailable_reason
+from microscale.kernels.cpu_amx import amx_linear, amx_unavailable_reason
 from microscale.kernels.cpu_linear import dense_linear
 
 CPU = torch.device("cpu")
@@ -106,20 +107,21 @@ def test_a_cpu_without_amx_says_why(monkeypatch) -> None:
 
 
 @needs_amx
-def test_dense_linear_uses_it_for_bfloat16_up_to_max_rows(monkeypatch) -> None:
-    x, w, bias = _operands(MAX_ROWS + 5, 32, 64, seed=3)
+def test_dense_linear_uses_it_for_bfloat16_weights(monkeypatch) -> None:
+    x, w, bias = _operands(300, 32, 64, seed=3)
     calls = []
     monkeypatch.setattr(cpu_linear, "amx_linear", lambda x, w, b: calls.append(len(x)) or amx_linear(x, w, b))
-    for rows in (1, 9, MAX_ROWS, MAX_ROWS + 5):  # past MAX_ROWS: oneDNN
+    for rows in (1, 9, 300):
         out = dense_linear(x[:rows], w, bias)
         torch.testing.assert_close(out, F.linear(x[:rows], w, bias), rtol=2**-7, atol=2**-6)
     assert dense_linear(x[:6].view(2, 3, 64), w).shape == (2, 3, 32)
-    assert calls == [1, 9, MAX_ROWS, 6]
-    with batch_invariant_mode():  # its rows are batch-invariant: deterministic mode takes it at any count
-        dense_linear(x, w, bias)
+    with batch_invariant_mode():  # its rows are batch-invariant: deterministic mode takes it as it is
+        dense_linear(x[:7], w, bias)
+    assert calls == [1, 9, 300, 6, 7]
     dense_linear(x[:2].float(), w.float())  # float32: the vector kernel
     dense_linear(x[:2], w[:24])  # N not a multiple of 16
-    assert calls == [1, 9, MAX_ROWS, 6, MAX_ROWS + 5]
+    dense_linear(x[:2], w.t().contiguous().t())  # a strided weight
+    assert calls == [1, 9, 300, 6, 7]
     compiled = torch.compile(lambda x: dense_linear(x, w, bias), fullgraph=True, dynamic=False, backend="eager")
     with torch._dynamo.config.patch(disable=False):  # tests/conftest.py turns compiling off
         for rows in (3, 20):
