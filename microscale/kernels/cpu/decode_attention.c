@@ -91,6 +91,21 @@ static INLINE void prefetch_rows(const char *row, int64_t count, int64_t stride,
         for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
 }
 
+/* The run of keys from j (see run), its row in *key; asks for the next run's key rows and this run's value rows
+ * (read after the softmax) to be brought in, so the loads find them on the way. */
+static INLINE int64_t next_run(const Rows *keys, const Rows *values, int64_t j, int64_t length, int64_t row_bytes,
+                               const char **key) {
+    const char *next, *value;
+    const int64_t count = run(keys, j, length, key), stride = keys->slot_bytes;
+    run(values, j, length, &value);
+    if (j + count < length) {
+        const int64_t following = run(keys, j + count, length, &next);
+        prefetch_rows(next, following, stride, row_bytes);
+    }
+    prefetch_rows(value, count, stride, row_bytes);
+    return count;
+}
+
 /* Scores of `heads` (a constant <= PART) query heads against keys 0..length-1 of `keys`; q already scaled, as
  * float32 [heads][dim]. Two accumulators per head halve the FMA dependency chains. Cache blocks come in table
  * order, scattered in memory, where the hardware prefetcher cannot follow: each run asks for the next run's key
@@ -99,14 +114,8 @@ TARGET static INLINE void scores_part(const float *q, const Rows *keys, const Ro
                                       int64_t dim, int heads, float *scores, int dtype, int64_t elsize) {
     const int64_t stride = keys->slot_bytes, row_bytes = dim * elsize;
     for (int64_t j = 0; j < length;) {
-        const char *key, *next, *value;
-        const int64_t count = run(keys, j, length, &key);
-        run(values, j, length, &value);
-        if (j + count < length) {
-            const int64_t following = run(keys, j + count, length, &next);
-            prefetch_rows(next, following, stride, row_bytes);
-        }
-        prefetch_rows(value, count, stride, row_bytes);
+        const char *key;
+        const int64_t count = next_run(keys, values, j, length, row_bytes, &key);
         for (int64_t i = 0; i < count; i++, j++, key += stride) {
             __m256 even[PART], odd[PART];
             for (int g = 0; g < heads; g++) even[g] = odd[g] = _mm256_setzero_ps();
@@ -247,14 +256,8 @@ AMX static void scores_amx(const uint16_t *q, const uint32_t *qp, const Rows *ke
     const int64_t stride = keys->slot_bytes, row_bytes = dim * 2;
     float tile[TILE * TILE] __attribute__((aligned(64)));
     for (int64_t j = 0; j < length;) {
-        const char *key, *next, *value;
-        const int64_t count = run(keys, j, length, &key);
-        run(values, j, length, &value);
-        if (j + count < length) {
-            const int64_t following = run(keys, j + count, length, &next);
-            prefetch_rows(next, following, stride, row_bytes);
-        }
-        prefetch_rows(value, count, stride, row_bytes);
+        const char *key;
+        const int64_t count = next_run(keys, values, j, length, row_bytes, &key);
         int64_t i = 0;
         for (; i + TILE <= count; i += TILE) {
             _tile_zero(0);
