@@ -21,6 +21,7 @@ from microscale.kernels.cpu_build import DTYPE_CODES, load_cpu_library, loaded_l
 
 HEAD_DIM_MULTIPLE = 16
 MAX_HEAD_DIM = 256
+AMX_HEAD_DIM_MULTIPLE = 32  # a tile row holds 32 bfloat16 dimensions
 
 
 def _bind(lib: ctypes.CDLL) -> None:
@@ -82,7 +83,8 @@ class CpuAttention:
         reason = cpu_attention_unavailable_reason(keys.device, self.dtype, self.head_dim)
         if reason is not None:
             raise ValueError(f"The CPU attention kernel cannot serve these caches: {reason}.")
-        self.amx = amx and self.dtype == torch.bfloat16 and bool(_library().microscale_amx_supported())
+        self.amx = (amx and self.dtype == torch.bfloat16 and self.head_dim % AMX_HEAD_DIM_MULTIPLE == 0
+                    and bool(_library().microscale_amx_supported()))
         self._caches = caches  # kept alive while bound: the kernel writes to their addresses
         self._pointers = [(k.data_ptr(), v.data_ptr()) for k, v in caches]
         self._step: tuple | None = None

@@ -108,6 +108,8 @@ def test_bfloat16_scores_from_amx_tiles_match_float64_and_the_vector_path(heads,
     amx = CpuAttention([(k_cache, v_cache)]).amx
     assert amx == (cpu_amx.amx_unavailable_reason(CPU, torch.bfloat16, 16, 32) is None)
     assert not CpuAttention([(k_cache.float(), v_cache.float())]).amx  # float32 caches: the vector path
+    odd_heads = k_cache.new_zeros(2, BLOCK, 1, 48)
+    assert not CpuAttention([(odd_heads, odd_heads)]).amx  # a head size of 48: not a whole tile row
     for window in (None, 21):
         on_tiles = run(*step, dim**-0.5, window, sinks)
         vector = run(*step, dim**-0.5, window, sinks, amx=False)
