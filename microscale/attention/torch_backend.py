@@ -31,8 +31,9 @@ class _BufferRows:
 class TorchAttentionBackend:
     name = "torch"
     # On a CPU, a cache of the model dtype is written and its decodes attended by the C kernel on the paged blocks
-    # in place (kernels/cpu_attention.py); decodes over a quantised cache read a contiguous copy of each context
-    # (attention/decode_buffer.py) when it fits, whose rows are assigned on the host every step.
+    # in place (kernels/cpu_attention.py), and bfloat16 prefill chunks on AMX read those blocks too; decodes over a
+    # quantised cache read a contiguous copy of each context (attention/decode_buffer.py) when it fits, whose rows
+    # are assigned on the host every step.
     graph_safe = False
 
     def __init__(self, cpu_kernel: bool = True) -> None:
@@ -137,7 +138,12 @@ class TorchAttentionBackend:
                     out[:n] = self._decode(q[:n], k[:n], v[:n], kv_cache, meta.decode, scale, window, sinks)
         for chunk in meta.prefills:
             rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-            out[rows] = self._prefill(q[rows], k[rows], v[rows], kv_cache, chunk, scale, window, sinks)
+            if self.cpu_attention is not None and self.cpu_attention.prefill_applies(chunk.context_start,
+                                                                                     chunk.query_len):
+                self.cpu_attention.prefill(layer_index, q[rows], out[rows], chunk.block_table, chunk.context_start,
+                                           scale, window, sinks)
+            else:
+                out[rows] = self._prefill(q[rows], k[rows], v[rows], kv_cache, chunk, scale, window, sinks)
         return out.flatten(1)
 
     def _decode_from_buffer(self, q, k, v, layer_index: int, scale: float, window: int | None, sinks):

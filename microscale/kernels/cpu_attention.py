@@ -22,6 +22,8 @@ from microscale.kernels.cpu_build import DTYPE_CODES, load_cpu_library, loaded_l
 HEAD_DIM_MULTIPLE = 16
 MAX_HEAD_DIM = 256
 AMX_HEAD_DIM_MULTIPLE = 32  # a tile row holds 32 bfloat16 dimensions
+# A fresh prefill chunk longer than this, of heads this large or larger, goes to torch's SDPA (see prefill_applies).
+LONG_CHUNK_QUERIES, LONG_CHUNK_HEAD_DIM = 1024, 128
 
 
 def _bind(lib: ctypes.CDLL) -> None:
@@ -35,9 +37,23 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.microscale_amx_supported.restype = ctypes.c_int
 
 
+def _bind_prefill(lib: ctypes.CDLL) -> None:
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.microscale_cpu_prefill_attention.argtypes = [
+        ptr, i64, ptr, ptr, ptr, i64, i64, ptr, i64,  # q, caches, block table, chunk, out
+        i64, i64, i64, i64, ctypes.c_float, i64, ptr, ctypes.c_int,
+    ]
+    lib.microscale_cpu_prefill_attention.restype = ctypes.c_int
+
+
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str | None]:
     return load_cpu_library("decode_attention.c", _bind)
+
+
+@functools.cache
+def _load_prefill() -> tuple[ctypes.CDLL | None, str | None]:
+    return load_cpu_library("prefill_attention.c", _bind_prefill)
 
 
 def cpu_attention_unavailable_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
@@ -69,7 +85,8 @@ def _index(x: torch.Tensor, name: str) -> torch.Tensor:
 class CpuAttention:
     """The attention steps of one model's layers, each over its (keys, values) cache pair [blocks, block_size,
     kv_heads, head_dim] (contiguous, one dtype for all). bfloat16 caches with a head size that is a multiple of
-    32 get their scores from AMX tile products on a CPU that has them (`amx=False`: the vector path always)."""
+    32 get their decode scores from AMX tile products on a CPU that has them, and their prefill chunks a flash
+    kernel on AMX (`prefill`; `amx=False`: the vector path for decodes, no prefill kernel)."""
 
     def __init__(self, caches: list[tuple[torch.Tensor, torch.Tensor]], amx: bool = True) -> None:
         keys = caches[0][0]
@@ -85,6 +102,8 @@ class CpuAttention:
             raise ValueError(f"The CPU attention kernel cannot serve these caches: {reason}.")
         self.amx = (amx and self.dtype == torch.bfloat16 and self.head_dim % AMX_HEAD_DIM_MULTIPLE == 0
                     and bool(_library().microscale_amx_supported()))
+        # key tiles of 16 rows load from one cache block
+        self.amx_prefill = self.amx and self.block_size % 16 == 0 and _load_prefill()[0] is not None
         self._caches = caches  # kept alive while bound: the kernel writes to their addresses
         self._pointers = [(k.data_ptr(), v.data_ptr()) for k, v in caches]
         self._step: tuple | None = None
@@ -140,5 +159,48 @@ class CpuAttention:
             raise MemoryError("The CPU attention kernel could not allocate its scores' scratch.")
 
 
+    def prefill_applies(self, context_start: int, query_len: int) -> bool:
+        """Whether `prefill` is the faster way to attend this chunk: always after cached tokens (SDPA then needs a
+        gathered copy and a mask), and for a fresh chunk unless its heads are large and it is long, where torch's
+        own causal kernel wins (0.8x at 2048 queries of 128 dimensions; 1.2-2.4x up to 512 queries)."""
+        return self.amx_prefill and (context_start > 0 or self.head_dim < LONG_CHUNK_HEAD_DIM
+                                     or query_len <= LONG_CHUNK_QUERIES)
+
+    def prefill(self, layer: int, q: torch.Tensor, out: torch.Tensor, block_table: torch.Tensor,
+                context_start: int, scale: float, window: int | None, sinks: torch.Tensor | None) -> None:
+        """out = causal attention of one prefill chunk's queries q [query_len, heads, head_dim] (positions
+        context_start onwards) over its sequence's keys 0..context_start + query_len - 1 in layer `layer`'s cache,
+        through block_table (int64 [blocks]): the chunk's own keys must be in the cache already (this step's
+        __call__ for the layer writes them). Only where `amx_prefill` is True."""
+        if not self.amx_prefill:
+            raise RuntimeError("CpuAttention.prefill needs bfloat16 caches, a head size that is a multiple of 32 "
+                               "and a CPU with AMX.")
+        heads, query_len = q.shape[1], q.shape[0]
+        if heads % self.kv_heads:
+            raise ValueError(f"query heads ({heads}) must be a multiple of KV heads ({self.kv_heads}).")
+        if sinks is not None and (sinks.dtype != torch.float32 or sinks.shape != (heads,) or not sinks.is_contiguous()):
+            raise ValueError(f"sinks must be float32 [{heads}].")
+        q_stride = _token_stride(q, "q", self.dtype, heads, self.head_dim)
+        out_stride = _token_stride(out, "out", self.dtype, heads, self.head_dim)
+        length = context_start + query_len
+        if len(out) != query_len or block_table.dim() != 1 or len(block_table) * self.block_size < length:
+            raise ValueError(f"out must hold the chunk's {query_len} queries and block_table cover its {length} "
+                             f"keys, got {len(out)} rows and {tuple(block_table.shape)} blocks.")
+        table = _index(block_table, "block_table")
+        k_cache, v_cache = self._pointers[layer]
+        status = _prefill_library().microscale_cpu_prefill_attention(
+            q.data_ptr(), q_stride, k_cache, v_cache, table.data_ptr(), context_start, query_len, out.data_ptr(),
+            out_stride, heads, self.kv_heads, self.head_dim, self.block_size, scale, window or 0,
+            None if sinks is None else sinks.data_ptr(), torch.get_num_threads(),
+        )
+        if status:
+            raise MemoryError(f"The CPU prefill attention kernel could not allocate the packed keys and values of "
+                              f"{length} tokens.")
+
+
 def _library() -> ctypes.CDLL:
     return loaded_library(_load(), "The CPU attention kernel")
+
+
+def _prefill_library() -> ctypes.CDLL:
+    return loaded_library(_load_prefill(), "The CPU prefill attention kernel")

@@ -67,9 +67,13 @@ def test_checkpoint_layout(mxfp4_checkpoint) -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_transformers_and_microscale_agree_on_the_checkpoint(mxfp4_checkpoint, dtype) -> None:
-    """float32: both dequantise exactly, so the logits agree like any float32 parity (1e-4). bfloat16: within
-    a few bf16 steps of the logits' magnitude (see test_hf_parity.test_bfloat16_close_to_transformers), and the
-    same top-1 token almost everywhere (bf16 logits tie often)."""
+    """float32: both dequantise exactly, so the logits agree like any float32 parity (1e-4). bfloat16: measured
+    against transformers' float32 logits, microscale's bf16 error is at most twice transformers' own (the
+    scale-free check of test_hf_parity.test_bfloat16_close_to_transformers), and the top-1 token is the same
+    almost everywhere (bf16 logits tie often). Not a bound on the distance between the two bf16 runs: the model
+    routes each token to 2 of 8 experts, and where a rounding difference flips a choice the logits move by
+    ~1.5. transformers rounds the attention probabilities to bf16 (microscale's torch path does too and agrees
+    closely); attention computed exactly, as by the AMX prefill kernel, flips a few other tokens."""
     llm = small_llm(mxfp4_checkpoint, dtype=dtype)
     ids = llm.get_tokenizer().encode(TEXT)
     ours = prompt_logits(llm, ids)
@@ -77,7 +81,8 @@ def test_transformers_and_microscale_agree_on_the_checkpoint(mxfp4_checkpoint, d
     if dtype == "float32":
         assert max_diff(ours, expected) < ATOL
     else:
-        assert max_diff(ours, expected) < 0.03 * expected.abs().max().item()
+        reference = hf_logits(hf_mxfp4_model(mxfp4_checkpoint, torch.float32), ids)
+        assert max_diff(ours, reference) < 2 * max_diff(expected, reference)
         assert (ours.argmax(-1) == expected.argmax(-1)).float().mean().item() >= 0.95
     # MXFP4 changed the model (the comparison is not of two 16-bit models) ...
     original = prompt_logits(small_llm(TRAINED, dtype=dtype), ids)
