@@ -7,6 +7,9 @@ machine is shared).
   layers of the SmolLM2-135M shape, ~210 MB) read once each, as a forward reads them from memory.
 - Decode attention over a paged bfloat16 cache (30 layers, 32 sequences of ~400 tokens, shuffled blocks): the
   kernel with its scores from AMX tiles vs its vector path (`CpuAttention(amx=False)`).
+- Prefill attention, one fresh causal chunk of 64-2048 tokens: the AMX flash kernel (`CpuAttention.prefill`,
+  reading the paged cache) vs torch's SDPA on the same keys and values (what the torch backend runs), and where
+  `prefill_applies` sends each chunk.
 
     PYTHONPATH=. .venv/bin/python benchmarks/cpu_kernels.py --json benchmarks/results/cpu-kernels.json
 """
@@ -29,6 +32,7 @@ MATMUL_SHAPES = [(3072, 576), (576, 1536), (960, 576), (1536, 256), (256, 768), 
 ROWS = [1, 8, 32, 64, 256, 512]
 LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # SmolLM2-135M: qkv, o, gate+up, down
 ATTENTION_SHAPES = [(9, 3, 64), (8, 2, 32), (16, 8, 128)]  # heads, KV heads, head size
+PREFILL_LENGTHS = [64, 272, 512, 1024, 2048]
 
 
 def best_of(fn: Callable[[], object], repeats: int, calls: int) -> float:
@@ -126,6 +130,34 @@ def attention(repeats: int, layers: int = 30, n: int = 32, context: int = 400) -
     return out
 
 
+def prefill_attention(repeats: int) -> list[dict]:
+    out = []
+    gen = torch.Generator().manual_seed(3)
+    for heads, kv_heads, dim in ATTENTION_SHAPES:
+        for length in PREFILL_LENGTHS:
+            block = 16
+            blocks = length // block + 1
+            k_cache = torch.randn(blocks, block, kv_heads, dim, generator=gen).bfloat16()
+            v_cache = torch.randn(blocks, block, kv_heads, dim, generator=gen).bfloat16()
+            table = torch.randperm(blocks, generator=gen)
+            keys = k_cache[table].flatten(0, 1)[:length].transpose(0, 1)[None]
+            values = v_cache[table].flatten(0, 1)[:length].transpose(0, 1)[None]
+            q = torch.randn(length, heads, dim, generator=gen).bfloat16()
+            result = torch.empty_like(q)
+            kernel = CpuAttention([(k_cache, v_cache)])
+            scale = dim**-0.5
+            sdpa = functools.partial(F.scaled_dot_product_attention, q.transpose(0, 1)[None], keys, values,
+                                     is_causal=True, scale=scale, enable_gqa=heads != kv_heads)
+            amx = functools.partial(kernel.prefill, 0, q, result, table, 0, scale, None, None)
+            calls = max(1, 20_000 // length)
+            sdpa_s, amx_s = best_of(sdpa, repeats, calls), best_of(amx, repeats, calls)
+            flops = 2 * length * (length + 1) * heads * dim  # q k^T and p v over the causal half
+            out.append({"heads": heads, "kv_heads": kv_heads, "head_dim": dim, "queries": length,
+                        "sdpa_us": sdpa_s * 1e6, "amx_us": amx_s * 1e6, "speedup": sdpa_s / amx_s,
+                        "amx_gflop_s": flops / amx_s / 1e9, "used": kernel.prefill_applies(0, length)})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -136,7 +168,7 @@ def main() -> None:
         raise SystemExit(f"The AMX kernels cannot run here: {reason}.")
     results = {"threads": torch.get_num_threads(), "matmuls": matmuls(args.repeats),
                "new_row_counts": new_row_counts(99), "decode_step_weights": decode_step_weights(args.repeats),
-               "attention": attention(args.repeats)}
+               "attention": attention(args.repeats), "prefill_attention": prefill_attention(args.repeats)}
     print("| weight [N, K] | rows | oneDNN us | AMX us | AMX vs oneDNN | AMX weight GB/s |\n|---|---|---|---|---|---|")
     for r in results["matmuls"]:
         print(f"| [{r['n']}, {r['k']}] | {r['rows']} | {r['onednn_us']:.1f} | {r['amx_us']:.1f} | "
@@ -153,6 +185,11 @@ def main() -> None:
     for r in results["attention"]:
         print(f"| {r['heads']}, {r['kv_heads']}, {r['head_dim']} | {r['vector_ms']:.2f} | {r['amx_ms']:.2f} | "
               f"{r['speedup']:.2f}x | {r['amx_gb_s']:.1f} |")
+    print("\n| prefill (heads, KV heads, dim) | queries | SDPA us | AMX us | AMX vs SDPA | AMX GFLOP/s | used |\n"
+          "|---|---|---|---|---|---|---|")
+    for r in results["prefill_attention"]:
+        print(f"| {r['heads']}, {r['kv_heads']}, {r['head_dim']} | {r['queries']} | {r['sdpa_us']:.0f} | "
+              f"{r['amx_us']:.0f} | {r['speedup']:.2f}x | {r['amx_gflop_s']:.0f} | {'AMX' if r['used'] else 'SDPA'} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -23,7 +23,7 @@ HEAD_DIM_MULTIPLE = 16
 MAX_HEAD_DIM = 256
 AMX_HEAD_DIM_MULTIPLE = 32  # a tile row holds 32 bfloat16 dimensions
 # A fresh prefill chunk longer than this, of heads this large or larger, goes to torch's SDPA (see prefill_applies).
-LONG_CHUNK_QUERIES, LONG_CHUNK_HEAD_DIM = 1024, 128
+LONG_CHUNK_QUERIES, LONG_CHUNK_HEAD_DIM = 768, 128
 
 
 def _bind(lib: ctypes.CDLL) -> None:
@@ -162,7 +162,8 @@ class CpuAttention:
     def prefill_applies(self, context_start: int, query_len: int) -> bool:
         """Whether `prefill` is the faster way to attend this chunk: always after cached tokens (SDPA then needs a
         gathered copy and a mask), and for a fresh chunk unless its heads are large and it is long, where torch's
-        own causal kernel wins (0.8x at 2048 queries of 128 dimensions; 1.2-2.4x up to 512 queries)."""
+        own causal kernel wins (0.93x at 1024 queries of 128 dimensions, 0.77x at 2048; 1.1-2.3x up to 512
+        queries, benchmarks/cpu_kernels.py)."""
         return self.amx_prefill and (context_start > 0 or self.head_dim < LONG_CHUNK_HEAD_DIM
                                      or query_len <= LONG_CHUNK_QUERIES)
 
