@@ -1,8 +1,9 @@
 """A device's peak memory bandwidth and bf16 matmul throughput: the denominators of "% of peak".
 
 Measured once per device (a large device-to-device copy and a large bf16 matmul, about a second) and cached on
-disk under the user cache dir; the datasheet figures of common GPUs sit beside them as a cross-check (and give
-the planner a GPU's memory by name)."""
+disk under the user cache dir, except a CPU's figures measured while other processes kept its cores busy (they
+read a fraction of the truth, and a cached figure would stand for good). The datasheet figures of common GPUs
+sit beside them as a cross-check (and give the planner a GPU's memory by name)."""
 
 from __future__ import annotations
 
@@ -116,6 +117,15 @@ def measure_peaks(device: torch.device, copy_bytes: int | None = None, matmul_n:
     return DevicePeaks(name, 2 * copy_bytes / copy_s, 2 * n**3 / matmul_s, found[1] if found else None)
 
 
+def busy_reason(device: torch.device) -> str | None:
+    """Why a CPU measurement just taken cannot stand for the machine (more runnable tasks than cores, on the
+    last minute's average), or None."""
+    if device.type != "cpu":
+        return None
+    load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
+    return f"the machine was busy (load average {load:.1f} on {cores} cores)" if load > cores else None
+
+
 def device_peaks(device: torch.device, measure: Callable[[torch.device], DevicePeaks] = measure_peaks) -> DevicePeaks:
     """This device's peaks: from the disk cache, else measured now (and cached)."""
     name = device_name(device)
@@ -135,6 +145,10 @@ def device_peaks(device: torch.device, measure: Callable[[torch.device], DeviceP
                 time.perf_counter() - started, peaks.bytes_per_s / 1e9, peaks.flops_per_s / 1e12,
                 "" if peaks.datasheet is None else f" (datasheet {peaks.datasheet.bytes_per_s / 1e9:.0f} GB/s, "
                 f"{peaks.datasheet.flops_per_s / 1e12:.0f} TFLOP/s)")
+    busy = busy_reason(device)
+    if busy is not None:
+        logger.warning("not caching %s's peaks: %s; measured again at the next start", name, busy)
+        return peaks
     cached[name] = {"bytes_per_s": peaks.bytes_per_s, "flops_per_s": peaks.flops_per_s}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
