@@ -30,8 +30,14 @@
 #define KEYS 32 /* keys per step: two score tiles wide, one value product deep */
 #define MAX_DIM 256
 
-/* e^x for x <= 0 in float32, 16 lanes: x = k ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
- * (relative error < 2e-7), 2^k put in the exponent bits; below -87 (and at -inf) the result is 0. */
+/* A query's running maximum moves only when a block's scores pass it by more than this (e^8 ~ 3000, nowhere near
+ * float32's or bfloat16's range): the probabilities are then e^(s - m) <= e^8 and the sums so far seldom need
+ * rescaling, so they can stay where the tile products add to them. */
+#define MAX_LEAD 8.0f
+
+/* e^x in float32 for x up to MAX_LEAD (scores less a running maximum that may trail them by that much), 16
+ * lanes: x = k ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7), 2^k
+ * put in the exponent bits; below -87 (and at -inf) the result is 0. */
 AMX static inline __m512 exp16(__m512 x) {
     const __m512 lowest = _mm512_set1_ps(-87.0f);
     const __mmask16 underflow = _mm512_cmp_ps_mask(x, lowest, _CMP_LT_OQ);
@@ -102,11 +108,6 @@ AMX static inline __m512 scaled_scores(const float *st, int k, int whole, __m512
     if (whole) return _mm512_mul_ps(s, scale);
     return _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), seen_by(query, k0 + k, window), s, scale);
 }
-
-/* A query's running maximum moves only when a block's scores pass it by more than this (e^8 ~ 3000, nowhere near
- * float32's or bfloat16's range): the probabilities are then e^(s - m) <= e^8 and the sums so far seldom need
- * rescaling, so they can stay where the tile products add to them. */
-#define MAX_LEAD 8.0f
 
 /* The online softmax of one block of KEYS keys for 16 queries, positions first_query + lane: scores st [KEYS]
  * rows (row stride ROWS floats) of 16 unscaled scores, one row per key k0 + k. Moves the queries' maxima m and
