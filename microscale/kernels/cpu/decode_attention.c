@@ -351,12 +351,12 @@ int microscale_cpu_attention_step(const char *k_new, int64_t k_stride, const cha
     const int64_t part = heads / kv_heads < per_part ? heads / kv_heads : per_part;
     int64_t longest = 0;
     for (int64_t s = 0; s < n; s++) longest = positions[s] + 1 > longest ? positions[s] + 1 : longest;
-    /* Both threads from a few hundred keys on: below that the work is done before a second thread would start. */
-    const int parallel = threads > 1 && n > 1 && n * longest * kv_heads * dim >= (1 << 12);
     /* With sequences enough to share out and slots of at most 1 KiB, a sequence's KV heads go to one thread: it
      * then reads its blocks whole, in order (1.1-1.2x the speed at 2-3 KV heads of 32-64 dimensions; at 8 KV
-     * heads of 128, 2 KiB slots, 0.94x). Otherwise tasks are shared out by KV head. */
-    const int64_t together = n >= 4 * threads && slot_bytes <= 1024 ? kv_heads : 1;
+     * heads of 128, 2 KiB slots, 0.94x). Otherwise tasks are shared out by KV head (batch 1 too). */
+    const int64_t together = n >= 4 * threads && slot_bytes <= 1024 ? kv_heads : 1, tasks = n * kv_heads;
+    /* Both threads from a few hundred keys on: below that the work is done before a second thread would start. */
+    const int parallel = threads > 1 && tasks > together && n * longest * kv_heads * dim >= (1 << 12);
     float *scratch = malloc(sizeof(float) * (parallel ? threads : 1) * part * longest);
     if (scratch == NULL) return -1;
 #pragma omp parallel num_threads(threads) if (parallel)
@@ -364,11 +364,11 @@ int microscale_cpu_attention_step(const char *k_new, int64_t k_stride, const cha
         float *scores = scratch + omp_get_thread_num() * part * longest;
         if (use_amx) configure_tiles();
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < n * kv_heads; t += together)
-            for (int64_t h = t; h < t + together; h++)
+        for (int64_t first = 0; first < tasks; first += together)
+            for (int64_t t = first; t < first + together; t++)
                 (use_amx ? task_bf16_amx : dtype == F32 ? task_f32 : dtype == BF16 ? task_bf16 : task_f16)(
                     q, q_stride, k_cache, v_cache, tables, table_stride, positions, out, out_stride, heads, kv_heads,
-                    dim, block_size, scale, window, sinks, h, scores);
+                    dim, block_size, scale, window, sinks, t, scores);
         if (use_amx) release_tiles();
     }
     free(scratch);
